@@ -1,0 +1,300 @@
+"""
+clip_vit.py: parity with Hugging Face's independent CLIP, the TorchScript archive reader, the tokenizer,
+downloads against a local HTTP server, and clear errors for bad files.
+Run: python -m pytest -q tests/test_clip_vit.py
+"""
+import hashlib
+import io
+import pickle
+import zipfile
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import clip_vit
+from clip_fixtures import hf_to_openai, official_dtypes, small_state_dict, write_torchscript_archive
+from conftest import REAL_CLIP_CACHE, shared_file
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+# ----------------------------------------------------------------------------------------------------
+# parity with Hugging Face transformers on random ViT-B/32 weights, via an archive in the official layout
+
+
+@pytest.fixture(scope="module")
+def hf_and_archive(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.CLIPConfig(
+        text_config=dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8, num_hidden_layers=12,
+                         max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", eos_token_id=49407),
+        vision_config=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                           image_size=224, patch_size=32, hidden_act="quick_gelu"),
+        projection_dim=512)
+    torch.manual_seed(0)
+    hf = transformers.CLIPModel(cfg).eval()
+    with torch.no_grad():  # give every tensor a visible scale, then round HF's copy like the official file
+        for k, p in hf.state_dict().items():
+            p.add_(0.02 * torch.randn_like(p))
+            fp32 = any(s in k for s in ("norm", "layrnorm", "class_embedding", "position_embedding",
+                                        "token_embedding", "logit_scale"))
+            p.copy_(p if fp32 else p.half().float())
+        sd = official_dtypes(hf_to_openai(hf.state_dict()))
+    assert all(torch.equal(v.float(), hf_to_openai(hf.state_dict())[k]) for k, v in sd.items() if v.is_floating_point())
+    path = write_torchscript_archive(sd, tmp_path_factory.mktemp("clip") / "ViT-B-32.pt")
+    return hf, path
+
+
+def test_parity_with_huggingface(hf_and_archive):
+    hf, path = hf_and_archive
+    model = clip_vit.load(path)
+    assert all(p.dtype == torch.float32 for p in model.parameters()) and not model.training
+    images = torch.randn(2, 3, 224, 224)
+    text = clip_vit.tokenize(["a diagram", "a photo of a chair."]) if _have_vocab() else \
+        torch.tensor([[49406, 320, 22697, 49407] + [0] * 73, [49406, 320, 1125, 539, 320, 4269, 269, 49407] + [0] * 69])
+    with torch.no_grad():
+        out = hf.get_image_features(pixel_values=images)
+        hf_img = out if torch.is_tensor(out) else out.pooler_output
+        out = hf.get_text_features(input_ids=text)
+        hf_txt = out if torch.is_tensor(out) else out.pooler_output
+        img, txt = model.encode_image(images), model.encode_text(text)
+        logits, _ = model(images, text)
+    assert img.shape == (2, 512) and txt.shape == (2, 512)
+    assert rel_err(img, hf_img) < 1e-4, rel_err(img, hf_img)
+    assert rel_err(txt, hf_txt) < 1e-4, rel_err(txt, hf_txt)
+    hf_logits = hf(input_ids=text, pixel_values=images).logits_per_image
+    assert rel_err(logits, hf_logits.detach()) < 1e-4
+
+
+def _have_vocab():
+    return (clip_vit.cache_dir() / "bpe_simple_vocab_16e6.txt.gz").exists()
+
+# ----------------------------------------------------------------------------------------------------
+# the archive reader
+
+
+def test_archive_reader_matches_torch_jit_load(tmp_path):
+    sd = official_dtypes(small_state_dict())
+    path = write_torchscript_archive(sd, tmp_path / "small.pt")
+    ours = clip_vit.read_torchscript_state_dict(path)
+    theirs = torch.jit.load(str(path)).state_dict()  # comparison only; clip_vit never calls it
+    assert list(ours) == list(theirs)
+    for k in theirs:
+        assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]), k
+    assert {ours[k].dtype for k in ours} == {torch.float16, torch.float32, torch.int64}
+
+
+def test_plain_state_dict_and_random(tmp_path):
+    sd = small_state_dict()
+    torch.save(sd, tmp_path / "plain.pt")
+    m = clip_vit.load(tmp_path / "plain.pt")
+    assert torch.equal(m.visual.proj, sd["visual.proj"])
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert m.encode_image(x).shape == (1, 32)
+
+
+def test_pos_embed_identity_and_interpolation():
+    m = clip_vit.build_model(small_state_dict())  # 64x64 input, 2x2 grid
+    pe = m.visual.positional_embedding
+    assert m.visual.pos_embed(2, 2) is pe
+    with torch.no_grad():
+        assert m.visual.embed(torch.randn(1, 3, 96, 160)).shape == (1, 1 + 3 * 5, 64)
+        pe[1:] = torch.tensor([0.0, 1.0, 0.0, 1.0])[:, None]  # 2x2 grid varying along columns only
+        big = m.visual.pos_embed(3, 6)
+    assert big.shape == (19, 64) and torch.equal(big[0], pe[0])  # the class position is never resized
+    grid = big[1:, 0].reshape(3, 6)
+    assert torch.allclose(grid, grid[:1].expand(3, 6)) and grid[0, -1] > grid[0, 0]  # rows equal: no transpose
+
+# ----------------------------------------------------------------------------------------------------
+# bad files: every one is a CLIPFileError naming the file
+
+
+def _bad(path, match=None):
+    with pytest.raises(clip_vit.CLIPFileError, match=match) as e:
+        clip_vit.load(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_files(tmp_path):
+    good = write_torchscript_archive(official_dtypes(small_state_dict()), tmp_path / "good.pt")
+    (tmp_path / "junk.pt").write_bytes(b"this is not a model" * 10)
+    _bad(tmp_path / "junk.pt")
+    data = good.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    _bad(tmp_path / "trunc.pt")
+    _bad(tmp_path / "missing.pt", "no such file")
+
+    sd = small_state_dict()
+    cases = {"missing_key": ("ln_final.bias", None, "Missing key"),
+             "extra_key": ("visual.extra", torch.zeros(3), "Unexpected key"),
+             "bad_shape": ("visual.ln_post.bias", torch.zeros(7), "size mismatch")}
+    for name, (key, value, match) in cases.items():
+        d = {k: v for k, v in sd.items() if k != key}
+        if value is not None:
+            d[key] = value
+        _bad(write_torchscript_archive(official_dtypes(d), tmp_path / f"{name}.pt"), match)
+
+
+def test_foreign_global_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            import os
+            return (os.system, ("echo pwned",))
+    path = tmp_path / "evil.pt"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("evil/data.pkl", pickle.dumps(Evil(), protocol=2))
+        zf.writestr("evil/constants.pkl", pickle.dumps((), protocol=2))
+    _bad(path, "refusing global")
+
+# ----------------------------------------------------------------------------------------------------
+# the tokenizer (real vocabulary from ../shared)
+
+TABLE = [  # formats.md A8, confirmed against openai/CLIP
+    ("a diagram", [320, 22697]), ("a dog", [320, 1929]), ("a cat", [320, 2368]),
+    ("Hello, World!", [3306, 267, 1002, 256]), ("a photo of a chair.", [320, 1125, 539, 320, 4269, 269]),
+    ("  multiple   spaces\n\tand TABS ", [6470, 9006, 537, 29163]), ("don't", [847, 713]),
+    ("don\u2019t", [847, 713]), ("I'm here", [328, 880, 763]), ("1234", [272, 273, 274, 275]),
+    ("na\u00efve caf\u00e9", [1097, 35689, 563, 15304]), ("&amp; &lt;3", [261, 283, 274]),
+    ("\U0001F600 emoji", [7334, 16327]), ("<|startoftext|>hi<|endoftext|>", [49406, 1883, 49407]),
+    ("\ufb01ne", [3797]), ("\uff21\uff22\uff23", [5334]), ("This object is giant", [589, 14115, 533, 4687]),
+    ("This object is extremely close", [589, 14115, 533, 6519, 2660]),
+    ("This object is close", [589, 14115, 533, 2660]),
+    ("This object is not in distance", [589, 14115, 533, 783, 530, 7964]),
+    ("This object is a little remote", [589, 14115, 533, 320, 1274, 9687]),
+    ("This object is far", [589, 14115, 533, 2384]), ("This object is unseen", [589, 14115, 533, 19069]),
+    ("A person riding a motorcycle", [320, 2533, 6765, 320, 10297]),
+]
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    path = shared_file("clip", "bpe_simple_vocab_16e6.txt.gz")
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == clip_vit.VOCAB_SHA256
+    return path
+
+
+@pytest.mark.parametrize("text,ids", TABLE)
+def test_tokenizer_reference_ids(vocab, text, ids):
+    row = clip_vit.tokenize([text])[0]
+    n = len(ids) + 2
+    assert row.dtype == torch.long and row.shape == (77,)
+    assert row[:n].tolist() == [49406] + ids + [49407] and not row[n:].any()
+
+
+def test_tokenizer_truncation(vocab):
+    long = " ".join(["dog"] * 100)
+    with pytest.raises(ValueError, match="truncate=True"):
+        clip_vit.tokenize(long)
+    row = clip_vit.tokenize(long, truncate=True)[0]
+    assert row[0] == 49406 and row[-1] == 49407 and (row[1:-1] == 1929).all()
+    assert clip_vit.tokenize(["a"] * 3, context_length=5).shape == (3, 5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=60))
+def test_tokenizer_fuzz(vocab, text):
+    row = clip_vit.tokenize(text, truncate=True)[0]
+    assert row[0] == 49406 and 49407 in row.tolist()
+    assert 0 <= row.min() and row.max() <= 49407 and row.argmax() == row.tolist().index(49407)
+
+# ----------------------------------------------------------------------------------------------------
+# downloads, against a local HTTP server
+
+
+def test_download_progress_and_checksum(http_server, tmp_path, capsys):
+    data = bytes(range(256)) * 20000  # 5 MB
+    http_server.routes["/f.bin"] = {"data": data}
+    out = clip_vit.download(http_server.url + "/f.bin", tmp_path / "f.bin", sha256=hashlib.sha256(data).hexdigest())
+    assert out.read_bytes() == data and not (tmp_path / "f.bin.part").exists()
+    err = capsys.readouterr().err
+    assert "f.bin" in err and "MB/s" in err and "5.1 MB" in err  # size and rate
+    with pytest.raises(clip_vit.DownloadError, match="SHA-256 mismatch"):
+        clip_vit.download(http_server.url + "/f.bin", tmp_path / "g.bin", sha256="0" * 64)
+    assert not (tmp_path / "g.bin").exists() and not (tmp_path / "g.bin.part").exists()
+
+
+def test_download_resumes_after_cut(http_server, tmp_path):
+    data = bytes(range(251)) * 8000
+    http_server.routes["/f.bin"] = {"data": data, "cut_after": 300_000}
+    out = clip_vit.download(http_server.url + "/f.bin", tmp_path / "f.bin")
+    assert out.read_bytes() == data
+    assert http_server.requests[0] == ("/f.bin", None)
+    assert http_server.requests[1] == ("/f.bin", "bytes=300000-")  # resumed, not restarted
+
+
+def test_download_resumes_partial_file_and_restarts_without_range(http_server, tmp_path):
+    data = b"abcdefgh" * 1000
+    (tmp_path / "f.bin.part").write_bytes(data[:5000])
+    http_server.routes["/f.bin"] = {"data": data}
+    assert clip_vit.download(http_server.url + "/f.bin", tmp_path / "f.bin").read_bytes() == data
+    assert http_server.requests == [("/f.bin", "bytes=5000-")]
+    (tmp_path / "h.bin.part").write_bytes(b"zzzz")  # a server that ignores Range: start over, no corruption
+    http_server.routes["/h.bin"] = {"data": data, "ranges": False}
+    assert clip_vit.download(http_server.url + "/h.bin", tmp_path / "h.bin").read_bytes() == data
+
+
+def test_download_server_errors(http_server, tmp_path):
+    http_server.routes["/gone"] = {"data": b"", "status": 404}
+    with pytest.raises(clip_vit.DownloadError, match="HTTP 404"):
+        clip_vit.download(http_server.url + "/gone", tmp_path / "x")
+    assert len(http_server.requests) == 1  # client errors are not retried
+    http_server.routes["/broken"] = {"data": b"", "status": 500}
+    with pytest.raises(clip_vit.DownloadError, match="HTTP 500"):
+        clip_vit.download(http_server.url + "/broken", tmp_path / "y", retries=2)
+    assert len(http_server.requests) == 1 + 3
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_load_by_name_downloads_once_into_cache(http_server, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    buf = io.BytesIO()
+    torch.save(small_state_dict(), buf)
+    data = buf.getvalue()
+    sha = hashlib.sha256(data).hexdigest()
+    http_server.routes[f"/clip/{sha}/ViT-B-32.pt"] = {"data": data}
+    monkeypatch.setitem(clip_vit.MODELS, "ViT-B/32", f"{http_server.url}/clip/{sha}/ViT-B-32.pt")
+    clip_vit.load("ViT-B/32")
+    clip_vit.load("ViT-B/32")
+    assert len(http_server.requests) == 1 and (tmp_path / "clip" / "ViT-B-32.pt").read_bytes() == data
+    (tmp_path / "clip" / "ViT-B-32.pt").write_bytes(b"corrupt")  # a wrong cached file is fetched again
+    clip_vit.load("ViT-B/32")
+    assert len(http_server.requests) == 2
+
+
+def test_vocab_downloads_when_missing(http_server, monkeypatch, tmp_path, vocab):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    http_server.routes["/vocab.gz"] = {"data": vocab.read_bytes()}
+    monkeypatch.setattr(clip_vit, "VOCAB_URL", http_server.url + "/vocab.gz")
+    assert clip_vit.SimpleTokenizer().encode("a dog") == [320, 1929]
+    assert (tmp_path / "clip" / "bpe_simple_vocab_16e6.txt.gz").exists()
+
+# ----------------------------------------------------------------------------------------------------
+# preprocessing and the optional real-weights check
+
+
+def test_preprocess_matches_openai_recipe():
+    from PIL import Image
+    import numpy as np
+    rgb = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    x = clip_vit.preprocess(Image.fromarray(rgb))
+    ref = Image.fromarray(rgb).resize((298, 224), Image.BICUBIC).crop((37, 0, 261, 224))  # formats.md A7
+    ref = (torch.from_numpy(np.asarray(ref) / 255.0).permute(2, 0, 1).float() - torch.tensor(clip_vit.MEAN)[:, None, None]) \
+        / torch.tensor(clip_vit.STD)[:, None, None]
+    assert x.shape == (3, 224, 224) and torch.allclose(x, ref, atol=1e-6)
+    grey = clip_vit.preprocess(Image.fromarray(rgb[:, :, 0]).convert("L"))
+    assert torch.allclose(grey[0] * clip_vit.STD[0] + clip_vit.MEAN[0], grey[1] * clip_vit.STD[1] + clip_vit.MEAN[1], atol=1e-6)
+
+
+def test_real_weights_classify_clip_png(vocab):
+    path = REAL_CLIP_CACHE / "ViT-B-32.pt"
+    if not path.exists():
+        pytest.skip(f"{path} not present (the real weights are optional)")
+    from PIL import Image
+    model = clip_vit.load(path)
+    image = clip_vit.preprocess(Image.open(shared_file("clip", "CLIP.png"))).unsqueeze(0)
+    with torch.no_grad():
+        probs = model(image, clip_vit.tokenize(["a diagram", "a dog", "a cat"]))[0].softmax(-1)[0]
+    assert torch.allclose(probs, torch.tensor([0.9928, 0.0042, 0.0030]), atol=2e-3), probs
