@@ -1,0 +1,433 @@
+"""
+Tests for data_nyu.py on small synthetic files in the official layouts (tests/nyu_fixtures.py), plus the real
+splits.mat and 10 real NYU frames from ../shared/data when present. CPU only, a few seconds.
+    python -m pytest -q tests/test_data_nyu.py
+"""
+import hashlib
+import pickle
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import scipy.io
+import torch
+
+import data_nyu
+from data_nyu import NYUDepthV2, NYUFileError, PreloadedBatches, NYUTorchDataset, frames_to_tensors
+from conftest import shared_file
+from nyu_fixtures import asymmetric_frames, write_v5, write_v73, write_splits
+
+SCENES = ["kitchen", "office", "living_room", "bathroom"]
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return asymmetric_frames(4)  # images (4, 480, 640, 3), depths (4, 480, 640), raw depths with holes
+
+
+@pytest.fixture(scope="module")
+def v73(tmp_path_factory, frames):
+    path = tmp_path_factory.mktemp("v73") / "labeled.bin"  # odd extension: the header decides, not the name
+    write_v73(path, *frames, scene_types=SCENES)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# reading the two container formats
+
+
+def _check_all_frames(path, frames, version):
+    images, depths, raw = frames
+    for raw_depth, want_depths in ((False, depths), (True, raw)):
+        ds = NYUDepthV2(path, split="all", raw_depth=raw_depth, download=False)
+        assert ds.version == version and len(ds) == len(images)
+        assert ds.indices.tolist() == list(range(len(images)))
+        for i in range(len(ds)):
+            rgb, depth = ds[i]
+            assert rgb.dtype == np.uint8 and rgb.shape == (480, 640, 3)
+            assert depth.dtype == np.float32 and depth.shape == (480, 640)
+            np.testing.assert_array_equal(rgb, images[i])
+            np.testing.assert_array_equal(depth, want_depths[i])
+            assert ds.scene(i) == SCENES[i]
+        with pytest.raises(IndexError):
+            ds[len(ds)]
+
+
+def test_v73_reads_exact_frames_and_scipy_refuses(v73, frames):
+    with pytest.raises(NotImplementedError):
+        scipy.io.loadmat(v73)  # the real container really is beyond scipy...
+    _check_all_frames(v73, frames, "7.3")  # ...and we read it exactly, axes un-reversed
+    assert (frames[2][0] == 0).any()  # the raw depth in the check above really has holes
+
+
+def test_v5_reads_exact_frames(tmp_path, frames):
+    path = tmp_path / "labeled_v5.dat"
+    write_v5(path, *frames, scene_types=SCENES)
+    _check_all_frames(path, frames, "5")
+
+
+def test_split_selection_order(tmp_path, v73, frames):
+    splits = tmp_path / "splits.mat"
+    write_splits(splits, [4, 2], [1, 3])  # 1-based; deliberately unsorted
+    for split, want in (("train", [1, 3]), ("test", [0, 2])):
+        ds = NYUDepthV2(v73, split=split, splits_path=splits, download=False)
+        assert ds.indices.dtype == np.int64 and ds.indices.tolist() == want
+        for k, j in enumerate(want):
+            np.testing.assert_array_equal(ds[k][0], frames[0][j])
+            np.testing.assert_array_equal(ds[k][1], frames[1][j])
+            assert ds.scene(k) == SCENES[j]
+
+
+def test_read_splits_rejects_overlap_and_zero(tmp_path):
+    bad = tmp_path / "overlap.mat"
+    write_splits(bad, [1, 2], [2, 3])
+    with pytest.raises(NYUFileError, match="overlap"):
+        data_nyu.read_splits(bad)
+    zero = tmp_path / "zero.mat"
+    write_splits(zero, [0, 1], [2, 3])  # 0 cannot appear in a 1-based file
+    with pytest.raises(NYUFileError, match="1-based"):
+        data_nyu.read_splits(zero)
+
+
+# ----------------------------------------------------------------------------------------------------
+# real files from ../shared/data (skipped when absent)
+
+
+def test_real_splits():
+    path = shared_file("nyu", "splits.mat")
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == data_nyu.SPLITS_SHA256
+    s = data_nyu.read_splits(path)
+    train, test = s["train"], s["test"]
+    assert len(train) == 795 and len(test) == 654
+    assert train.dtype == np.int64 and test.dtype == np.int64
+    assert np.intersect1d(train, test).size == 0
+    assert np.array_equal(np.sort(np.concatenate([train, test])), np.arange(1449))
+    assert (test + 1).sum() == 498_838 and (train + 1).sum() == 551_687
+    assert (test[:5] + 1).tolist() == [1, 2, 9, 14, 15]
+
+
+def test_real_pixels_roundtrip(tmp_path):
+    from PIL import Image
+    root = shared_file("nyu2_mini_test")
+    images = np.stack([np.array(Image.open(root / f"image_{i}.png").convert("RGB")) for i in range(10)])
+    depths = np.stack([np.array(Image.open(root / f"depth_{i}.png")) for i in range(10)]).astype(np.float32) / 1000
+    assert images.shape == (10, 480, 640, 3) and depths.shape == (10, 480, 640)
+    path = tmp_path / "nyu_depth_v2_labeled.mat"
+    write_v73(path, images, depths, scene_types=["kitchen"] * 10)
+    ds = NYUDepthV2(path, split="all", download=False)
+    for i in range(10):
+        rgb, depth = ds[i]
+        np.testing.assert_array_equal(rgb, images[i])
+        np.testing.assert_array_equal(depth, depths[i])
+
+
+# ----------------------------------------------------------------------------------------------------
+# bad files: one clear NYUFileError naming the file
+
+
+def _bad_random_bytes(tmp_path, frames):
+    p = tmp_path / "random.mat"
+    p.write_bytes(np.random.default_rng(0).bytes(4096))
+    return p, "not a MATLAB"
+
+
+def _bad_no_images(tmp_path, frames):
+    p = tmp_path / "no_images.mat"
+    write_v73(p, *frames)
+    with h5py.File(p, "r+") as f:
+        del f["images"]
+    return p, "missing dataset 'images'"
+
+
+def _bad_frame_counts(tmp_path, frames):
+    p = tmp_path / "counts.mat"
+    write_v73(p, *frames)
+    with h5py.File(p, "r+") as f:
+        d = f["depths"][:3]
+        del f["depths"]
+        f["depths"] = d
+    return p, "inconsistent frame counts"
+
+
+def _bad_truncated(tmp_path, frames):
+    good = tmp_path / "good.mat"
+    write_v73(good, *frames)
+    p = tmp_path / "truncated.mat"
+    data = good.read_bytes()
+    p.write_bytes(data[:len(data) // 2])
+    return p, "HDF5"
+
+
+@pytest.mark.parametrize("make", [_bad_random_bytes, _bad_no_images, _bad_frame_counts, _bad_truncated])
+def test_bad_files(tmp_path, frames, make):
+    path, problem = make(tmp_path, frames)
+    with pytest.raises(NYUFileError) as e:
+        NYUDepthV2(path, split="all", download=False)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: ") and problem in msg and "\n" not in msg
+
+
+def test_split_index_out_of_range(tmp_path, v73):
+    splits = tmp_path / "splits.mat"
+    write_splits(splits, [1, 2], [3, 5])  # frame 5 does not exist in a 4-frame file
+    with pytest.raises(NYUFileError) as e:
+        NYUDepthV2(v73, split="test", splits_path=splits, download=False)
+    assert str(splits) in str(e.value) and str(v73) in str(e.value) and "out of range" in str(e.value)
+    NYUDepthV2(v73, split="train", splits_path=splits, download=False)  # the in-range split still opens
+
+
+def test_missing_file_without_download(tmp_path):
+    path = tmp_path / "absent.mat"
+    with pytest.raises(NYUFileError, match="not found"):
+        NYUDepthV2(path, download=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# splits.mat from the cache or the network
+
+
+def test_splits_download(tmp_path, monkeypatch, http_server, frames):
+    pytest.importorskip("clip_vit")
+    write_splits(tmp_path / "served.mat", [2, 4], [1, 3])
+    blob = (tmp_path / "served.mat").read_bytes()
+    http_server.routes["/splits.mat"] = {"data": blob}
+    monkeypatch.setattr(data_nyu, "SPLITS_URL", http_server.url + "/splits.mat")
+    monkeypatch.setattr(data_nyu, "SPLITS_SHA256", hashlib.sha256(blob).hexdigest())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "data").mkdir()
+    mat = tmp_path / "data" / "labeled.mat"  # no splits.mat next to it
+    write_v73(mat, *frames)
+    with pytest.raises(NYUFileError, match="download=False"):
+        NYUDepthV2(mat, split="test", download=False)
+    assert http_server.requests == []
+    ds = NYUDepthV2(mat, split="test")
+    assert ds.indices.tolist() == [0, 2]
+    cached = tmp_path / "cache" / "nyu_depth_v2" / "splits.mat"
+    assert cached.read_bytes() == blob
+    assert NYUDepthV2(mat, split="train").indices.tolist() == [1, 3]  # from the cache, no second request
+    assert len(http_server.requests) == 1
+
+
+def test_splits_download_wrong_checksum(tmp_path, monkeypatch, http_server, frames):
+    pytest.importorskip("clip_vit")
+    write_splits(tmp_path / "served.mat", [2, 4], [1, 3])
+    http_server.routes["/splits.mat"] = {"data": (tmp_path / "served.mat").read_bytes()}
+    monkeypatch.setattr(data_nyu, "SPLITS_URL", http_server.url + "/splits.mat")
+    monkeypatch.setattr(data_nyu, "SPLITS_SHA256", "0" * 64)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "data").mkdir()
+    mat = tmp_path / "data" / "labeled.mat"
+    write_v73(mat, *frames)
+    cached = tmp_path / "cache" / "nyu_depth_v2" / "splits.mat"
+    with pytest.raises(NYUFileError) as e:
+        NYUDepthV2(mat, split="test")
+    assert str(e.value).startswith(f"{cached}: ") and "\n" not in str(e.value)
+    assert len(http_server.requests) >= 1 and not cached.exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# frames -> tensors
+
+
+@pytest.mark.parametrize("size", [224, (120, 160), (240, 320), (97, 131)])
+def test_frames_to_tensors_alignment(size):
+    h, w = (size, size) if isinstance(size, int) else size
+    for edge_col, edge_row in ((320, 240), (333, 101), (77, 400)):
+        rgb = np.zeros((480, 640, 3), np.uint8)
+        depth = np.full((480, 640), 1.0, np.float32)
+        rgb[:, edge_col:] = 255  # one vertical edge in image and depth at the same column...
+        depth[:, edge_col:] = 5.0
+        rgb[edge_row:, :, 2] = 0  # ...and a horizontal one (blue channel) at the same row
+        depth[edge_row:] += 2.0
+        img, d = frames_to_tensors(rgb, depth, size)
+        assert img.shape == (3, h, w) and img.dtype == torch.float32 and d.shape == (1, h, w)
+        assert d.dtype == torch.float32 and 0 <= img.min() and img.max() <= 1
+        # the depth step must sit where the image crosses half brightness (an edge through an output pixel
+        # centre gives exactly 0.5 there, and nearest may pick either side; a crop or shift moves it by pixels)
+        c = int(np.argmax(d[0, 0].numpy() > 3.0))  # first output column on the far side of the depth step
+        row = img[0, 0].numpy()
+        assert c > 0 and row[c - 1] <= 0.52 and row[c] >= 0.48, (edge_col, c, row[c - 2:c + 2])
+        r = int(np.argmax(d[0, :, w - 1].numpy() > 6.5))  # first row below the horizontal depth step
+        col = 1 - img[2, :, w - 1].numpy()  # blue switches off below the row edge
+        assert r > 0 and col[r - 1] <= 0.52 and col[r] >= 0.48, (edge_row, r, col[r - 2:r + 2])
+
+
+def test_frames_to_tensors_keeps_holes():
+    depth = np.random.default_rng(0).uniform(1, 9, (480, 640)).astype(np.float32)
+    depth[::3, ::2] = 0.0  # many holes
+    _, d = frames_to_tensors(np.zeros((480, 640, 3), np.uint8), depth, (120, 160))
+    d = d.numpy().ravel()
+    assert (d == 0).any()
+    assert np.isin(d, depth.ravel()).all()  # every value is a source pixel: no mixing of holes and neighbours
+
+
+# ----------------------------------------------------------------------------------------------------
+# PreloadedBatches
+
+
+class Frames:
+    """A tiny in-memory dataset: (rgb, depth) pairs with the NYUDepthV2 interface."""
+
+    def __init__(self, rgbs, depths):
+        self.rgbs, self.depths = rgbs, depths
+
+    def __len__(self):
+        return len(self.rgbs)
+
+    def __getitem__(self, i):
+        return self.rgbs[i], self.depths[i]
+
+
+def _numbered(n, h=24, w=32):
+    # frame i has constant depth 1 + 0.5 i, so a batch's depth tells which frame it came from
+    rgbs = [np.full((h, w, 3), 10 * i, np.uint8) for i in range(n)]
+    depths = [np.full((h, w), 1 + 0.5 * i, np.float32) for i in range(n)]
+    return Frames(rgbs, depths)
+
+
+def _order(pb):
+    out = []
+    for b in pb:
+        frame = ((b["depth"][:, 0, 0, 0] - 1) / 0.5).round().long()
+        assert frame.tolist() == b["index"].tolist()  # "index" names the frame whose pixels we got
+        out += frame.tolist()
+    return out
+
+
+def test_preloaded_shapes_and_mask():
+    rng = np.random.default_rng(0)
+    depths = [rng.uniform(0.5, 12, (48, 64)).astype(np.float32) for _ in range(6)]
+    for d in depths:
+        d[::4, ::4] = 0  # holes, and values beyond 10 m, are both invalid
+    ds = Frames([rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(6)], depths)
+    pb = PreloadedBatches(ds, size=(48, 64), batch_size=4, shuffle=False, drop_last=True)
+    assert pb.images.dtype == torch.uint8 and pb.images.shape == (6, 3, 48, 64)
+    assert len(pb) == 1
+    (b,) = list(pb)
+    assert b["image"].shape == (4, 3, 48, 64) and b["image"].dtype == torch.float32
+    assert b["depth"].shape == (4, 1, 48, 64) and b["depth"].dtype == torch.float32
+    assert b["mask"].shape == (4, 1, 48, 64) and b["mask"].dtype == torch.bool
+    want = torch.from_numpy(np.stack(depths[:4]))[:, None]  # same size, so depth passes through unchanged
+    assert torch.equal(b["depth"], want)
+    assert torch.equal(b["mask"], (want > 1e-3) & (want < 10))
+    assert b["mask"].any() and not b["mask"].all()
+    img = b["image"] * torch.tensor(data_nyu.STD).view(1, 3, 1, 1) + torch.tensor(data_nyu.MEAN).view(1, 3, 1, 1)
+    raw = torch.from_numpy(np.stack(ds.rgbs[:4])).permute(0, 3, 1, 2).float() / 255
+    assert (img - raw).abs().max() < 1e-5  # CLIP-normalised, undone exactly
+
+
+def test_preloaded_matches_per_sample_dataset():
+    ds = data_nyu.SyntheticDepth(n=5, height=60, width=80)
+    pb = PreloadedBatches(ds, size=(30, 40), batch_size=5, shuffle=False)
+    (b,) = list(pb)
+    ref = NYUTorchDataset(ds, (30, 40))
+    for k in range(5):
+        for key in ("image", "depth", "mask"):
+            assert torch.allclose(b[key][k].float(), ref[k][key].float(), atol=1.01 / 255 / 0.26), key
+
+
+def test_preloaded_epochs_cover_and_shuffle():
+    ds = _numbered(10)
+    pb = PreloadedBatches(ds, size=(24, 32), batch_size=4, seed=0, drop_last=False)
+    assert len(pb) == 3
+    orders = []
+    for epoch in range(3):
+        pb.set_epoch(epoch)
+        orders.append(_order(pb))
+        assert sorted(orders[-1]) == list(range(10))  # every frame exactly once per epoch
+    assert len({tuple(o) for o in orders}) == 3  # a new order each epoch
+    again = PreloadedBatches(ds, size=(24, 32), batch_size=4, seed=0, drop_last=False)
+    again.set_epoch(1)
+    assert _order(again) == orders[1]  # deterministic for a fixed seed
+    other = PreloadedBatches(ds, size=(24, 32), batch_size=4, seed=1, drop_last=False)
+    other.set_epoch(1)
+    assert _order(other) != orders[1]
+    assert _order(PreloadedBatches(ds, size=(24, 32), batch_size=4, shuffle=False, drop_last=False)) == list(range(10))
+    dropped = PreloadedBatches(ds, size=(24, 32), batch_size=4, drop_last=True)
+    assert len(dropped) == 2 and len(_order(dropped)) == 8
+
+
+def test_preloaded_items():
+    ds = _numbered(6)
+    pb = PreloadedBatches(ds, size=(24, 32), batch_size=2, shuffle=False, items=[5, 1, 3])
+    assert _order(pb) == [5, 1]  # drop_last drops the last, incomplete batch
+
+
+def test_preloaded_ddp_shards():
+    ds = _numbered(12)
+    shards = []
+    for rank in range(3):
+        pb = PreloadedBatches(ds, size=(24, 32), batch_size=2, seed=3, rank=rank, world_size=3, drop_last=False)
+        pb.set_epoch(5)
+        assert len(pb) == 2
+        shards.append(_order(pb))
+    assert sorted(sum(shards, [])) == list(range(12))  # disjoint and covering
+    # uneven: 10 frames over 3 ranks, every rank still gets the same number of batches
+    lens = [len(list(PreloadedBatches(_numbered(10), size=(24, 32), batch_size=2, rank=r, world_size=3,
+                                      drop_last=dl))) for r in range(3) for dl in (True, False)]
+    assert lens[0::2] == [1, 1, 1] and lens[1::2] == [2, 2, 2]
+
+
+def test_preloaded_augment_flips_together():
+    h, w = 24, 32
+    col = np.arange(w, dtype=np.float32)
+    rgbs = [np.broadcast_to((col * 8)[None, :, None], (h, w, 3)).astype(np.uint8) for _ in range(8)]
+    depths = [np.broadcast_to(1 + col / 8 + 0.01 * i, (h, w)).astype(np.float32) for i in range(8)]
+    pb = PreloadedBatches(Frames(rgbs, depths), size=(h, w), batch_size=8, augment=True, seed=0)
+    flips = []
+    for epoch in range(4):
+        pb.set_epoch(epoch)
+        (b,) = list(pb)
+        img_rising = b["image"][:, 0, 0, -1] > b["image"][:, 0, 0, 0]
+        dep_rising = b["depth"][:, 0, 0, -1] > b["depth"][:, 0, 0, 0]
+        assert torch.equal(img_rising, dep_rising)  # image and depth flipped together
+        flips += (~img_rising).tolist()
+        red = b["image"][:, 0] * data_nyu.STD[0] + data_nyu.MEAN[0]  # back to [0, 1]
+        spread = red.mean((1, 2)).max() - red.mean((1, 2)).min()
+        assert 0.02 < spread < 0.2  # brightness x[0.9, 1.1] of equal images (contrast alone keeps the mean)
+    assert any(flips) and not all(flips)
+    # without augment nothing is flipped
+    (b,) = list(PreloadedBatches(Frames(rgbs, depths), size=(h, w), batch_size=8, augment=False))
+    assert (b["depth"][:, 0, 0, -1] > b["depth"][:, 0, 0, 0]).all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# lazy h5py handle: safe for DataLoader workers and DDP processes
+
+
+def test_lazy_open_and_pickle(v73, frames):
+    ds = NYUDepthV2(v73, split="all", download=False)
+    assert ds._h5 is None  # nothing open until the first frame is read
+    ds[1]
+    h = ds._h5
+    assert h is not None and ds._vars() is h  # reused within a process
+    clone = pickle.loads(pickle.dumps(ds))  # would fail on an open h5py handle
+    assert clone._h5 is None
+    np.testing.assert_array_equal(clone[2][0], frames[0][2])
+    ds._pid = -1  # as if we were a forked worker that inherited the parent's handle
+    assert ds._vars() is not h
+    np.testing.assert_array_equal(ds[3][1], frames[1][3])
+
+
+def test_dataloader_workers_read_v73(v73, frames):
+    ds = NYUDepthV2(v73, split="all", download=False)
+    ds[0]  # the parent holds an open handle before the workers fork
+    dl = torch.utils.data.DataLoader(NYUTorchDataset(ds, (48, 64)), batch_size=2, num_workers=2)
+    got = torch.cat([b["depth"] for b in dl])
+    want = torch.stack([frames_to_tensors(*ds[i], (48, 64))[1] for i in range(len(ds))])
+    assert torch.equal(got, want)
+
+
+def test_synthetic_depth():
+    ds = data_nyu.SyntheticDepth(n=3, seed=7, height=48, width=64)
+    rgb, depth = ds[1]
+    assert rgb.shape == (48, 64, 3) and rgb.dtype == np.uint8
+    assert depth.shape == (48, 64) and depth.dtype == np.float32
+    assert 0.5 <= depth.min() and depth.max() <= 9.5 and depth.std() > 0.3
+    assert np.array_equal(ds[1][0], rgb) and np.array_equal(ds[1][1], depth)  # deterministic
+    assert not np.array_equal(data_nyu.SyntheticDepth(n=3, seed=8, height=48, width=64)[1][1], depth)
+    assert isinstance(ds.scene(1), str) and len(ds) == 3 and ds.indices.tolist() == [0, 1, 2]
+    # brightness carries a depth cue: darker where farther
+    lum = rgb.astype(np.float32).mean(-1).ravel()
+    assert np.corrcoef(lum, depth.ravel())[0, 1] < -0.2
