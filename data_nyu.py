@@ -226,7 +226,7 @@ def frames_to_tensors(rgb, depth, size):
     """rgb uint8 (H, W, 3), depth float32 (H, W) -> image float32 (3, h, w) in [0, 1], depth float32 (1, h, w);
     size is an int (square) or (h, w). Both WHOLE frames are resized to exactly (h, w), so they stay aligned by
     construction. (The DepthCLIP authors' code centre-cropped the RGB input but not the depth, misaligning the
-    two; we never crop one without the other. Note 224x224 squashes the 4:3 frame; (240, 320) keeps it.)"""
+    two; we never crop one without the other. Note 224x224 squashes the 4:3 frame; (384, 512) keeps it.)"""
     img = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]  # (1, 3, H, W)
     img, d = resize(img, torch.from_numpy(np.ascontiguousarray(depth, np.float32))[None, None], size)
     return img[0], d[0]

@@ -224,7 +224,8 @@ def main():
     if args.save_vis:
         Path(args.save_vis).mkdir(parents=True, exist_ok=True)
     protocol = {"split": f"{'synthetic' if data == 'synthetic' else 'official test'} ({n} images)",
-                "gt": "rawDepths" if args.gt == "raw" else "depths (in-painted)", "crop": args.crop,
+                "gt": "exact (synthetic)" if data == "synthetic" else
+                      "rawDepths" if args.gt == "raw" else "depths (in-painted)", "crop": args.crop,
                 "crop_box": CROPS[args.crop], "valid": "1e-3 < gt < 10", "pred": "bilinear to 480x640, clamp [1e-3, 10]",
                 "flip_tta": args.flip, "median_scaling": args.median_scale, "average": "mean of per-image metrics"}
     print("protocol: " + ", ".join(f"{k}={v}" for k, v in protocol.items()), file=sys.stderr)

@@ -167,7 +167,10 @@ class MoADepthCLIP(nn.Module):
 
     def features(self, image):
         """(B, 3, H, W) -> mean of the MoA outputs' patch tokens, as a grid (B, width, H/32, W/32)."""
-        v, gh, gw = self.visual, image.shape[-2] // self.visual.patch_size, image.shape[-1] // self.visual.patch_size
+        v, (H, W) = self.visual, image.shape[-2:]
+        if H % v.patch_size or W % v.patch_size:
+            raise ValueError(f"input {H}x{W}: both sides must be multiples of the patch size {v.patch_size}")
+        gh, gw = H // v.patch_size, W // v.patch_size
         first = self.cfg.moa_layers[0]
         with torch.no_grad():  # nothing before the first MoA is trained: skip building its graph
             x = v.embed(image)                                            # (B, 1 + gh*gw, width)

@@ -50,21 +50,29 @@ log_interval = 10
 synthetic_frames = 48    # size of --data synthetic
 # -----------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().copy().items() if not k.startswith("_") and isinstance(v, (int, float, str, type(None)))}
-p = argparse.ArgumentParser(description="Train MoA-DepthCLIP (see the docstring)")
+p = argparse.ArgumentParser(description="Train MoA-DepthCLIP; defaults are the paper's recipe (see the docstring)")
+
+
+def flag(name, default):  # bools are given as 0/1, tuples as 448,576
+    conv = (lambda s: bool(int(s))) if isinstance(default, bool) else (lambda s: tuple(int(x) for x in s.split(","))) \
+        if isinstance(default, tuple) else str if default is None else type(default)
+    p.add_argument("--" + name.replace("_", "-"), type=conv, default=default, help="default: %(default)s")
+
+
 for k, v in defaults.items():
-    p.add_argument("--" + k.replace("_", "-"), type=type(v) if v is not None else str, default=v)
+    flag(k, v)
 p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
 p.add_argument("--no-download", action="store_true")
 p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = all epochs); for tests")
 for f in fields(moa.DepthConfig):  # the model's ablation switches: --num-experts 8, --use-moa 0, --input-size 448,576
-    conv = (lambda s: tuple(int(x) for x in s.split(","))) if isinstance(f.default, tuple) else \
-        (lambda s: bool(int(s))) if isinstance(f.default, bool) else type(f.default)
-    p.add_argument("--" + f.name.replace("_", "-"), type=conv, default=f.default)
+    flag(f.name, f.default)
 args = p.parse_args()
-cli_errors()
+cli_errors()  # bad input from here on ends with one line, not a traceback
 cfg = moa.DepthConfig(**{f.name: getattr(args, f.name) for f in fields(moa.DepthConfig)})
 if len(cfg.input_size) == 1:
     cfg.input_size = cfg.input_size * 2
+if len(cfg.input_size) != 2 or any(s % 32 for s in cfg.input_size):  # ViT-B/32 patches
+    raise BadInput(f"--input-size {args.input_size}: give one or two sides that are multiples of 32, e.g. 384,512")
 
 # -----------------------------------------------------------------------------
 # distributed, device and dtype

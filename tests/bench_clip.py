@@ -6,7 +6,6 @@ random ViT-B/32 weights, batch 32, measured in the same run (a benchmark, not a 
 """
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -15,15 +14,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import clip_vit  # noqa: E402
 
 
-def median_time(fn, reps):
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+def median_times(fns, reps):
+    """Median seconds of each fn, the fns interleaved run by run so that machine drift hits them alike."""
+    from torch.utils.benchmark import Timer
+    timers = [Timer("fn()", globals={"fn": fn}) for fn in fns]
+    for fn in fns:
+        fn()  # warm-up
+    runs = [[t.timeit(1).median for t in timers] for _ in range(reps)]
+    return [sorted(col)[len(col) // 2] for col in zip(*runs)]
 
+# -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
     import transformers
@@ -38,9 +38,8 @@ if __name__ == "__main__":
     hf = transformers.CLIPVisionModelWithProjection(cfg).eval()
     x = torch.randn(args.batch, 3, 224, 224)
     with torch.inference_mode():
-        t_ours = median_time(lambda: ours.encode_image(x), args.reps)
-        t_hf = median_time(lambda: hf(pixel_values=x), args.reps)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, median of {args.reps}")
+        t_ours, t_hf = median_times([lambda: ours.encode_image(x), lambda: hf(pixel_values=x)], args.reps)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, median of {args.reps} interleaved runs")
     print(f"clip_vit encode_image : {t_ours * 1e3:8.1f} ms  ({args.batch / t_ours:6.1f} img/s)")
     print(f"HF CLIP vision + proj : {t_hf * 1e3:8.1f} ms  ({args.batch / t_hf:6.1f} img/s)")
     print(f"ratio HF / ours       : {t_hf / t_ours:8.2f}x")

@@ -60,6 +60,22 @@ def test_end_to_end_train_resume_evaluate(small_clip, tmp_path):
     assert len(list((tmp_path / "vis").glob("*.png"))) == 16
 
 
+def test_train_and_evaluate_on_an_official_layout_mat(small_clip, tmp_path):
+    """The user's two commands on a v7.3 file in the real layout (6 frames), with its splits.mat beside it."""
+    from nyu_fixtures import asymmetric_frames, write_splits, write_v73
+    images, depths, raw = asymmetric_frames(6)
+    scenes = ["kitchen", "office", "kitchen", "bedroom", "office", "kitchen"]
+    write_v73(tmp_path / "nyu.mat", images, depths, raw_depths=raw, scene_types=scenes)
+    write_splits(tmp_path / "splits.mat", [1, 2, 3, 4], [5, 6])
+    r = run("train.py", "--data", tmp_path / "nyu.mat", "--clip", small_clip, "--out", tmp_path / "run", "--epochs", "1",
+            "--no-download", *SMALL[:-6], "--batch-size", "1")
+    assert "held-out scenes" in r.stdout and "step " in r.stdout
+    r = run("evaluate.py", tmp_path / "run" / "ckpt.pt", "--no-download")
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["n_images"] == 2 and result["protocol"]["gt"] == "rawDepths"
+    assert "kitchen" in r.stdout and "office" in r.stdout  # the per-scene rows
+
+
 def test_resume_is_bit_identical(small_clip, tmp_path):
     train(tmp_path / "a", small_clip, "--epochs", "2")
     train(tmp_path / "b", small_clip, "--epochs", "1")
