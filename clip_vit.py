@@ -17,6 +17,7 @@ Run `python clip_vit.py IMAGE "label one" "label two" ...` to classify an image 
 import gzip
 import hashlib
 import html
+import http.client
 import io
 import math
 import os
@@ -207,9 +208,15 @@ def build_model(state_dict):
 def random_state_dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, patch=32,
                       context_length=77, vocab_size=49408, width=512, heads=8, layers=12, seed=0):
     """A randomly initialised state dict in the official layout (OpenAI's init), for tests and smoke runs."""
-    torch.manual_seed(seed)
-    m = CLIP(embed_dim, image_resolution, vision_layers, vision_width, patch, context_length, vocab_size,
-             width, heads, layers)
+    with torch.random.fork_rng():  # leave the caller's random stream untouched
+        torch.manual_seed(seed)
+        m = CLIP(embed_dim, image_resolution, vision_layers, vision_width, patch, context_length, vocab_size,
+                 width, heads, layers)
+        _openai_init(m, width, layers, vision_width, vision_layers)
+    return m.state_dict()
+
+
+def _openai_init(m, width, layers, vision_width, vision_layers):
     nn.init.normal_(m.token_embedding.weight, std=0.02)
     nn.init.normal_(m.positional_embedding, std=0.01)
     for tower, w, n in ((m.transformer, width, layers), (m.visual.transformer, vision_width, vision_layers)):
@@ -221,7 +228,6 @@ def random_state_dict(embed_dim=512, image_resolution=224, vision_layers=12, vis
             nn.init.normal_(b.mlp.c_fc.weight, std=fc_std)
             nn.init.normal_(b.mlp.c_proj.weight, std=proj_std)
     nn.init.normal_(m.text_projection, std=width ** -0.5)
-    return m.state_dict()
 
 # -----------------------------------------------------------------------------
 # downloads (shared with data_nyu.py) and the cache
@@ -278,7 +284,7 @@ def download(url, dest, sha256=None, retries=3):
                 break
             if e.code < 500 or attempt == retries:
                 raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
-        except (urllib.error.URLError, OSError) as e:  # timeouts, cut connections: retry, resuming
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:  # timeouts, cuts: retry, resuming
             if attempt == retries:
                 raise DownloadError(f"{url}: {getattr(e, 'reason', e)}") from None
         print(f"{dest.name}: retrying ({attempt + 1}/{retries})", file=sys.stderr)
@@ -452,7 +458,8 @@ class SimpleTokenizer:
         self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
         self.bpe_ranks = {m: i for i, m in enumerate(merges)}
         self.cache = {"<|startoftext|>": "<|startoftext|>", "<|endoftext|>": "<|endoftext|>"}
-        self.pat = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+        self.pat = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
+                                 r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
                                  regex.IGNORECASE)
         self.sot, self.eot = self.encoder["<|startoftext|>"], self.encoder["<|endoftext|>"]
 

@@ -74,7 +74,8 @@ def depth_metrics(pred, gt, crop="eigen", min_depth=1e-3, max_depth=10.0):
         "d1": (ratio < 1.25).mean(), "d2": (ratio < 1.25 ** 2).mean(), "d3": (ratio < 1.25 ** 3).mean(),
         "abs_rel": (np.abs(g - p) / g).mean(), "sq_rel": ((g - p) ** 2 / g).mean(),
         "rmse": np.sqrt(((g - p) ** 2).mean()), "rmse_log": np.sqrt((e ** 2).mean()),
-        "log10": np.abs(np.log10(p) - np.log10(g)).mean(), "silog": 100 * np.sqrt(max((e ** 2).mean() - e.mean() ** 2, 0)),
+        "log10": np.abs(np.log10(p) - np.log10(g)).mean(),
+        "silog": 100 * np.sqrt(max((e ** 2).mean() - e.mean() ** 2, 0)),
     }
 
 
@@ -183,7 +184,7 @@ def read_photo(path):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt")
     p.add_argument("--data", default=None, help="NYU .mat, or 'synthetic' (default: the path the run trained on)")
     p.add_argument("--splits", default=None, help="splits.mat (default: next to the data, or downloaded)")
@@ -191,7 +192,8 @@ def main():
     p.add_argument("--gt", choices=("raw", "dense"), default="raw", help="rawDepths (BTS/AdaBins) or in-painted depths")
     p.add_argument("--crop", choices=tuple(CROPS), default="eigen")
     p.add_argument("--flip", action="store_true", help="average with the horizontally flipped prediction")
-    p.add_argument("--median-scale", action="store_true", help="per-image median scaling (authors' variant; comparison only)")
+    p.add_argument("--median-scale", action="store_true",
+                   help="per-image median scaling (the authors' variant; for comparison only)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N test images (0 = all)")
     p.add_argument("--device", default="auto")
@@ -226,7 +228,8 @@ def main():
     protocol = {"split": f"{'synthetic' if data == 'synthetic' else 'official test'} ({n} images)",
                 "gt": "exact (synthetic)" if data == "synthetic" else
                       "rawDepths" if args.gt == "raw" else "depths (in-painted)", "crop": args.crop,
-                "crop_box": CROPS[args.crop], "valid": "1e-3 < gt < 10", "pred": "bilinear to 480x640, clamp [1e-3, 10]",
+                "crop_box": CROPS[args.crop], "valid": "1e-3 < gt < 10",
+                "pred": "bilinear to 480x640, clamp [1e-3, 10]",
                 "flip_tta": args.flip, "median_scaling": args.median_scale, "average": "mean of per-image metrics"}
     print("protocol: " + ", ".join(f"{k}={v}" for k, v in protocol.items()), file=sys.stderr)
     rows, by_scene = [], defaultdict(list)
@@ -243,8 +246,8 @@ def main():
                 by_scene[ds.scene(s + j)].append(m)
             if args.save_vis:
                 err = np.abs(pred - gt) * (gt > 1e-3)
-                panel = np.concatenate([rgb[j], colorize(pred, 0, 10), colorize(gt, 0, 10), colorize(err, 0, 2)], axis=1)
-                save_png(Path(args.save_vis) / f"{s + j:04d}.png", panel)
+                panel = [rgb[j], colorize(pred, 0, 10), colorize(gt, 0, 10), colorize(err, 0, 2)]
+                save_png(Path(args.save_vis) / f"{s + j:04d}.png", np.concatenate(panel, axis=1))
         print(f"evaluated {min(s + args.batch_size, n)}/{n}", file=sys.stderr)
 
     head = f"{'scene':<18}{'n':>5}" + "".join(f"{k:>10}" for k in KEYS)

@@ -92,9 +92,12 @@ class MoA(nn.Module):
         if not self.gated:
             return x + F.linear(F.gelu(F.linear(x, self.down_w[0], self.down_b[0])), self.up_w[0], self.up_b[0])
         use_triton = _override_impl == "triton" or (_override_impl is None and HAS_TRITON and x.is_cuda)
-        impl = fused_moa if use_triton else moa_reference
-        y, gates = impl(x, self.gate_w1, self.gate_b1, self.gate_w2, self.gate_b2, self.down_w, self.down_b,
-                        self.up_w, self.up_b, self.top_k, self.temperature)
+        weights = (self.gate_w1, self.gate_b1, self.gate_w2, self.gate_b2,
+                   self.down_w, self.down_b, self.up_w, self.up_b)
+        if use_triton:  # the kernel takes one dtype: under autocast, cast the fp32 weights to the activations'
+            y, gates = fused_moa(x, *(w.to(x.dtype) for w in weights), self.top_k, self.temperature)
+        else:
+            y, gates = moa_reference(x, *weights, self.top_k, self.temperature)
         g = gates.detach().float()
         self.last_entropy = -(g * g.clamp_min(1e-12).log()).sum(-1).mean()  # monitored only, never a loss
         return y
@@ -194,7 +197,8 @@ class MoADepthCLIP(nn.Module):
         logits = F.interpolate(self.cls_head(f), size=out_size, mode="bilinear", align_corners=False)  # (B, N, H, W)
         depth_cls = (logits.float().softmax(1) * self.bins.view(1, -1, 1, 1)).sum(1, keepdim=True)       # (B, 1, H, W)
         reg = torch.sigmoid(self.reg_head(f).float()) * self.cfg.max_depth  # GUESS: positive, capped at 10 m
-        depth_reg = F.interpolate(reg, size=out_size, mode="bilinear", align_corners=False).clamp_min(self.cfg.min_depth)
+        depth_reg = F.interpolate(reg, size=out_size, mode="bilinear", align_corners=False)
+        depth_reg = depth_reg.clamp_min(self.cfg.min_depth)
         depth = {"mean": 0.5 * (depth_cls + depth_reg), "cls": depth_cls, "reg": depth_reg}[self.cfg.fusion]
         return {"depth": depth, "depth_cls": depth_cls, "depth_reg": depth_reg, "logits": logits}
 

@@ -12,7 +12,6 @@ evaluate.py. Logs go to stdout and --out/log.jsonl.
 """
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -49,7 +48,8 @@ device = "auto"
 log_interval = 10
 synthetic_frames = 48    # size of --data synthetic
 # -----------------------------------------------------------------------------
-defaults = {k: v for k, v in globals().copy().items() if not k.startswith("_") and isinstance(v, (int, float, str, type(None)))}
+defaults = {k: v for k, v in globals().copy().items()
+            if not k.startswith("_") and isinstance(v, (int, float, str, type(None)))}
 p = argparse.ArgumentParser(description="Train MoA-DepthCLIP; defaults are the paper's recipe (see the docstring)")
 
 
@@ -120,6 +120,7 @@ val_batches = data_nyu.PreloadedBatches(ds, size=cfg.input_size, batch_size=args
 # -----------------------------------------------------------------------------
 # model and optimizer
 clip_model = clip_vit.load(args.clip)
+clip_id = {"name": args.clip, "sha256": clip_sha256(args.clip)}  # evaluate.py checks it against its CLIP file
 model = moa.MoADepthCLIP(clip_model, cfg).to(dev)
 del clip_model  # the text tower was used once, for the scene-context vector
 log(moa.parameter_report(model)[1])
@@ -154,8 +155,9 @@ def git_commit():
 
 def save(path, epoch, with_optimizer=True):  # best.pt skips the optimizer: 1/3 of the size
     ckpt = {"model": moa.trainable_state_dict(raw_model), "model_config": asdict(cfg),
-            "clip": {"name": args.clip, "sha256": clip_sha256(args.clip)},
-            "optimizer": optimizer.state_dict() if with_optimizer else None, "epoch": epoch, "step": step, "best_d1": best_d1, "rng": torch.get_rng_state(),
+            "clip": clip_id,
+            "optimizer": optimizer.state_dict() if with_optimizer else None, "epoch": epoch, "step": step,
+            "best_d1": best_d1, "rng": torch.get_rng_state(),
             "config": vars(args), "git": git_commit()}
     atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
 
@@ -173,7 +175,8 @@ def validate():
 
 # -----------------------------------------------------------------------------
 # training loop
-total = args.epochs * len(train_batches) if not args.max_steps else min(args.max_steps, args.epochs * len(train_batches))
+total = args.epochs * len(train_batches)
+total = min(total, args.max_steps) if args.max_steps else total
 log(f"training {total} steps: {args.epochs} epochs x {len(train_batches)} batches of {args.batch_size} x {world} ranks "
     f"on {dev}{' with bf16 autocast' if amp_dtype else ''}")
 model.train()
@@ -184,8 +187,13 @@ for epoch in range(start_epoch, args.epochs):
         with autocast:
             outputs = model(b["image"])
         loss, terms = moa.depth_loss(outputs, b["depth"], b["mask"], cfg)
-        if not torch.isfinite(loss):
-            log(f"error: non-finite loss ({loss.item()}) at step {step}; stopping. {ckpt_path} holds the last good epoch")
+        check = loss.detach().clone()
+        if ddp:  # every rank must see the same verdict, or one would wait forever in the next all-reduce
+            dist.all_reduce(check)
+        if not torch.isfinite(check):
+            if master:
+                print(f"error: non-finite loss ({check.item()}) at step {step}; stopped. {ckpt_path} keeps the last "
+                      f"good epoch", file=sys.stderr)
             sys.exit(1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

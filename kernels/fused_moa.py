@@ -339,7 +339,6 @@ def benchmark(smoke=False, compile_ref=None):
     src = torch.empty(2 ** (28 if dev == "cuda" else 24), dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
     copy_bw = 2 * src.numel() / _bench(lambda: dst.copy_(src), smoke)
-    del src, dst
     providers = {"loop": moa_loop, "dense": moa_reference}
     if compile_ref:
         try:

@@ -87,7 +87,12 @@ def test_archive_reader_matches_torch_jit_load(tmp_path):
 
 
 def test_plain_state_dict_and_random(tmp_path):
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
     sd = small_state_dict()
+    assert torch.equal(torch.rand(3), expected)  # building random weights leaves the caller's RNG alone
+    assert torch.equal(small_state_dict()["visual.proj"], sd["visual.proj"])  # and is deterministic
     torch.save(sd, tmp_path / "plain.pt")
     m = clip_vit.load(tmp_path / "plain.pt")
     assert torch.equal(m.visual.proj, sd["visual.proj"])

@@ -5,7 +5,6 @@ splits.mat and 10 real NYU frames from ../shared/data when present. CPU only, a 
 """
 import hashlib
 import pickle
-from pathlib import Path
 
 import h5py
 import numpy as np

@@ -247,3 +247,12 @@ def test_moa_module_dispatch_flag_runs_both_paths():
     assert moa.HAS_TRITON
     for a, b in zip(results["reference"], results["triton"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # under bf16 autocast the activations arrive in bf16 while the weights stay fp32: the kernel path casts
+    moa._override_impl = "triton"
+    try:
+        y16 = layer(x.bfloat16())
+    finally:
+        moa._override_impl = None
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), results["reference"][0], rtol=2e-2, atol=5e-2)
+

@@ -89,6 +89,14 @@ def test_resume_is_bit_identical(small_clip, tmp_path):
     assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
 
 
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(small_clip, tmp_path):
+    train(tmp_path / "run", small_clip, "--epochs", "1")
+    before = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    r = train(tmp_path / "run", small_clip, "--epochs", "2", "--resume", "--w-silog", "nan", ok=False)
+    fails(r, "non-finite loss")
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
+
+
 def test_ddp_two_gloo_processes(small_clip, tmp_path):
     r = train(tmp_path / "ddp", small_clip, "--epochs", "1",
               launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])
