@@ -103,6 +103,7 @@ def log(msg):
 if args.data == "synthetic":
     ds = data_nyu.SyntheticDepth(n=args.synthetic_frames, seed=args.seed)
 else:
+    args.data = str(Path(args.data).resolve())  # absolute, so evaluate.py finds it from any directory
     ds = data_nyu.NYUDepthV2(args.data, split="train", splits_path=args.splits, raw_depth=args.train_gt == "raw",
                              download=not args.no_download)
 scenes = sorted({ds.scene(i) for i in range(len(ds))})

@@ -182,6 +182,18 @@ def test_missing_file_without_download(tmp_path):
         NYUDepthV2(path, download=False)
 
 
+def test_missing_data_file_downloads_resumably(tmp_path, monkeypatch, http_server, frames):
+    """A --data path that does not exist is fetched from data_nyu.URL; a cut transfer resumes with Range."""
+    write_v73(tmp_path / "served.mat", *frames, scene_types=SCENES)
+    blob = (tmp_path / "served.mat").read_bytes()
+    http_server.routes["/labeled.mat"] = {"data": blob, "cut_after": len(blob) // 3}
+    monkeypatch.setattr(data_nyu, "URL", http_server.url + "/labeled.mat")
+    ds = NYUDepthV2(tmp_path / "new" / "labeled.mat", split="all")
+    assert (tmp_path / "new" / "labeled.mat").read_bytes() == blob
+    assert [r for _, r in http_server.requests] == [None, f"bytes={len(blob) // 3}-"]
+    np.testing.assert_array_equal(ds[1][0], frames[0][1])
+
+
 # ----------------------------------------------------------------------------------------------------
 # splits.mat from the cache or the network
 

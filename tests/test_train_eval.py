@@ -5,6 +5,7 @@ Run: python -m pytest -q tests/test_train_eval.py
 """
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -32,7 +33,14 @@ def small_clip(tmp_path_factory):
 def run(script, *args, ok=True, timeout=300, launcher=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = (launcher or [sys.executable]) + [str(ROOT / script), *map(str, args)]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: a hung run is killed whole
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    r = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if ok:
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r
