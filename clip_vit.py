@@ -364,13 +364,10 @@ def read_torchscript_state_dict(path):
 
 def load_state_dict(path):
     """A state dict from a TorchScript archive (read safely) or from a plain torch.save file."""
-    with open(path, "rb") as f:
-        is_zip = f.read(4) == b"PK\x03\x04"
-    if is_zip:
+    if zipfile.is_zipfile(path):  # torch.save files are zips too; TorchScript archives also hold constants.pkl
         with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-        if any(n.endswith("constants.pkl") for n in names):  # TorchScript archive
-            return read_torchscript_state_dict(path)
+            if any(n.endswith("constants.pkl") for n in zf.namelist()):
+                return read_torchscript_state_dict(path)
     sd = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CLIPFileError(f"{path}: not a state dict of tensors")
@@ -454,8 +451,6 @@ class SimpleTokenizer:
         vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
         vocab += ["<|startoftext|>", "<|endoftext|>"]
         self.encoder = {v: i for i, v in enumerate(vocab)}
-        self.decoder = {i: v for v, i in self.encoder.items()}
-        self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
         self.bpe_ranks = {m: i for i, m in enumerate(merges)}
         self.cache = {"<|startoftext|>": "<|startoftext|>", "<|endoftext|>": "<|endoftext|>"}
         self.pat = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
@@ -494,10 +489,6 @@ class SimpleTokenizer:
             piece = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
             ids.extend(self.encoder[t] for t in self.bpe(piece).split(" "))
         return ids
-
-    def decode(self, ids):
-        text = "".join(self.decoder[i] for i in ids)
-        return bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ")
 
 
 @lru_cache()
