@@ -54,8 +54,12 @@ p = argparse.ArgumentParser(description="Train MoA-DepthCLIP; defaults are the p
 
 
 def flag(name, default):  # bools are given as 0/1, tuples as 448,576
-    conv = (lambda s: bool(int(s))) if isinstance(default, bool) else (lambda s: tuple(int(x) for x in s.split(","))) \
-        if isinstance(default, tuple) else str if default is None else type(default)
+    if isinstance(default, bool):
+        conv = lambda s: bool(int(s))  # noqa: E731
+    elif isinstance(default, tuple):
+        conv = lambda s: tuple(int(x) for x in s.split(","))  # noqa: E731
+    else:
+        conv = str if default is None else type(default)
     p.add_argument("--" + name.replace("_", "-"), type=conv, default=default, help="default: %(default)s")
 
 
