@@ -94,6 +94,8 @@ if master:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(out_dir / ".write_test", lambda tmp: Path(tmp).write_text("ok"))
         (out_dir / ".write_test").unlink()
+        for stale in out_dir.glob(".*.pt.*.tmp"):  # a checkpoint write cut short by a kill
+            stale.unlink()
     except OSError as e:
         raise BadInput(f"{out_dir}: cannot write there ({e.strerror or e})") from None
 

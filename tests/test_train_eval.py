@@ -84,13 +84,28 @@ def test_train_and_evaluate_on_an_official_layout_mat(small_clip, tmp_path):
     assert "kitchen" in r.stdout and "office" in r.stdout  # the per-scene rows
 
 
-def test_resume_is_bit_identical(small_clip, tmp_path):
-    train(tmp_path / "a", small_clip, "--epochs", "2")
-    train(tmp_path / "b", small_clip, "--epochs", "1")
-    train(tmp_path / "b", small_clip, "--epochs", "2", "--resume")
+def test_kill_and_resume_is_bit_identical(small_clip, tmp_path):
+    """SIGKILL a run once its first checkpoint lands, resume it, and compare with an uninterrupted run."""
+    import time
+    train(tmp_path / "a", small_clip, "--epochs", "4")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    args = ["--data", "synthetic", "--clip", small_clip, "--out", tmp_path / "b", *SMALL, "--epochs", "4"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpt = tmp_path / "b" / "ckpt.pt"
+    while not ckpt.exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    killed_at = torch.load(ckpt, weights_only=True)["epoch"]
+    assert killed_at < 3, "the run finished before it could be killed"
+    stale = tmp_path / "b" / ".ckpt.pt.x1y2.tmp"  # what a kill during a checkpoint write would leave
+    stale.write_bytes(b"partial")
+    r = train(tmp_path / "b", small_clip, "--epochs", "4", "--resume")
+    assert f"resumed from {ckpt}: epoch {killed_at + 1}" in r.stdout and not stale.exists()
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
-    assert a["step"] == b["step"] == 4
+    b = torch.load(ckpt, weights_only=True)
+    assert a["step"] == b["step"] == 8
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
