@@ -233,6 +233,11 @@ def _openai_init(m, width, layers, vision_width, vision_layers):
 # downloads (shared with data_nyu.py) and the cache
 
 
+def official_sha256(name):
+    """openai puts each file's SHA-256 in its URL, as the second-to-last path segment."""
+    return MODELS[name].split("/")[-2]
+
+
 class DownloadError(RuntimeError):
     pass
 
@@ -382,7 +387,7 @@ def load(name_or_path="ViT-B/32", device="cpu"):
     if name_or_path in MODELS:
         url = MODELS[name_or_path]
         path = cache_dir() / url.split("/")[-1]
-        sha = url.split("/")[-2]
+        sha = official_sha256(name_or_path)
         if path.exists() and sha256sum(path) != sha:
             print(f"{path} exists but its SHA-256 does not match; downloading again", file=sys.stderr)
             path.unlink()

@@ -18,14 +18,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import clip_vit  # CLIP's pixel normalisation (MEAN, STD), the cache directory and all network code
+from clip_vit import MEAN, STD
+
 URL = "http://horatio.cs.nyu.edu/mit/silberman/nyu_depth_v2/nyu_depth_v2_labeled.mat"
 SPLITS_URL = "http://horatio.cs.nyu.edu/mit/silberman/indoor_seg_sup/splits.mat"
 SPLITS_SHA256 = "6e081404491a8bfba2f066beaa9713ef6046f9007aa5f799f2a350506a580cee"
 MIN_DEPTH, MAX_DEPTH = 1e-3, 10.0  # the usual valid range (BTS, AdaBins): 1e-3 < depth < 10 m, both exclusive
-try:  # one source of truth for CLIP's pixel normalisation, if clip_vit.py imports cleanly
-    from clip_vit import MEAN, STD
-except Exception:
-    MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 # --------------------------------------------------------------------------------------------------
 # the official file
@@ -37,7 +36,6 @@ def _err(path, problem):
     return NYUFileError(f"{path}: {problem}")
 
 def _download(url, dest, sha256=None):
-    import clip_vit  # all network code (atomic .part file, Range resume, sha256 check) lives there
     try:
         return Path(clip_vit.download(url, dest, sha256=sha256))
     except clip_vit.DownloadError as e:
@@ -113,8 +111,7 @@ class NYUDepthV2:
                                     f"{self.path}, which has {n} frames")
 
     def _find_splits(self, download):
-        from clip_vit import cache_dir
-        for p in (self.path.parent / "splits.mat", Path(cache_dir("nyu_depth_v2")) / "splits.mat"):
+        for p in (self.path.parent / "splits.mat", clip_vit.cache_dir("nyu_depth_v2") / "splits.mat"):
             if p.exists():
                 return p
         if not download:

@@ -131,17 +131,22 @@ def clip_sha256(name_or_path):
     if name_or_path == "random":
         return "random"
     if name_or_path in clip_vit.MODELS:
-        return clip_vit.MODELS[name_or_path].split("/")[-2]
+        return clip_vit.official_sha256(name_or_path)
     return clip_vit.sha256sum(name_or_path)
+
+
+def check_clip(ckpt, clip_arg, sha, where):
+    """The checkpoint must have been trained on the CLIP weights whose SHA-256 is `sha`."""
+    if sha != ckpt["clip"]["sha256"]:
+        raise BadInput(f"{where}: trained on CLIP weights {ckpt['clip']['sha256'][:12]}..., "
+                       f"but {clip_arg} has {sha[:12]}...")
 
 
 def build_model(ckpt, clip_arg=None, device="cpu", where="checkpoint"):
     """Rebuild a trained model: the CLIP weights (SHA-256 checked against the checkpoint) + its trainable part."""
     clip_arg = clip_arg or ckpt["clip"]["name"]
     clip = clip_vit.load(clip_arg)
-    if clip_sha256(clip_arg) != ckpt["clip"]["sha256"]:
-        raise BadInput(f"{where}: trained on CLIP weights {ckpt['clip']['sha256'][:12]}..., "
-                              f"but {clip_arg} has {clip_sha256(clip_arg)[:12]}...")
+    check_clip(ckpt, clip_arg, clip_sha256(clip_arg), where)
     cfg = moa.DepthConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["model_config"].items()})
     try:
         model = moa.MoADepthCLIP(clip, cfg)

@@ -78,12 +78,11 @@ class MoA(nn.Module):
             self.gate_w2, self.gate_b2 = nn.Parameter(torch.empty(E, H)), nn.Parameter(torch.empty(E))
         self.down_w, self.down_b = nn.Parameter(torch.empty(E, R, D)), nn.Parameter(torch.empty(E, R))
         self.up_w, self.up_b = nn.Parameter(torch.zeros(E, D, R)), nn.Parameter(torch.zeros(E, D))
-        for w, b in ((getattr(self, "gate_w1", None), getattr(self, "gate_b1", None)),
-                     (getattr(self, "gate_w2", None), getattr(self, "gate_b2", None)), (self.down_w, self.down_b)):
-            if w is not None:  # nn.Linear's default init, one expert at a time
-                bound = 1 / math.sqrt(w.shape[-1])
-                nn.init.uniform_(w, -bound, bound)
-                nn.init.uniform_(b, -bound, bound)
+        gate = [(self.gate_w1, self.gate_b1), (self.gate_w2, self.gate_b2)] if gated else []
+        for w, b in gate + [(self.down_w, self.down_b)]:  # nn.Linear's default init, one expert at a time
+            bound = 1 / math.sqrt(w.shape[-1])
+            nn.init.uniform_(w, -bound, bound)
+            nn.init.uniform_(b, -bound, bound)
         # up_w and up_b start at zero, so a freshly inserted MoA is exactly the identity: the pretrained CLIP
         # features flow through unchanged at step 0 and the adapters grow from there (Houlsby et al.).
         self.last_entropy = torch.zeros(())

@@ -27,7 +27,8 @@ import torch.distributed as dist
 import clip_vit
 import data_nyu
 import moa
-from evaluate import BadInput, atomic_write, build_model, clip_sha256, cli_errors, depth_metrics, mean_metrics
+from evaluate import (BadInput, atomic_write, check_clip, clip_sha256, cli_errors, depth_metrics, load_checkpoint,
+                      mean_metrics)
 
 # -----------------------------------------------------------------------------
 # defaults: the paper's recipe; every paper-silent choice is marked and is a flag
@@ -140,9 +141,12 @@ ckpt_path = out_dir / "ckpt.pt"
 if args.resume:
     if not ckpt_path.is_file():
         raise BadInput(f"{ckpt_path}: --resume given but there is no checkpoint")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    build_model(ckpt, args.clip, where=ckpt_path)  # checks the CLIP SHA-256 and the model config fit
-    moa.load_trainable_state_dict(model, ckpt["model"])
+    ckpt = load_checkpoint(ckpt_path)
+    check_clip(ckpt, args.clip, clip_id["sha256"], ckpt_path)
+    try:
+        moa.load_trainable_state_dict(model, ckpt["model"])
+    except ValueError as e:  # trained with another model config
+        raise BadInput(f"{ckpt_path}: {e}") from None
     optimizer.load_state_dict(ckpt["optimizer"])
     start_epoch, step, best_d1 = ckpt["epoch"] + 1, ckpt["step"], ckpt["best_d1"]
     torch.set_rng_state(ckpt["rng"])
