@@ -23,6 +23,7 @@ import math
 import os
 import pickle
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -230,16 +231,30 @@ def _openai_init(m, width, layers, vision_width, vision_layers):
     nn.init.normal_(m.text_projection, std=width ** -0.5)
 
 # -----------------------------------------------------------------------------
-# downloads (shared with data_nyu.py) and the cache
+# files: the one user-facing error, atomic writes, downloads and the cache (data_nyu.py uses them too)
+
+
+class UserError(Exception):
+    """A problem the user can fix (a bad file, a failed download, a flag that cannot work here). The message
+    reads "<file or flag>: <problem>"; train.py and evaluate.py print it as one `error:` line."""
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename tmp_path over path: a crash never leaves a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def official_sha256(name):
     """openai puts each file's SHA-256 in its URL, as the second-to-last path segment."""
     return MODELS[name].split("/")[-2]
-
-
-class DownloadError(RuntimeError):
-    pass
 
 
 def cache_dir(sub="clip"):
@@ -257,7 +272,7 @@ def sha256sum(path):
 
 def download(url, dest, sha256=None, retries=3):
     """Fetch url to dest: resumes dest.part with HTTP Range, shows progress on stderr, checks sha256 when
-    given, and renames into place only when complete. Raises DownloadError("url: problem")."""
+    given, and renames into place only when complete. Raises UserError("dest: problem")."""
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -288,24 +303,21 @@ def download(url, dest, sha256=None, retries=3):
             if e.code == 416 and have:  # the .part already holds the whole file
                 break
             if e.code < 500 or attempt == retries:
-                raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
+                raise UserError(f"{dest}: download from {url} failed: HTTP {e.code} {e.reason}") from None
         except (urllib.error.URLError, http.client.HTTPException, OSError) as e:  # timeouts, cuts: retry, resuming
             if attempt == retries:
-                raise DownloadError(f"{url}: {getattr(e, 'reason', e)}") from None
+                raise UserError(f"{dest}: download from {url} failed: {getattr(e, 'reason', e)}") from None
         print(f"{dest.name}: retrying ({attempt + 1}/{retries})", file=sys.stderr)
         time.sleep(0.5 * (attempt + 1))
     if sha256 and (got := sha256sum(part)) != sha256:
         part.unlink()
-        raise DownloadError(f"{url}: SHA-256 mismatch (expected {sha256}, got {got}); removed the download")
+        raise UserError(f"{dest}: download from {url} failed: SHA-256 mismatch (expected {sha256}, got {got}); "
+                        "removed the download")
     os.replace(part, dest)
     return dest
 
 # -----------------------------------------------------------------------------
 # reading the official TorchScript archive without TorchScript
-
-
-class CLIPFileError(ValueError):
-    pass
 
 
 class _Module:
@@ -352,7 +364,7 @@ def read_torchscript_state_dict(path):
     with zipfile.ZipFile(path) as zf:
         pkl = [n for n in zf.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
         if not pkl:
-            raise CLIPFileError(f"{path}: no data.pkl in the archive")
+            raise UserError(f"{path}: no data.pkl in the archive")
         prefix = pkl[0][: -len("data.pkl")]
         root = _ArchiveUnpickler(io.BytesIO(zf.read(pkl[0])), zf, prefix).load()
     sd = OrderedDict()
@@ -375,7 +387,7 @@ def load_state_dict(path):
                 return read_torchscript_state_dict(path)
     sd = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CLIPFileError(f"{path}: not a state dict of tensors")
+        raise UserError(f"{path}: not a state dict of tensors")
     return sd
 
 
@@ -396,13 +408,13 @@ def load(name_or_path="ViT-B/32", device="cpu"):
     else:
         path = Path(name_or_path)
         if not path.is_file():
-            raise CLIPFileError(f"{path}: no such file (and not a model name: {', '.join(MODELS)})")
+            raise UserError(f"{path}: no such file (and not a model name: {', '.join(MODELS)})")
     try:
         return build_model(load_state_dict(path)).to(device)
-    except CLIPFileError:
+    except UserError:
         raise
     except Exception as e:  # zip, pickle, torch.load and shape errors all become one clear line
-        raise CLIPFileError(f"{path}: {' '.join(str(e).split())[:500]}") from None
+        raise UserError(f"{path}: {' '.join(str(e).split())[:500]}") from None
 
 # -----------------------------------------------------------------------------
 # image preprocessing (PIL + numpy; byte-identical to torchvision on PIL images)
@@ -526,7 +538,7 @@ if __name__ == "__main__":
     try:
         model = load("ViT-B/32")
         image = preprocess(Image.open(sys.argv[1])).unsqueeze(0)
-    except (CLIPFileError, DownloadError, OSError) as e:
+    except (UserError, OSError) as e:
         sys.exit(f"error: {e}")
     with torch.no_grad():
         probs = model(image, tokenize(sys.argv[2:]))[0].softmax(dim=-1)[0]

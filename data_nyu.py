@@ -29,17 +29,11 @@ MIN_DEPTH, MAX_DEPTH = 1e-3, 10.0  # the usual valid range (BTS, AdaBins): 1e-3 
 # --------------------------------------------------------------------------------------------------
 # the official file
 
-class NYUFileError(Exception):
-    """A data or splits file is missing, truncated or not laid out as expected; message "<path>: <problem>"."""
-
 def _err(path, problem):
-    return NYUFileError(f"{path}: {problem}")
+    return clip_vit.UserError(f"{path}: {problem}")
 
 def _download(url, dest, sha256=None):
-    try:
-        return Path(clip_vit.download(url, dest, sha256=sha256))
-    except clip_vit.DownloadError as e:
-        raise _err(dest, f"download failed: {e}") from None
+    return Path(clip_vit.download(url, dest, sha256=sha256))
 
 def _mat_version(path):
     """'7.3' or '5' from the 128-byte MAT header (and the HDF5 signature at byte 512), never the extension."""
@@ -301,3 +295,44 @@ class PreloadedBatches:
                 img = (((img - mean) * contrast + mean) * bright).clamp(0, 1)
             yield {**_batch(img, depth), "index": torch.from_numpy(self.items[sel.numpy()])}
 
+# --------------------------------------------------------------------------------------------------
+# the metrics (the one metrics function; train.py validates and evaluate.py scores with it)
+
+CROPS = {  # (row0, row1, col0, col1), 0-based and end-exclusive on the 480x640 frame
+    "eigen": (45, 471, 41, 601),      # BTS, AdaBins, mmsegmentation
+    "depthclip": (45, 471, 46, 601),  # DepthCLIP's variant
+    "none": None,
+}
+KEYS = ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog")
+
+
+def depth_metrics(pred, gt, crop="eigen", min_depth=MIN_DEPTH, max_depth=MAX_DEPTH):
+    """pred, gt: (H, W) arrays or tensors in metres, one image. Returns a dict of KEYS, or None when the image
+    has no valid pixel. Formulas as in BTS/AdaBins."""
+    pred = np.nan_to_num(np.asarray(torch.as_tensor(pred).detach().cpu().float(), dtype=np.float64),
+                         nan=min_depth, posinf=max_depth)
+    gt = np.asarray(torch.as_tensor(gt).detach().cpu().float(), dtype=np.float64)
+    valid = (gt > min_depth) & (gt < max_depth)
+    if CROPS[crop] is not None:
+        if gt.shape != (480, 640):
+            raise ValueError(f"the {crop} crop is defined on 480x640 frames, got {gt.shape}")
+        r0, r1, c0, c1 = CROPS[crop]
+        region = np.zeros_like(valid)
+        region[r0:r1, c0:c1] = True
+        valid &= region
+    if not valid.any():
+        return None
+    p, g = np.clip(pred[valid], min_depth, max_depth), gt[valid]
+    ratio = np.maximum(g / p, p / g)
+    e = np.log(p) - np.log(g)
+    return {
+        "d1": (ratio < 1.25).mean(), "d2": (ratio < 1.25 ** 2).mean(), "d3": (ratio < 1.25 ** 3).mean(),
+        "abs_rel": (np.abs(g - p) / g).mean(), "sq_rel": ((g - p) ** 2 / g).mean(),
+        "rmse": np.sqrt(((g - p) ** 2).mean()), "rmse_log": np.sqrt((e ** 2).mean()),
+        "log10": np.abs(np.log10(p) - np.log10(g)).mean(),
+        "silog": 100 * np.sqrt(max((e ** 2).mean() - e.mean() ** 2, 0)),
+    }
+
+
+def mean_metrics(rows):
+    return {k: float(np.mean([r[k] for r in rows])) for k in KEYS} if rows else {k: float("nan") for k in KEYS}

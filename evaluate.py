@@ -13,9 +13,7 @@ then the mean over images. The last stdout line is one JSON object with the mean
 """
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -27,60 +25,14 @@ import clip_vit
 import data_nyu
 import moa
 
-CROPS = {  # (row0, row1, col0, col1), 0-based and end-exclusive on the 480x640 frame
-    "eigen": (45, 471, 41, 601),      # BTS, AdaBins, mmsegmentation
-    "depthclip": (45, 471, 46, 601),  # DepthCLIP's variant
-    "none": None,
-}
-KEYS = ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog")
-
-
-class BadInput(Exception):
-    pass
-
-
-def cli_errors(*extra):
+def cli_errors():
     """Known bad-input errors end the program with one line on stderr and exit code 1; bugs keep their traceback."""
-    known = (BadInput, clip_vit.CLIPFileError, clip_vit.DownloadError, data_nyu.NYUFileError, *extra)
-
     def hook(kind, err, tb):
-        if issubclass(kind, known):
+        if issubclass(kind, clip_vit.UserError):
             print(f"error: {err}", file=sys.stderr)
             sys.exit(1)
         sys.__excepthook__(kind, err, tb)
     sys.excepthook = hook
-
-
-def depth_metrics(pred, gt, crop="eigen", min_depth=1e-3, max_depth=10.0):
-    """The one metrics function. pred, gt: (H, W) arrays or tensors in metres, one image. Returns a dict of
-    KEYS, or None when the image has no valid pixel. Formulas as in BTS/AdaBins (formats.md B8)."""
-    pred = np.nan_to_num(np.asarray(torch.as_tensor(pred).detach().cpu().float(), dtype=np.float64),
-                         nan=min_depth, posinf=max_depth)
-    gt = np.asarray(torch.as_tensor(gt).detach().cpu().float(), dtype=np.float64)
-    valid = (gt > min_depth) & (gt < max_depth)
-    if CROPS[crop] is not None:
-        if gt.shape != (480, 640):
-            raise ValueError(f"the {crop} crop is defined on 480x640 frames, got {gt.shape}")
-        r0, r1, c0, c1 = CROPS[crop]
-        region = np.zeros_like(valid)
-        region[r0:r1, c0:c1] = True
-        valid &= region
-    if not valid.any():
-        return None
-    p, g = np.clip(pred[valid], min_depth, max_depth), gt[valid]
-    ratio = np.maximum(g / p, p / g)
-    e = np.log(p) - np.log(g)
-    return {
-        "d1": (ratio < 1.25).mean(), "d2": (ratio < 1.25 ** 2).mean(), "d3": (ratio < 1.25 ** 3).mean(),
-        "abs_rel": (np.abs(g - p) / g).mean(), "sq_rel": ((g - p) ** 2 / g).mean(),
-        "rmse": np.sqrt(((g - p) ** 2).mean()), "rmse_log": np.sqrt((e ** 2).mean()),
-        "log10": np.abs(np.log10(p) - np.log10(g)).mean(),
-        "silog": 100 * np.sqrt(max((e ** 2).mean() - e.mean() ** 2, 0)),
-    }
-
-
-def mean_metrics(rows):
-    return {k: float(np.mean([r[k] for r in rows])) for k in KEYS} if rows else {k: float("nan") for k in KEYS}
 
 
 def colorize(x, lo=None, hi=None):
@@ -95,65 +47,9 @@ def colorize(x, lo=None, hi=None):
     return (np.clip(powers @ coeffs.T, 0, 1) * 255).astype(np.uint8)
 
 
-def atomic_write(path, write):
-    """Call write(tmp_path), then rename tmp_path over path: a crash never leaves a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_png(path, rgb):
     from PIL import Image
-    atomic_write(path, lambda tmp: Image.fromarray(rgb).save(tmp, format="PNG"))
-
-
-def load_checkpoint(path):
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"{path}: no such checkpoint file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise BadInput(f"{path}: not a readable checkpoint ({' '.join(str(e).split())[:200]})") from None
-    if not isinstance(ckpt, dict) or not {"model", "model_config", "clip"} <= set(ckpt):
-        raise BadInput(f"{path}: not a MoA-DepthCLIP checkpoint (expected keys model, model_config, clip)")
-    return ckpt
-
-
-def clip_sha256(name_or_path):
-    """The identity of the CLIP weights a run used: the official SHA-256, or the file's, or "random"."""
-    if name_or_path == "random":
-        return "random"
-    if name_or_path in clip_vit.MODELS:
-        return clip_vit.official_sha256(name_or_path)
-    return clip_vit.sha256sum(name_or_path)
-
-
-def check_clip(ckpt, clip_arg, sha, where):
-    """The checkpoint must have been trained on the CLIP weights whose SHA-256 is `sha`."""
-    if sha != ckpt["clip"]["sha256"]:
-        raise BadInput(f"{where}: trained on CLIP weights {ckpt['clip']['sha256'][:12]}..., "
-                       f"but {clip_arg} has {sha[:12]}...")
-
-
-def build_model(ckpt, clip_arg=None, device="cpu", where="checkpoint"):
-    """Rebuild a trained model: the CLIP weights (SHA-256 checked against the checkpoint) + its trainable part."""
-    clip_arg = clip_arg or ckpt["clip"]["name"]
-    clip = clip_vit.load(clip_arg)
-    check_clip(ckpt, clip_arg, clip_sha256(clip_arg), where)
-    cfg = moa.DepthConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["model_config"].items()})
-    try:
-        model = moa.MoADepthCLIP(clip, cfg)
-        moa.load_trainable_state_dict(model, ckpt["model"])
-    except (ValueError, TypeError, RuntimeError) as e:
-        raise BadInput(f"{where}: {e}") from None
-    return model.to(device).eval()
+    clip_vit.atomic_write(path, lambda tmp: Image.fromarray(rgb).save(tmp, format="PNG"))
 
 
 @torch.no_grad()
@@ -177,7 +73,7 @@ def read_photo(path):
         im = ImageOps.exif_transpose(Image.open(path))
         im.load()
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise BadInput(f"{path}: not a readable image ({e.__class__.__name__})") from None
+        raise clip_vit.UserError(f"{path}: not a readable image ({e.__class__.__name__})") from None
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: scale to 8 bits
         a = np.asarray(im, dtype=np.float64)
         im = Image.fromarray((255 * (a - a.min()) / max(a.max() - a.min(), 1)).astype(np.uint8))
@@ -195,7 +91,7 @@ def main():
     p.add_argument("--splits", default=None, help="splits.mat (default: next to the data, or downloaded)")
     p.add_argument("--clip", default=None, help="CLIP name or file (default: the one in the checkpoint)")
     p.add_argument("--gt", choices=("raw", "dense"), default="raw", help="rawDepths (BTS/AdaBins) or in-painted depths")
-    p.add_argument("--crop", choices=tuple(CROPS), default="eigen")
+    p.add_argument("--crop", choices=tuple(data_nyu.CROPS), default="eigen")
     p.add_argument("--flip", action="store_true", help="average with the horizontally flipped prediction")
     p.add_argument("--median-scale", action="store_true",
                    help="per-image median scaling (the authors' variant; for comparison only)")
@@ -208,15 +104,15 @@ def main():
     args = p.parse_args()
 
     device, dtype = moa.runtime(args.device)
-    ckpt = load_checkpoint(args.ckpt)
-    model = build_model(ckpt, args.clip, device, where=args.ckpt)
+    ckpt = moa.load_checkpoint(args.ckpt)
+    model = moa.from_checkpoint(ckpt, args.clip, device, where=args.ckpt)
 
     if args.image:  # your own photos: <name>_depth.png (coloured) and <name>_depth.npy (metres) beside each
         photos = [(path, read_photo(path)) for path in args.image]  # all readable before anything is written
         for path, rgb in photos:
             depth = predict(model, rgb[None], dtype)[0].numpy()
             stem = Path(path).with_suffix("")
-            atomic_write(f"{stem}_depth.npy", lambda tmp: np.save(open(tmp, "wb"), depth.astype(np.float32)))
+            clip_vit.atomic_write(f"{stem}_depth.npy", lambda tmp: np.save(open(tmp, "wb"), depth.astype(np.float32)))
             save_png(f"{stem}_depth.png", colorize(depth, model.cfg.min_depth, model.cfg.max_depth))
             print(f"{path}: depth {depth.min():.2f}-{depth.max():.2f} m -> {stem}_depth.png, {stem}_depth.npy")
         return
@@ -233,7 +129,7 @@ def main():
     protocol = {"split": f"{'synthetic' if data == 'synthetic' else 'official test'} ({n} images)",
                 "gt": "exact (synthetic)" if data == "synthetic" else
                       "rawDepths" if args.gt == "raw" else "depths (in-painted)", "crop": args.crop,
-                "crop_box": CROPS[args.crop], "valid": "1e-3 < gt < 10",
+                "crop_box": data_nyu.CROPS[args.crop], "valid": "1e-3 < gt < 10",
                 "pred": "bilinear to 480x640, clamp [1e-3, 10]",
                 "flip_tta": args.flip, "median_scaling": args.median_scale, "average": "mean of per-image metrics"}
     print("protocol: " + ", ".join(f"{k}={v}" for k, v in protocol.items()), file=sys.stderr)
@@ -245,7 +141,7 @@ def main():
         for j, (pred, gt) in enumerate(zip(preds.numpy(), gts)):
             if args.median_scale and (v := (gt > 1e-3) & (gt < 10)).any():
                 pred = np.clip(pred * np.median(gt[v]) / np.median(pred[v]), 1e-3, 10)
-            m = depth_metrics(pred, gt, crop=args.crop)
+            m = data_nyu.depth_metrics(pred, gt, crop=args.crop)
             if m is not None:
                 rows.append(m)
                 by_scene[ds.scene(s + j)].append(m)
@@ -255,11 +151,11 @@ def main():
                 save_png(Path(args.save_vis) / f"{s + j:04d}.png", np.concatenate(panel, axis=1))
         print(f"evaluated {min(s + args.batch_size, n)}/{n}", file=sys.stderr)
 
-    head = f"{'scene':<18}{'n':>5}" + "".join(f"{k:>10}" for k in KEYS)
+    head = f"{'scene':<18}{'n':>5}" + "".join(f"{k:>10}" for k in data_nyu.KEYS)
     print(head + "\n" + "-" * len(head))
     for name, ms in [("all", rows)] + sorted(by_scene.items()):
-        print(f"{name:<18}{len(ms):>5}" + "".join(f"{v:>10.4f}" for v in mean_metrics(ms).values()))
-    print(json.dumps({"metrics": mean_metrics(rows), "n_images": len(rows), "protocol": protocol}))
+        print(f"{name:<18}{len(ms):>5}" + "".join(f"{v:>10.4f}" for v in data_nyu.mean_metrics(ms).values()))
+    print(json.dumps({"metrics": data_nyu.mean_metrics(rows), "n_images": len(rows), "protocol": protocol}))
 
 
 if __name__ == "__main__":

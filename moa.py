@@ -16,18 +16,20 @@ Every choice the paper leaves open is a DepthConfig field, marked GUESS, and lis
     out["depth"]                             # (B, 1, 224, 224) metres
 """
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:  # the Triton kernel is used on CUDA; decided once here, and tests may flip _override_impl
+import clip_vit
+
+try:  # the fused Triton kernel (kernels/), used on CUDA
     from kernels.fused_moa import fused_moa
-    HAS_TRITON = True
-except ImportError:
-    fused_moa, HAS_TRITON = None, False
-_override_impl = None  # None: automatic; "reference" or "triton" to force a path (tests, benchmarks)
+except ImportError:  # no triton installed: PyTorch only
+    fused_moa = None
+MOA_IMPL = "auto"  # "auto": the Triton kernel on CUDA, PyTorch elsewhere; "triton" / "torch" force one (--moa-impl)
 
 # the 27 scene types of NYU's official 795-image train split (paper.md §3; GUESS: the paper names only two)
 SCENES = ("bedroom", "kitchen", "living room", "bathroom", "dining room", "office", "furniture store",
@@ -90,11 +92,16 @@ class MoA(nn.Module):
     def forward(self, x):  # x (B, L, D)
         if not self.gated:
             return x + F.linear(F.gelu(F.linear(x, self.down_w[0], self.down_b[0])), self.up_w[0], self.up_b[0])
-        use_triton = _override_impl == "triton" or (_override_impl is None and HAS_TRITON and x.is_cuda)
+        use_triton = MOA_IMPL == "triton" or (MOA_IMPL == "auto" and x.is_cuda and fused_moa is not None)
         weights = (self.gate_w1, self.gate_b1, self.gate_w2, self.gate_b2,
                    self.down_w, self.down_b, self.up_w, self.up_b)
-        if use_triton:  # the kernel takes one dtype: under autocast, cast the fp32 weights to the activations'
-            y, gates = fused_moa(x, *(w.to(x.dtype) for w in weights), self.top_k, self.temperature)
+        if use_triton:
+            try:  # the kernel takes one dtype: under autocast, cast the fp32 weights to the activations'
+                y, gates = fused_moa(x, *(w.to(x.dtype) for w in weights), self.top_k, self.temperature)
+            except Exception as e:  # a compile or launch failure on this GPU / triton: name the way out
+                msg = " ".join(str(e).split())[:200]
+                raise clip_vit.UserError(f"--moa-impl {MOA_IMPL}: the Triton MoA kernel failed here "
+                                         f"({type(e).__name__}: {msg}); rerun with --moa-impl torch") from e
         else:
             y, gates = moa_reference(x, *weights, self.top_k, self.temperature)
         g = gates.detach().float()
@@ -132,7 +139,6 @@ class DepthConfig:
 def scene_context(clip, scenes=SCENES):
     """Paper §3.2: encode "a photo of a {scene}." with the frozen text tower, l2-normalise each, average,
     then renormalise (GUESS: the paper does not say). Returns (embed_dim,)."""
-    import clip_vit
     device = clip.token_embedding.weight.device
     feats = F.normalize(clip.encode_text(clip_vit.tokenize([f"a photo of a {s}." for s in scenes]).to(device)), dim=-1)
     return F.normalize(feats.mean(0), dim=0)
@@ -276,3 +282,55 @@ def load_trainable_state_dict(model, sd):
     with torch.no_grad():
         for n, p in own.items():
             p.copy_(sd[n])
+
+# -----------------------------------------------------------------------------
+# checkpoints: the trainable parameters, the config, and the identity of the frozen CLIP weights
+
+
+def clip_sha256(name_or_path):
+    """The identity of the CLIP weights a run used: the official SHA-256, or the file's, or "random"."""
+    if name_or_path == "random":
+        return "random"
+    if name_or_path in clip_vit.MODELS:
+        return clip_vit.official_sha256(name_or_path)
+    return clip_vit.sha256sum(name_or_path)
+
+
+def save_checkpoint(path, model, **extra):
+    """Atomically write the trainable parameters, the DepthConfig and `extra` (clip id, optimizer, ...)."""
+    ckpt = {"model": trainable_state_dict(model), "model_config": asdict(model.cfg), **extra}
+    clip_vit.atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+
+
+def load_checkpoint(path):
+    path = Path(path)
+    if not path.is_file():
+        raise clip_vit.UserError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise clip_vit.UserError(f"{path}: not a readable checkpoint ({' '.join(str(e).split())[:200]})") from None
+    if not isinstance(ckpt, dict) or not {"model", "model_config", "clip"} <= set(ckpt):
+        raise clip_vit.UserError(f"{path}: not a MoA-DepthCLIP checkpoint (expected keys model, model_config, clip)")
+    return ckpt
+
+
+def check_clip(ckpt, clip_arg, sha, where):
+    """The checkpoint must have been trained on the CLIP weights whose SHA-256 is `sha`."""
+    if sha != ckpt["clip"]["sha256"]:
+        raise clip_vit.UserError(f"{where}: trained on CLIP weights {ckpt['clip']['sha256'][:12]}..., "
+                                 f"but {clip_arg} has {sha[:12]}...")
+
+
+def from_checkpoint(ckpt, clip_arg=None, device="cpu", where="checkpoint"):
+    """Rebuild a trained model: the CLIP weights (SHA-256 checked against the checkpoint) + its trainable part."""
+    clip_arg = clip_arg or ckpt["clip"]["name"]
+    clip = clip_vit.load(clip_arg)
+    check_clip(ckpt, clip_arg, clip_sha256(clip_arg), where)
+    cfg = DepthConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["model_config"].items()})
+    try:
+        model = MoADepthCLIP(clip, cfg)
+        load_trainable_state_dict(model, ckpt["model"])
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise clip_vit.UserError(f"{where}: {e}") from None
+    return model.to(device).eval()

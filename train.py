@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +27,6 @@ import torch.distributed as dist
 import clip_vit
 import data_nyu
 import moa
-from evaluate import (BadInput, atomic_write, check_clip, clip_sha256, cli_errors, depth_metrics, load_checkpoint,
-                      mean_metrics)
 
 # -----------------------------------------------------------------------------
 # defaults: the paper's recipe; every paper-silent choice is marked and is a flag
@@ -72,12 +70,21 @@ p.add_argument("--max-steps", type=int, default=0, help="stop after this many st
 for f in fields(moa.DepthConfig):  # the model's ablation switches: --num-experts 8, --use-moa 0, --input-size 448,576
     flag(f.name, f.default)
 args = p.parse_args()
-cli_errors()  # bad input from here on ends with one line, not a traceback
+
+
+def on_error(kind, err, tb):  # bad input from here on ends with one line, not a traceback; bugs keep theirs
+    if issubclass(kind, clip_vit.UserError):
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    sys.__excepthook__(kind, err, tb)
+
+
+sys.excepthook = on_error
 cfg = moa.DepthConfig(**{f.name: getattr(args, f.name) for f in fields(moa.DepthConfig)})
 if len(cfg.input_size) == 1:
     cfg.input_size = cfg.input_size * 2
 if len(cfg.input_size) != 2 or any(s % 32 for s in cfg.input_size):  # ViT-B/32 patches
-    raise BadInput(f"--input-size {args.input_size}: give one or two sides that are multiples of 32, e.g. 384,512")
+    raise clip_vit.UserError(f"--input-size {args.input_size}: give one or two sides that are multiples of 32, e.g. 384,512")
 
 # -----------------------------------------------------------------------------
 # distributed, device and dtype
@@ -93,12 +100,12 @@ out_dir = Path(args.out)
 if master:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(out_dir / ".write_test", lambda tmp: Path(tmp).write_text("ok"))
+        clip_vit.atomic_write(out_dir / ".write_test", lambda tmp: Path(tmp).write_text("ok"))
         (out_dir / ".write_test").unlink()
         for stale in out_dir.glob(".*.pt.*.tmp"):  # a checkpoint write cut short by a kill
             stale.unlink()
     except OSError as e:
-        raise BadInput(f"{out_dir}: cannot write there ({e.strerror or e})") from None
+        raise clip_vit.UserError(f"{out_dir}: cannot write there ({e.strerror or e})") from None
 
 
 def log(msg):
@@ -128,7 +135,7 @@ val_batches = data_nyu.PreloadedBatches(ds, size=cfg.input_size, batch_size=args
 # -----------------------------------------------------------------------------
 # model and optimizer
 clip_model = clip_vit.load(args.clip)
-clip_id = {"name": args.clip, "sha256": clip_sha256(args.clip)}  # evaluate.py checks it against its CLIP file
+clip_id = {"name": args.clip, "sha256": moa.clip_sha256(args.clip)}  # evaluate.py checks it against its CLIP file
 model = moa.MoADepthCLIP(clip_model, cfg).to(dev)
 del clip_model  # the text tower was used once, for the scene-context vector
 log(moa.parameter_report(model)[1])
@@ -140,13 +147,13 @@ start_epoch, step, best_d1, history = 0, 0, -1.0, []
 ckpt_path = out_dir / "ckpt.pt"
 if args.resume:
     if not ckpt_path.is_file():
-        raise BadInput(f"{ckpt_path}: --resume given but there is no checkpoint")
-    ckpt = load_checkpoint(ckpt_path)
-    check_clip(ckpt, args.clip, clip_id["sha256"], ckpt_path)
+        raise clip_vit.UserError(f"{ckpt_path}: --resume given but there is no checkpoint")
+    ckpt = moa.load_checkpoint(ckpt_path)
+    moa.check_clip(ckpt, args.clip, clip_id["sha256"], ckpt_path)
     try:
         moa.load_trainable_state_dict(model, ckpt["model"])
     except ValueError as e:  # trained with another model config
-        raise BadInput(f"{ckpt_path}: {e}") from None
+        raise clip_vit.UserError(f"{ckpt_path}: {e}") from None
     optimizer.load_state_dict(ckpt["optimizer"])
     start_epoch, step, best_d1 = ckpt["epoch"] + 1, ckpt["step"], ckpt["best_d1"]
     torch.set_rng_state(ckpt["rng"])
@@ -165,12 +172,9 @@ def git_commit():
 
 
 def save(path, epoch, with_optimizer=True):  # best.pt skips the optimizer: 1/3 of the size
-    ckpt = {"model": moa.trainable_state_dict(raw_model), "model_config": asdict(cfg),
-            "clip": clip_id,
-            "optimizer": optimizer.state_dict() if with_optimizer else None, "epoch": epoch, "step": step,
-            "best_d1": best_d1, "rng": torch.get_rng_state(),
-            "config": vars(args), "git": git_commit()}
-    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+    moa.save_checkpoint(path, raw_model, clip=clip_id, optimizer=optimizer.state_dict() if with_optimizer else None,
+                        epoch=epoch, step=step, best_d1=best_d1, rng=torch.get_rng_state(), config=vars(args),
+                        git=git_commit())
 
 
 @torch.no_grad()
@@ -180,9 +184,9 @@ def validate():
     for b in val_batches:
         with autocast:
             pred = raw_model(b["image"])["depth"].float()
-        rows += [m for pr, gt in zip(pred[:, 0], b["depth"][:, 0]) if (m := depth_metrics(pr, gt, crop="none"))]
+        rows += [m for pr, gt in zip(pred[:, 0], b["depth"][:, 0]) if (m := data_nyu.depth_metrics(pr, gt, crop="none"))]
     raw_model.train()
-    return mean_metrics(rows)
+    return data_nyu.mean_metrics(rows)
 
 # -----------------------------------------------------------------------------
 # training loop

@@ -55,12 +55,12 @@ if __name__ == "__main__":
     fast = images_per_second(model, fast_batches, args.steps, dev, dtype, sync)
     naive_batches = torch.utils.data.DataLoader(data_nyu.NYUTorchDataset(ds, 224), batch_size=8, shuffle=True,
                                                 num_workers=2, drop_last=True)
-    moa._override_impl, moa_reference = "reference", moa.moa_reference
+    moa.MOA_IMPL, moa_reference = "torch", moa.moa_reference
     moa.moa_reference = moa_loop  # the eager per-expert loop in place of the dense reference
     try:
         naive = images_per_second(model, naive_batches, args.steps, dev, dtype, sync)
     finally:
-        moa._override_impl, moa.moa_reference = None, moa_reference
+        moa.MOA_IMPL, moa.moa_reference = "auto", moa_reference
     name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{name}, torch {torch.__version__}, batch 8 at 224, {args.steps} timed steps, random ViT-B/32")
     print(f"preload of {len(ds)} frames: {t_preload:.1f} s")

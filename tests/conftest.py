@@ -1,8 +1,9 @@
 """
 Shared pytest setup for the whole suite.
 
-- TRITON_INTERPRET=1 is set here, before any test imports kernels/, so Triton kernels run on the CPU
-  through the interpreter (it must be set before the @triton.jit functions are created).
+- Without CUDA, TRITON_INTERPRET=1 is set here, before any test imports kernels/, so Triton kernels run on
+  the CPU through the interpreter (it must be set before the @triton.jit functions are created). With CUDA
+  the kernels are compiled, and the TestCUDA tests run.
 - Every test runs with its own empty CLIP cache ($XDG_CACHE_HOME), so nothing touches ~/.cache/clip.
   The official tokenizer vocabulary from ../shared/data/clip is linked into it when present.
   REAL_CLIP_CACHE remembers the user's real cache for the optional real-weights test.
@@ -10,7 +11,9 @@ Shared pytest setup for the whole suite.
   requests and can be told to cut a transfer short or to answer with an error status.
 """
 import os
-os.environ.setdefault("TRITON_INTERPRET", "1")  # must come before any kernel import
+import torch
+if not torch.cuda.is_available():  # no GPU: run Triton kernels through the CPU interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must come before any kernel import
 
 import http.server
 import shutil

@@ -114,11 +114,11 @@ def test_pos_embed_identity_and_interpolation():
     assert torch.allclose(grid, grid[:1].expand(3, 6)) and grid[0, -1] > grid[0, 0]  # rows equal: no transpose
 
 # ----------------------------------------------------------------------------------------------------
-# bad files: every one is a CLIPFileError naming the file
+# bad files: every one is a UserError naming the file
 
 
 def _bad(path, match=None):
-    with pytest.raises(clip_vit.CLIPFileError, match=match) as e:
+    with pytest.raises(clip_vit.UserError, match=match) as e:
         clip_vit.load(path)
     assert str(path) in str(e.value) and "\n" not in str(e.value)
 
@@ -216,7 +216,7 @@ def test_download_progress_and_checksum(http_server, tmp_path, capsys):
     assert out.read_bytes() == data and not (tmp_path / "f.bin.part").exists()
     err = capsys.readouterr().err
     assert "f.bin" in err and "MB/s" in err and "5.1 MB" in err  # size and rate
-    with pytest.raises(clip_vit.DownloadError, match="SHA-256 mismatch"):
+    with pytest.raises(clip_vit.UserError, match="SHA-256 mismatch"):
         clip_vit.download(http_server.url + "/f.bin", tmp_path / "g.bin", sha256="0" * 64)
     assert not (tmp_path / "g.bin").exists() and not (tmp_path / "g.bin.part").exists()
 
@@ -243,11 +243,11 @@ def test_download_resumes_partial_file_and_restarts_without_range(http_server, t
 
 def test_download_server_errors(http_server, tmp_path):
     http_server.routes["/gone"] = {"data": b"", "status": 404}
-    with pytest.raises(clip_vit.DownloadError, match="HTTP 404"):
+    with pytest.raises(clip_vit.UserError, match="HTTP 404"):
         clip_vit.download(http_server.url + "/gone", tmp_path / "x")
     assert len(http_server.requests) == 1  # client errors are not retried
     http_server.routes["/broken"] = {"data": b"", "status": 500}
-    with pytest.raises(clip_vit.DownloadError, match="HTTP 500"):
+    with pytest.raises(clip_vit.UserError, match="HTTP 500"):
         clip_vit.download(http_server.url + "/broken", tmp_path / "y", retries=2)
     assert len(http_server.requests) == 1 + 3
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -13,7 +13,8 @@ import scipy.io
 import torch
 
 import data_nyu
-from data_nyu import NYUDepthV2, NYUFileError, PreloadedBatches, NYUTorchDataset, frames_to_tensors
+from clip_vit import UserError
+from data_nyu import NYUDepthV2, PreloadedBatches, NYUTorchDataset, frames_to_tensors
 from conftest import shared_file
 from nyu_fixtures import asymmetric_frames, write_v5, write_v73, write_splits
 
@@ -81,11 +82,11 @@ def test_split_selection_order(tmp_path, v73, frames):
 def test_read_splits_rejects_overlap_and_zero(tmp_path):
     bad = tmp_path / "overlap.mat"
     write_splits(bad, [1, 2], [2, 3])
-    with pytest.raises(NYUFileError, match="overlap"):
+    with pytest.raises(UserError, match="overlap"):
         data_nyu.read_splits(bad)
     zero = tmp_path / "zero.mat"
     write_splits(zero, [0, 1], [2, 3])  # 0 cannot appear in a 1-based file
-    with pytest.raises(NYUFileError, match="1-based"):
+    with pytest.raises(UserError, match="1-based"):
         data_nyu.read_splits(zero)
 
 
@@ -122,7 +123,7 @@ def test_real_pixels_roundtrip(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# bad files: one clear NYUFileError naming the file
+# bad files: one clear UserError naming the file
 
 
 def _bad_random_bytes(tmp_path, frames):
@@ -161,7 +162,7 @@ def _bad_truncated(tmp_path, frames):
 @pytest.mark.parametrize("make", [_bad_random_bytes, _bad_no_images, _bad_frame_counts, _bad_truncated])
 def test_bad_files(tmp_path, frames, make):
     path, problem = make(tmp_path, frames)
-    with pytest.raises(NYUFileError) as e:
+    with pytest.raises(UserError) as e:
         NYUDepthV2(path, split="all", download=False)
     msg = str(e.value)
     assert msg.startswith(f"{path}: ") and problem in msg and "\n" not in msg
@@ -170,7 +171,7 @@ def test_bad_files(tmp_path, frames, make):
 def test_split_index_out_of_range(tmp_path, v73):
     splits = tmp_path / "splits.mat"
     write_splits(splits, [1, 2], [3, 5])  # frame 5 does not exist in a 4-frame file
-    with pytest.raises(NYUFileError) as e:
+    with pytest.raises(UserError) as e:
         NYUDepthV2(v73, split="test", splits_path=splits, download=False)
     assert str(splits) in str(e.value) and str(v73) in str(e.value) and "out of range" in str(e.value)
     NYUDepthV2(v73, split="train", splits_path=splits, download=False)  # the in-range split still opens
@@ -178,7 +179,7 @@ def test_split_index_out_of_range(tmp_path, v73):
 
 def test_missing_file_without_download(tmp_path):
     path = tmp_path / "absent.mat"
-    with pytest.raises(NYUFileError, match="not found"):
+    with pytest.raises(UserError, match="not found"):
         NYUDepthV2(path, download=False)
 
 
@@ -209,7 +210,7 @@ def test_splits_download(tmp_path, monkeypatch, http_server, frames):
     (tmp_path / "data").mkdir()
     mat = tmp_path / "data" / "labeled.mat"  # no splits.mat next to it
     write_v73(mat, *frames)
-    with pytest.raises(NYUFileError, match="download=False"):
+    with pytest.raises(UserError, match="download=False"):
         NYUDepthV2(mat, split="test", download=False)
     assert http_server.requests == []
     ds = NYUDepthV2(mat, split="test")
@@ -231,7 +232,7 @@ def test_splits_download_wrong_checksum(tmp_path, monkeypatch, http_server, fram
     mat = tmp_path / "data" / "labeled.mat"
     write_v73(mat, *frames)
     cached = tmp_path / "cache" / "nyu_depth_v2" / "splits.mat"
-    with pytest.raises(NYUFileError) as e:
+    with pytest.raises(UserError) as e:
         NYUDepthV2(mat, split="test")
     assert str(e.value).startswith(f"{cached}: ") and "\n" not in str(e.value)
     assert len(http_server.requests) >= 1 and not cached.exists()

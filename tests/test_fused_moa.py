@@ -225,7 +225,7 @@ class TestCUDA:
 
 
 def test_moa_module_dispatch_flag_runs_both_paths():
-    """moa.MoA picks the kernel through moa._override_impl; both paths agree, forward and backward."""
+    """moa.MoA picks the kernel through moa.MOA_IMPL; both paths agree, forward and backward."""
     import moa
     torch.manual_seed(0)
     layer = moa.MoA(dim=64, num_experts=4, bottleneck=16, gate_hidden=16, top_k=2, temperature=2.0)
@@ -234,8 +234,8 @@ def test_moa_module_dispatch_flag_runs_both_paths():
     x = torch.randn(2, 9, 64)
     results = {}
     try:
-        for impl in ("reference", "triton"):
-            moa._override_impl = impl
+        for impl in ("torch", "triton"):
+            moa.MOA_IMPL = impl
             layer.zero_grad()
             xi = x.clone().requires_grad_(True)
             y = layer(xi)
@@ -243,16 +243,16 @@ def test_moa_module_dispatch_flag_runs_both_paths():
             results[impl] = (y.detach(), xi.grad, layer.down_w.grad.clone(), layer.gate_w1.grad.clone(),
                              layer.last_entropy)
     finally:
-        moa._override_impl = None
-    assert moa.HAS_TRITON
-    for a, b in zip(results["reference"], results["triton"]):
+        moa.MOA_IMPL = "auto"
+    assert moa.fused_moa is not None
+    for a, b in zip(results["torch"], results["triton"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     # under bf16 autocast the activations arrive in bf16 while the weights stay fp32: the kernel path casts
-    moa._override_impl = "triton"
+    moa.MOA_IMPL = "triton"
     try:
         y16 = layer(x.bfloat16())
     finally:
-        moa._override_impl = None
+        moa.MOA_IMPL = "auto"
     assert y16.dtype == torch.bfloat16
-    torch.testing.assert_close(y16.float(), results["reference"][0], rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(y16.float(), results["torch"][0], rtol=2e-2, atol=5e-2)
 

@@ -15,7 +15,8 @@ import torch
 
 import clip_vit
 from conftest import ROOT, shared_file
-from evaluate import colorize, depth_metrics
+from data_nyu import depth_metrics
+from evaluate import colorize
 
 SMALL = ["--input-size", "64", "--bottleneck", "8", "--gate-hidden", "16", "--num-bins", "16",
          "--synthetic-frames", "12", "--batch-size", "4", "--log-interval", "1"]
