@@ -17,12 +17,17 @@ if not torch.cuda.is_available():  # no GPU: run Triton kernels through the CPU 
 
 import http.server
 import shutil
+import signal
 import socketserver
+import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
 
 import pytest
+
+import clip_vit
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"                     # real files for tests; may be absent
@@ -42,12 +47,24 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_cache_root, ignore_errors=True)
 
 
-def shared_file(*parts):
-    """Path to a file under ../shared/data, or skip the test cleanly when it is absent."""
+def _shared_file(*parts):
     p = SHARED_DATA.joinpath(*parts)
     if not p.exists():
         pytest.skip(f"{p} not present (../shared is optional)")
     return p
+
+
+@pytest.fixture(scope="session")
+def shared_file():
+    """shared_file("nyu", "splits.mat") -> the path of a real file under ../shared/data, or skips the test
+    cleanly when ../shared is absent (a clone has none)."""
+    return _shared_file
+
+
+@pytest.fixture(scope="session")
+def real_clip_cache():
+    """The user's real CLIP cache folder (the optional real-weights test looks for ViT-B-32.pt there)."""
+    return REAL_CLIP_CACHE
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -110,3 +127,68 @@ def http_server():
     yield srv
     srv.shutdown()
     srv.server_close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# train.py / evaluate.py as a user runs them: subprocesses on a tiny random CLIP and synthetic rooms
+
+SMALL = ["--input-size", "64", "--bottleneck", "8", "--gate-hidden", "16", "--num-bins", "16",
+         "--synthetic-frames", "12", "--batch-size", "4", "--log-interval", "1"]
+
+
+def _run(script, *args, ok=True, timeout=300, launcher=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = (launcher or [sys.executable]) + [str(ROOT / script), *map(str, args)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: a hung run is killed whole
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    r = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    if ok:
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="session")
+def run_script():
+    """run_script("train.py", *args, ok=True, timeout=300) -> CompletedProcess; asserts exit 0 when ok."""
+    return _run
+
+
+@pytest.fixture(scope="session")
+def small_clip(tmp_path_factory):
+    """A tiny random CLIP (ViT with width 64, 64x64 inputs) saved as a state dict."""
+    path = tmp_path_factory.mktemp("clip") / "small_clip.pt"
+    torch.save(clip_vit.random_state_dict(embed_dim=32, image_resolution=64, vision_layers=12, vision_width=64,
+                                          patch=32, width=64, heads=1, layers=1), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def train_small(small_clip):
+    """train_small(out, *extra, clip=small_clip, **run_kw): train.py on synthetic data at toy sizes."""
+    def train(out, *extra, clip=small_clip, **kw):
+        return _run("train.py", "--data", "synthetic", "--clip", clip, "--out", out, *SMALL, *extra, **kw)
+    return train
+
+
+@pytest.fixture(scope="session")
+def trained(train_small, tmp_path_factory):
+    """The checkpoint of a one-epoch toy run."""
+    out = tmp_path_factory.mktemp("trained")
+    train_small(out, "--epochs", "1")
+    return out / "ckpt.pt"
+
+
+@pytest.fixture(scope="session")
+def fails():
+    """fails(result, name): non-zero exit, no traceback, exactly one `error:` line, and it names `name`."""
+    def check(r, name):
+        assert r.returncode != 0
+        assert "Traceback" not in r.stderr, r.stderr[-2000:]
+        lines = [line for line in r.stderr.strip().splitlines() if "error:" in line]
+        assert len(lines) == 1 and str(name) in lines[0], r.stderr[-2000:]
+    return check

@@ -14,7 +14,6 @@ from hypothesis import given, settings, strategies as st
 
 import clip_vit
 from clip_fixtures import hf_to_openai, official_dtypes, small_state_dict, write_torchscript_archive
-from conftest import REAL_CLIP_CACHE, shared_file
 
 
 def rel_err(a, b):
@@ -175,7 +174,7 @@ TABLE = [  # formats.md A8, confirmed against openai/CLIP
 
 
 @pytest.fixture(scope="module")
-def vocab():
+def vocab(shared_file):
     path = shared_file("clip", "bpe_simple_vocab_16e6.txt.gz")
     assert hashlib.sha256(path.read_bytes()).hexdigest() == clip_vit.VOCAB_SHA256
     return path
@@ -293,8 +292,8 @@ def test_preprocess_matches_openai_recipe():
     assert torch.allclose(grey[0] * clip_vit.STD[0] + clip_vit.MEAN[0], grey[1] * clip_vit.STD[1] + clip_vit.MEAN[1], atol=1e-6)
 
 
-def test_real_weights_classify_clip_png(vocab):
-    path = REAL_CLIP_CACHE / "ViT-B-32.pt"
+def test_real_weights_classify_clip_png(vocab, shared_file, real_clip_cache):
+    path = real_clip_cache / "ViT-B-32.pt"
     if not path.exists():
         pytest.skip(f"{path} not present (the real weights are optional)")
     from PIL import Image

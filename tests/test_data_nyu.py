@@ -14,8 +14,7 @@ import torch
 
 import data_nyu
 from clip_vit import UserError
-from data_nyu import NYUDepthV2, PreloadedBatches, NYUTorchDataset, frames_to_tensors
-from conftest import shared_file
+from data_nyu import depth_metrics, NYUDepthV2, PreloadedBatches, NYUTorchDataset, frames_to_tensors
 from nyu_fixtures import asymmetric_frames, write_v5, write_v73, write_splits
 
 SCENES = ["kitchen", "office", "living_room", "bathroom"]
@@ -94,7 +93,7 @@ def test_read_splits_rejects_overlap_and_zero(tmp_path):
 # real files from ../shared/data (skipped when absent)
 
 
-def test_real_splits():
+def test_real_splits(shared_file):
     path = shared_file("nyu", "splits.mat")
     assert hashlib.sha256(path.read_bytes()).hexdigest() == data_nyu.SPLITS_SHA256
     s = data_nyu.read_splits(path)
@@ -107,7 +106,7 @@ def test_real_splits():
     assert (test[:5] + 1).tolist() == [1, 2, 9, 14, 15]
 
 
-def test_real_pixels_roundtrip(tmp_path):
+def test_real_pixels_roundtrip(tmp_path, shared_file):
     from PIL import Image
     root = shared_file("nyu2_mini_test")
     images = np.stack([np.array(Image.open(root / f"image_{i}.png").convert("RGB")) for i in range(10)])
@@ -443,3 +442,36 @@ def test_synthetic_depth():
     # brightness carries a depth cue: darker where farther
     lum = rgb.astype(np.float32).mean(-1).ravel()
     assert np.corrcoef(lum, depth.ravel())[0, 1] < -0.2
+
+# ----------------------------------------------------------------------------------------------------
+# the one metrics function
+
+
+def test_depth_metrics_hand_checkable():
+    gt = np.full((480, 640), 2.0)
+    m = depth_metrics(gt.copy(), gt)
+    assert m["d1"] == 1 and m["abs_rel"] == 0 and m["rmse"] == 0 and m["silog"] == 0
+    pred = np.full((480, 640), 2.6)  # ratio 1.3: fails delta_1, passes delta_2
+    m = depth_metrics(pred, gt)
+    assert m["d1"] == 0 and m["d2"] == 1 and m["abs_rel"] == pytest.approx(0.3) and m["rmse"] == pytest.approx(0.6)
+    assert m["sq_rel"] == pytest.approx(0.36 / 2) and m["log10"] == pytest.approx(np.log10(1.3))
+    assert m["rmse_log"] == pytest.approx(np.log(1.3)) and m["silog"] == pytest.approx(0, abs=1e-6)
+    # only the Eigen crop counts: a wrong prediction outside it changes nothing, inside it does
+    pred = gt.copy()
+    pred[:45] = pred[471:] = pred[:, :41] = pred[:, 601:] = 9.0
+    assert depth_metrics(pred, gt)["d1"] == 1 and depth_metrics(pred, gt, crop="none")["d1"] < 1
+    pred[45:471, 41:46] = 9.0  # the columns DepthCLIP's crop drops
+    assert depth_metrics(pred, gt)["d1"] < 1 and depth_metrics(pred, gt, crop="depthclip")["d1"] == 1
+    # holes and out-of-range ground truth are ignored; predictions are clamped to [1e-3, 10]
+    gt2 = gt.copy()
+    gt2[100:200] = 0
+    gt2[200:210] = 12
+    pred = np.full_like(gt, 2.0)
+    pred[100:210] = 50
+    pred[300, 300] = np.inf
+    m = depth_metrics(torch.tensor(pred), torch.tensor(gt2))
+    assert m["d1"] == pytest.approx(1 - 1 / ((471 - 45 - 110) * 560)) and np.isfinite(m["rmse"])
+    assert m["rmse"] == pytest.approx(np.sqrt(8 ** 2 / ((471 - 45 - 110) * 560)))  # inf clamped to 10
+    assert depth_metrics(pred, np.zeros_like(gt)) is None
+    with pytest.raises(ValueError, match="480x640"):
+        depth_metrics(np.ones((10, 10)), np.ones((10, 10)))

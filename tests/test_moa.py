@@ -117,8 +117,7 @@ def test_default_model_parameters_and_large_input():
     assert ((out["depth"] > 0) & (out["depth"] <= 10)).all()
 
 
-def test_scene_context_is_a_unit_vector():
-    from conftest import shared_file
+def test_scene_context_is_a_unit_vector(shared_file):
     shared_file("clip", "bpe_simple_vocab_16e6.txt.gz")
     clip = small_clip(layers=1)
     c = moa.scene_context(clip)
