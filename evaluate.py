@@ -1,17 +1,22 @@
 """
-Evaluate a MoA-DepthCLIP checkpoint on the 654-image official NYU Depth V2 test split, or predict depth for
-your own photos.
+Evaluate MoA-DepthCLIP on the 654 frames of NYU Depth V2's official test split, run zero-shot
+DepthCLIP on the same CLIP, or predict depth for your own photos.
 
-    python evaluate.py out/ckpt.pt                                   # NYU test split, BTS/AdaBins protocol
-    python evaluate.py out/ckpt.pt --flip --save-vis vis/            # + flip TTA, coloured PNGs
-    python evaluate.py out/ckpt.pt --image photo.jpg                 # writes photo_depth.png and photo_depth.npy
+    python evaluate.py out/ckpt.pt                      # NYU test split, standard protocol
+    python evaluate.py out/ckpt.pt --protocol all --save-vis vis/   # every protocol; pictures
+    python evaluate.py --zero-shot --protocol all       # zero-shot DepthCLIP on ViT-B/32
+    python evaluate.py out/ckpt.pt --image photo.jpg    # photo_depth.png (picture), .npy (metres)
+    python evaluate.py out/ckpt.pt --data synthetic --limit 16   # offline, synthetic rooms
 
-Protocol (paper.md §7; the paper does not say which it used, so the output always prints it): ground truth is
-rawDepths (holes = 0) unless --gt dense; valid where 1e-3 < gt < 10 inside the Eigen crop (rows 45:471,
-cols 41:601); the prediction is upsampled bilinearly to 480x640 and clamped to [1e-3, 10]; metrics per image,
-then the mean over images. The last stdout line is one JSON object with the mean metrics and the protocol.
+--protocol (the paper says "standard protocol"; docs/paper-notes.md §7 has every detail); all = each:
+  standard   BTS/AdaBins: Eigen crop (--crop), prediction clamped to [1e-3, 10] m, per-image mean
+  depthclip  DepthCLIP's script: the model sees RGB rows 56:472, cols 60:604 and its mirror image
+  authors    the authors' second script: bicubic squash, Garg crop, median scaling per batch of 8
+Ground truth: rawDepths (holes = 0) unless --gt dense. Scored alone: the fused depth and, for the
+dual head, the binned and the regressed maps. The last stdout line is one JSON object.
 """
 import argparse
+import io
 import json
 import sys
 from collections import defaultdict
@@ -25,139 +30,271 @@ import clip_vit
 import data_nyu
 import moa
 
-def cli_errors():
-    """Known bad-input errors end the program with one line on stderr and exit code 1; bugs keep their traceback."""
-    def hook(kind, err, tb):
-        if issubclass(kind, clip_vit.UserError):
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(1)
-        sys.__excepthook__(kind, err, tb)
-    sys.excepthook = hook
+OUTPUTS = {"depth": "fused", "depth_cls": "binned", "depth_reg": "regressed"}  # key -> name
+PROTOCOLS = ("standard", "depthclip", "authors")  # the order --protocol all runs them
+FRAME = (480, 640)                        # NYU frames; every crop here is defined on them
+DEPTHCLIP_INPUT = (56, 472, 60, 604)      # rows, cols of the RGB crop DepthCLIP's model sees
+GARG = (0.40810811, 0.99189189, 0.03594771, 0.96405229)  # KITTI Garg crop: fractions of H, H, W, W
+GARG_BOX = tuple(int(f * n) for f, n in zip(GARG, (FRAME[0],) * 2 + (FRAME[1],) * 2))  # 195:476, 23:616
+AUTHORS_BATCH = 8                         # the authors' script scales and pools per batch of 8
+SYNTHETIC_TEST, SYNTHETIC_SEED = 654, 10_000  # NYU's test size; + the run's seed: unseen rooms
+TITLE_H, BAR_H, TICK_H = 16, 12, 14       # picture rows in pixels: titles, colour bars, labels
+ZERO_SHOT = {"head": "similarity", "use_context": False, "use_moa": False, "trainable_blocks": 0}
 
+# -----------------------------------------------------------------------------
+# pictures (PIL only): turbo colours, a title per panel, a colour bar in metres under each map
 
-def colorize(x, lo=None, hi=None):
-    """(H, W) -> (H, W, 3) uint8 with the turbo colormap (Google's perceptually smoothed rainbow, polynomial fit)."""
-    lo = np.nanmin(x) if lo is None else lo
-    hi = np.nanmax(x) if hi is None else hi
-    t = np.clip((x - lo) / max(hi - lo, 1e-9), 0, 1)[..., None]
+def colorize(x, lo, hi):
+    """(H, W) -> (H, W, 3) uint8, turbo colours (Google's smoothed rainbow, polynomial fit)."""
+    t = np.clip((x - lo) / max(hi - lo, 1e-9), 0, 1)[..., None]  # 0 to 1 across the scale
     powers = np.concatenate([t ** i for i in range(6)], axis=-1)  # (H, W, 6): 1, t, ..., t^5
     coeffs = np.array([[0.13572138, 4.61539260, -42.66032258, 132.13108234, -152.94239396, 59.28637943],
                        [0.09140261, 2.19418839, 4.84296658, -14.18503333, 4.27729857, 2.82956604],
                        [0.10667330, 12.64194608, -60.58204836, 110.36276771, -89.90310912, 27.34824973]])
     return (np.clip(powers @ coeffs.T, 0, 1) * 255).astype(np.uint8)
 
-
-def save_png(path, rgb):
-    from PIL import Image
-    clip_vit.atomic_write(path, lambda tmp: Image.fromarray(rgb).save(tmp, format="PNG"))
-
-
-@torch.no_grad()
-def predict(model, rgb, dtype=None, flip=False, out_size=None):
-    """rgb uint8 (B, H, W, 3) numpy -> depth (B, H, W) float32 tensor on the CPU, at out_size or (H, W)."""
-    device = next(model.parameters()).device
-    img = torch.from_numpy(rgb).to(device).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
-    img = data_nyu.normalize(data_nyu.resize(img, None, model.cfg.input_size)[0])  # exactly as in training
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        depth = model(img)["depth"].float()
-        if flip:
-            depth = 0.5 * (depth + model(img.flip(-1))["depth"].float().flip(-1))
-    depth = F.interpolate(depth, size=out_size or rgb.shape[1:3], mode="bilinear", align_corners=False)
-    return depth[:, 0].clamp(model.cfg.min_depth, model.cfg.max_depth).cpu()
-
+def save_picture(path, rgb, pred, gt=None):
+    """RGB | prediction [| ground truth | |error|] as one PNG. Prediction and ground truth share a
+    scale fitted to both (a 3.5-6.4 m room uses every colour); |error| has its own, from 0."""
+    from PIL import Image, ImageDraw, ImageFont
+    lo, hi = float(pred.min()), float(pred.max())  # fitted to the data
+    panels = [("prediction", pred)]
+    if gt is not None:
+        valid = (gt > data_nyu.MIN_DEPTH) & (gt < data_nyu.MAX_DEPTH)  # no holes
+        if valid.any():
+            lo, hi = min(lo, float(gt[valid].min())), max(hi, float(gt[valid].max()))
+        panels += [("ground truth", gt), ("|error|", np.abs(pred - gt) * valid)]  # 0 at GT holes
+    H, W = rgb.shape[:2]
+    canvas = Image.new("RGB", (W * (1 + len(panels)), TITLE_H + H + BAR_H + TICK_H), "white")
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()  # no font file needed
+    canvas.paste(Image.fromarray(rgb), (0, TITLE_H))
+    draw.text((2, 2), "RGB", fill="black", font=font)
+    ramp = colorize(np.tile(np.linspace(0, 1, W), (BAR_H, 1)), 0, 1)  # (BAR_H, W, 3) low to high
+    for i, (title, depth) in enumerate(panels, start=1):
+        if title == "|error|":
+            lo, hi = 0.0, float(depth.max())
+        canvas.paste(Image.fromarray(colorize(depth, lo, hi)), (i * W, TITLE_H))
+        canvas.paste(Image.fromarray(ramp), (i * W, TITLE_H + H))  # its colour bar
+        draw.text((i * W + 2, 2), f"{title}, colours {lo:.2f}-{hi:.2f} m", fill="black", font=font)
+        draw.text((i * W + 2, TITLE_H + H + BAR_H), f"{lo:.2f} m", fill="black", font=font)
+        right = (i + 1) * W - 2 - draw.textlength(f"{hi:.2f} m", font=font)  # right-aligned
+        draw.text((right, TITLE_H + H + BAR_H), f"{hi:.2f} m", fill="black", font=font)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # --save-vis and --out-dir may not exist yet
+    clip_vit.atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 def read_photo(path):
-    """Any photo -> uint8 (H, W, 3) RGB, upright (EXIF), from greyscale, RGBA, palette or 16-bit files."""
+    """Any photo -> uint8 (H, W, 3) RGB, upright (EXIF), from greyscale, RGBA, palette, 16-bit."""
     from PIL import Image, ImageOps, UnidentifiedImageError
     try:
         im = ImageOps.exif_transpose(Image.open(path))
-        im.load()
+        im.load()  # decode now: a broken file fails here
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise clip_vit.UserError(f"{path}: not a readable image ({e.__class__.__name__})") from None
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: scale to 8 bits
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: stretch to 8 bits
         a = np.asarray(im, dtype=np.float64)
         im = Image.fromarray((255 * (a - a.min()) / max(a.max() - a.min(), 1)).astype(np.uint8))
-    if im.mode in ("RGBA", "LA", "P"):
-        im = im.convert("RGBA")
-        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(bg, im)
-    return np.asarray(im.convert("RGB"))
+    if im.mode in ("RGBA", "LA", "P"):  # transparent pixels over white, as a viewer shows them
+        im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
+    return np.array(im.convert("RGB"))  # a writable copy: torch warns on read-only arrays
 
+@torch.no_grad()
+def predict(model, rgb, dtype, out_size, flip=False, bicubic=False):
+    """uint8 (B, H, W, 3) -> {output key: (B, *out_size) float32 metres, clamped to the range}.
+    flip: mean with the mirrored prediction of the mirrored image; bicubic: the authors' resize."""
+    device, cfg = next(model.parameters()).device, model.cfg
+    img = torch.from_numpy(rgb).to(device).permute(0, 3, 1, 2)           # (B, 3, H, W) uint8
+    if bicubic:  # PIL-style antialiased bicubic, as the authors' script resizes
+        img = F.interpolate(img.float() / 255, cfg.input_size, mode="bicubic", antialias=True).clamp(0, 1)
+    else:  # exactly the resize the model was trained with
+        img = data_nyu.resize(img, None, cfg.input_size)[0]
+    img = data_nyu.normalize(img)                                        # (B, 3, h, w)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):  # as in training
+        out = model(img)
+        mirrored = model(img.flip(-1)) if flip else None
+    maps = {}
+    for key in [k for k in OUTPUTS if k in out]:  # the similarity head has only "depth"
+        depth = out[key].float()                                         # (B, 1, h, w)
+        if flip:
+            depth = 0.5 * (depth + mirrored[key].float().flip(-1))  # mirrored back
+        depth = F.interpolate(depth, size=out_size, mode="bilinear", align_corners=False)
+        maps[key] = depth[:, 0].clamp(cfg.min_depth, cfg.max_depth).cpu().numpy()
+    return maps
+
+# -----------------------------------------------------------------------------
+# the protocols: array operations around the one metrics function, data_nyu.depth_metrics
+
+def depthclip_scores(model, rgb, gts, dtype):
+    """DepthCLIP's script: predict on the RGB crop and its mirror, paste into a zero 480x640 canvas,
+    score where it is > 1e-3 inside rows 45:471, cols 46:601. -> {key: [metrics or None]}"""
+    r0, r1, c0, c1 = DEPTHCLIP_INPUT
+    maps = predict(model, np.ascontiguousarray(rgb[:, r0:r1, c0:c1]), dtype, (r1 - r0, c1 - c0), flip=True)
+    rows = defaultdict(list)
+    for key, preds in maps.items():
+        for pred, gt in zip(preds, gts):
+            canvas = np.zeros(FRAME, dtype=np.float32)  # as DepthCLIP pastes it
+            canvas[r0:r1, c0:c1] = pred
+            gt = np.where(canvas > data_nyu.MIN_DEPTH, gt, 0)  # their "pred > 1e-3"; gt 0: not valid
+            rows[key].append(data_nyu.depth_metrics(canvas, gt, crop="depthclip"))
+    return rows
+
+def authors_scores(group):
+    """The authors' second script on one batch [(maps, gt)]: the Garg crop, one median scale
+    median(gt) / median(pred) over the batch's valid cropped pixels, metrics over them pooled."""
+    r0, r1, c0, c1 = GARG_BOX
+    gt = np.stack([g for _, g in group])[:, r0:r1, c0:c1]  # (b, 281, 593)
+    valid = (gt > data_nyu.MIN_DEPTH) & (gt < data_nyu.MAX_DEPTH)
+    if not valid.any():  # not one valid pixel in the whole batch: nothing to score
+        return {key: None for key in group[0][0]}  # None: not averaged
+    rows = {}
+    for key in group[0][0]:
+        pred = np.stack([maps[key] for maps, _ in group])[:, r0:r1, c0:c1][valid]
+        scaled = pred * np.median(gt[valid]) / np.median(pred)  # depth_metrics clamps it again
+        rows[key] = data_nyu.depth_metrics(scaled[None], gt[valid][None], crop="none")  # 1 "image"
+    return rows
+
+def describe(protocol, args, n, data):
+    """How a protocol made its numbers: printed first, and kept with them in the JSON line."""
+    gt = "rawDepths" if args.gt == "raw" else "depths (in-painted)"
+    crop = {"standard": args.crop, "depthclip": "depthclip", "authors": "garg"}[protocol]
+    return {"split": f"{'synthetic' if data == 'synthetic' else 'official test'} ({n} frames)",
+            "gt": "exact (synthetic)" if data == "synthetic" else gt, "valid": "1e-3 < gt < 10",
+            "crop": crop, "crop_box": GARG_BOX if crop == "garg" else data_nyu.CROPS[crop],
+            "flip_tta": {"standard": args.flip, "depthclip": True, "authors": False}[protocol],
+            "average": "median-scaled, pooled per batch of 8" if protocol == "authors" else "per image"}
+
+# -----------------------------------------------------------------------------
+# the script
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    arg = p.add_argument  # every help line: what it means, its format, its default
+    arg("ckpt", nargs="?", help="checkpoint written by train.py (or --zero-shot)")
+    arg("--zero-shot", action="store_true", help="no checkpoint: frozen CLIP, DepthCLIP's prompts")
+    arg("--protocol", choices=(*PROTOCOLS, "all"), default="standard", help="see above (default: standard)")
+    arg("--data", metavar="PATH", help="NYU labeled .mat, or synthetic: 654 generated rooms "
+        f"(default: the file the run trained on, else {data_nyu.FILE_NAME})")
+    arg("--splits", metavar="PATH", help="splits.mat (default: next to --data, else the cache's)")
+    arg("--clip", metavar="NAME|PATH", help="CLIP weights (default: the run's; ViT-B/32)")
+    arg("--gt", choices=("raw", "dense"), default="raw",
+        help="ground truth: raw Kinect depth, holes = 0, or in-painted (default: raw)")
+    arg("--crop", choices=tuple(data_nyu.CROPS), default="eigen",
+        help="the standard protocol's crop (default: eigen, rows 45:471, cols 41:601)")
+    arg("--flip", action="store_true", help="standard protocol: add the mirrored prediction")
+    arg("--batch-size", type=int, default=16, metavar="N", help="frames per pass (default: 16)")
+    arg("--limit", type=int, metavar="N", help="score the first N frames only (default: all)")
+    arg("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    arg("--moa-impl", choices=("auto", "triton", "torch"), default="auto",
+        help="the MoA layer's code (default: auto = Triton on CUDA, else PyTorch)")
+    fetch = p.add_mutually_exclusive_group().add_argument  # args.download: True, False or None
+    fetch("--download", action="store_const", const=True, help="fetch a missing --data, any name")
+    fetch("--no-download", dest="download", action="store_const", const=False, help="fetch nothing")
+    arg("--save-vis", metavar="DIR", help="a labelled PNG per frame into DIR (default: none)")
+    arg("--image", nargs="+", metavar="PHOTO", help="predict depth for these photos instead")
+    arg("--out-dir", metavar="DIR", help="--image: write there (default: next to each photo)")
+    args = p.parse_args()
+    if (args.ckpt is None) != args.zero_shot:  # all checked before a model or frame is loaded
+        p.error("give either a checkpoint or --zero-shot")
+    for flag, count in (("--batch-size", args.batch_size), ("--limit", args.limit)):
+        if count is not None and count < 1:
+            p.error(f"argument {flag}: {count} is not a count >= 1")
+    for flag, folder in (("--save-vis", args.save_vis), ("--out-dir", args.out_dir)):
+        if folder and Path(folder).exists() and not Path(folder).is_dir():
+            p.error(f"{flag} {folder}: exists and is not a folder")
+    return args
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("ckpt")
-    p.add_argument("--data", default=None, help="NYU .mat, or 'synthetic' (default: the path the run trained on)")
-    p.add_argument("--splits", default=None, help="splits.mat (default: next to the data, or downloaded)")
-    p.add_argument("--clip", default=None, help="CLIP name or file (default: the one in the checkpoint)")
-    p.add_argument("--gt", choices=("raw", "dense"), default="raw", help="rawDepths (BTS/AdaBins) or in-painted depths")
-    p.add_argument("--crop", choices=tuple(data_nyu.CROPS), default="eigen")
-    p.add_argument("--flip", action="store_true", help="average with the horizontally flipped prediction")
-    p.add_argument("--median-scale", action="store_true",
-                   help="per-image median scaling (the authors' variant; for comparison only)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N test images (0 = all)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-download", action="store_true")
-    p.add_argument("--save-vis", default=None, metavar="DIR", help="write RGB | prediction | GT | abs error PNGs")
-    p.add_argument("--image", nargs="+", default=None, metavar="PHOTO", help="predict depth for these photos")
-    args = p.parse_args()
-
-    device, dtype = moa.runtime(args.device)
-    ckpt = moa.load_checkpoint(args.ckpt)
-    model = moa.from_checkpoint(ckpt, args.clip, device, where=args.ckpt)
-
-    if args.image:  # your own photos: <name>_depth.png (coloured) and <name>_depth.npy (metres) beside each
-        photos = [(path, read_photo(path)) for path in args.image]  # all readable before anything is written
-        for path, rgb in photos:
-            depth = predict(model, rgb[None], dtype)[0].numpy()
-            stem = Path(path).with_suffix("")
-            clip_vit.atomic_write(f"{stem}_depth.npy", lambda tmp: np.save(open(tmp, "wb"), depth.astype(np.float32)))
-            save_png(f"{stem}_depth.png", colorize(depth, model.cfg.min_depth, model.cfg.max_depth))
-            print(f"{path}: depth {depth.min():.2f}-{depth.max():.2f} m -> {stem}_depth.png, {stem}_depth.npy")
+    args = parse_args()
+    device, dtype = moa.runtime(args.device)  # a device this machine lacks: one error line
+    moa.MOA_IMPL = args.moa_impl  # every MoA layer reads it
+    photos = [(path, read_photo(path)) for path in args.image or []]  # all readable, or stop here
+    if args.zero_shot:
+        # frozen CLIP: its one adapter, after the last block, is the identity at init
+        clip, ckpt = clip_vit.load(args.clip or "ViT-B/32"), {}
+        last = (len(clip.visual.transformer.resblocks) - 1,)
+        model = moa.MoADepthCLIP(clip, moa.DepthConfig(**ZERO_SHOT, moa_layers=last)).to(device).eval()
+    else:
+        ckpt = moa.load_checkpoint(args.ckpt)  # its config: data, seed
+        model = moa.from_checkpoint(ckpt, args.clip, device, where=args.ckpt)
+    for path, rgb in photos:  # your photos: <name>_depth.png (picture), <name>_depth.npy (metres)
+        depth = predict(model, rgb[None], dtype, rgb.shape[:2])["depth"][0]
+        stem = Path(args.out_dir or Path(path).parent) / f"{Path(path).stem}_depth"
+        save_picture(f"{stem}.png", rgb, depth)  # first: it makes a missing --out-dir
+        npy = io.BytesIO()  # np.save to a name would add ".npy" to atomic_write's temporary name
+        np.save(npy, depth.astype(np.float32))
+        clip_vit.atomic_write(f"{stem}.npy", lambda tmp: Path(tmp).write_bytes(npy.getvalue()))
+        print(f"{path}: depth {depth.min():.2f}-{depth.max():.2f} m -> {stem}.png, {stem}.npy")
+    if photos:
         return
 
-    data = args.data or ckpt.get("config", {}).get("data", "nyu_depth_v2_labeled.mat")
-    if data == "synthetic":  # the offline stand-in: a held-out seed the training run never saw
-        ds = data_nyu.SyntheticDepth(n=16, seed=10_000 + ckpt.get("config", {}).get("seed", 0))
+    # the test frames: NYU's official test split, or synthetic rooms from a seed the run never saw
+    config = ckpt.get("config", {})
+    data = args.data or config.get("data", data_nyu.FILE_NAME)
+    if data == "synthetic":
+        ds = data_nyu.SyntheticDepth(n=SYNTHETIC_TEST, seed=SYNTHETIC_SEED + config.get("seed", 0))
     else:
-        ds = data_nyu.NYUDepthV2(data, split="test", splits_path=args.splits, raw_depth=args.gt == "raw",
-                                 download=not args.no_download)
-    n = min(len(ds), args.limit) if args.limit else len(ds)
-    if args.save_vis:
-        Path(args.save_vis).mkdir(parents=True, exist_ok=True)
-    protocol = {"split": f"{'synthetic' if data == 'synthetic' else 'official test'} ({n} images)",
-                "gt": "exact (synthetic)" if data == "synthetic" else
-                      "rawDepths" if args.gt == "raw" else "depths (in-painted)", "crop": args.crop,
-                "crop_box": data_nyu.CROPS[args.crop], "valid": "1e-3 < gt < 10",
-                "pred": "bilinear to 480x640, clamp [1e-3, 10]",
-                "flip_tta": args.flip, "median_scaling": args.median_scale, "average": "mean of per-image metrics"}
-    print("protocol: " + ", ".join(f"{k}={v}" for k, v in protocol.items()), file=sys.stderr)
-    rows, by_scene = [], defaultdict(list)
+        ds = data_nyu.NYUDepthV2(data, split="test", splits_path=args.splits,
+                                 raw_depth=args.gt == "raw", download=args.download)
+    n = min(len(ds), args.limit or len(ds))  # --limit: the first N frames
+    protocols = PROTOCOLS if args.protocol == "all" else (args.protocol,)
+    for name in protocols:  # say how the numbers are made before any number appears
+        about = ", ".join(f"{k}={v}" for k, v in describe(name, args, n, data).items())
+        print(f"protocol {name}: {about}", file=sys.stderr)
+
+    # rows[protocol][key]: metrics per image (authors: per batch); by_scene: fused depth, per image
+    rows = {name: defaultdict(list) for name in protocols}
+    by_scene = {name: defaultdict(list) for name in protocols}
+    pending = []  # authors: (maps, gt) per frame, scored in groups of 8 in frame order
     for s in range(0, n, args.batch_size):
-        frames = [ds[i] for i in range(s, min(s + args.batch_size, n))]
+        frames = [ds[i] for i in range(s, min(s + args.batch_size, n))]  # decoded once
         rgb, gts = np.stack([f[0] for f in frames]), [f[1] for f in frames]
-        preds = predict(model, rgb, dtype, flip=args.flip, out_size=gts[0].shape)
-        for j, (pred, gt) in enumerate(zip(preds.numpy(), gts)):
-            if args.median_scale and (v := (gt > 1e-3) & (gt < 10)).any():
-                pred = np.clip(pred * np.median(gt[v]) / np.median(pred[v]), 1e-3, 10)
-            m = data_nyu.depth_metrics(pred, gt, crop=args.crop)
-            if m is not None:
-                rows.append(m)
-                by_scene[ds.scene(s + j)].append(m)
-            if args.save_vis:
-                err = np.abs(pred - gt) * (gt > 1e-3)
-                panel = [rgb[j], colorize(pred, 0, 10), colorize(gt, 0, 10), colorize(err, 0, 2)]
-                save_png(Path(args.save_vis) / f"{s + j:04d}.png", np.concatenate(panel, axis=1))
+        per_image = {}  # protocol -> {key: [metrics]}
+        if "standard" in protocols:
+            std = predict(model, rgb, dtype, FRAME, flip=args.flip)
+            per_image["standard"] = {key: [data_nyu.depth_metrics(p, g, crop=args.crop)
+                                           for p, g in zip(preds, gts)] for key, preds in std.items()}
+        if "depthclip" in protocols:
+            per_image["depthclip"] = depthclip_scores(model, rgb, gts, dtype)  # its own input
+        if "authors" in protocols:
+            maps = predict(model, rgb, dtype, FRAME, bicubic=True)
+            pending += [({key: v[j] for key, v in maps.items()}, gt) for j, gt in enumerate(gts)]
+        for name, scores in per_image.items():  # None: a frame without one valid pixel
+            for key, ms in scores.items():
+                rows[name][key] += [m for m in ms if m is not None]
+            for j, m in enumerate(scores["depth"]):
+                if m is not None:
+                    by_scene[name][ds.scene(s + j)].append(m)
+        while len(pending) >= AUTHORS_BATCH or (pending and s + args.batch_size >= n):  # last: short
+            for key, m in authors_scores(pending[:AUTHORS_BATCH]).items():
+                rows["authors"][key] += [] if m is None else [m]
+            pending = pending[AUTHORS_BATCH:]  # keep the rest
+        if args.save_vis:  # pictures of the standard protocol's prediction of the whole frame
+            vis = std if "standard" in protocols else predict(model, rgb, dtype, FRAME)
+            for j, gt in enumerate(gts):
+                save_picture(Path(args.save_vis) / f"{s + j:04d}.png", rgb[j], vis["depth"][j], gt)
         print(f"evaluated {min(s + args.batch_size, n)}/{n}", file=sys.stderr)
+    report(args, protocols, rows, by_scene, n, data)
 
-    head = f"{'scene':<18}{'n':>5}" + "".join(f"{k:>10}" for k in data_nyu.KEYS)
-    print(head + "\n" + "-" * len(head))
-    for name, ms in [("all", rows)] + sorted(by_scene.items()):
-        print(f"{name:<18}{len(ms):>5}" + "".join(f"{v:>10.4f}" for v in data_nyu.mean_metrics(ms).values()))
-    print(json.dumps({"metrics": data_nyu.mean_metrics(rows), "n_images": len(rows), "protocol": protocol}))
-
+def report(args, protocols, rows, by_scene, n, data):
+    """A table per protocol on stdout, then one JSON line with every protocol's metrics: null, not
+    NaN, where nothing could be scored (no valid ground-truth pixel)."""
+    results = {}  # protocol -> its description and metrics
+    for name in protocols:
+        head = f"{name + ' protocol':<24}{'n':>5}" + "".join(f"{k:>10}" for k in data_nyu.KEYS)
+        print(head + "\n" + "-" * len(head))  # one table per protocol
+        lines = [(f"all ({OUTPUTS[key]})", ms) for key, ms in rows[name].items()]
+        for label, ms in lines + sorted(by_scene[name].items()):  # then the fused depth per scene
+            means = data_nyu.mean_metrics(ms).values()
+            print(f"{label:<24}{len(ms):>5}" + "".join(f"{v:>10.4f}" for v in means))
+        results[name] = {"protocol": describe(name, args, n, data)}
+        for key, ms in rows[name].items():
+            means = data_nyu.mean_metrics(ms)
+            results[name][OUTPUTS[key]] = {k: None if np.isnan(v) else v for k, v in means.items()}
+    first = results[protocols[0]]  # the headline: the first protocol's fused depth
+    print(json.dumps({"metrics": first["fused"], "n_images": n, "protocol": first["protocol"],
+                      "protocols": results}, allow_nan=False))
 
 if __name__ == "__main__":
-    cli_errors()
-    main()
+    try:
+        main()
+    except clip_vit.UserError as e:  # a problem the user can fix: one line, no traceback
+        sys.exit(f"error: {e}")

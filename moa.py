@@ -1,19 +1,13 @@
 """
-MoA-DepthCLIP (arXiv 2604.01118): monocular depth from a frozen CLIP ViT-B/32 with Mixture-of-Adapters.
-
-Read top to bottom, this file follows the paper's Figure 1:
-  image -> CLIP ViT-B/32 (blocks 0-7 frozen, 8-11 fine-tuned) with a MoA module after blocks 2, 5, 8, 11
-        -> mean of the four MoA outputs' patch tokens                   (B, 768, H/32, W/32)
-        ++ global scene-context vector from text prompts, broadcast     (B, 512, H/32, W/32)
-        -> dual head: 128-bin classification (softmax-weighted bin centres) and positive regression
-        -> final depth = fusion of the two maps, upsampled to the output size
-and the loss L = 1.0 CE(bins) + 1.0 L1(regression) + 0.5 SILog(regression).
-Every choice the paper leaves open is a DepthConfig field, marked GUESS, and listed in the README.
-
-    import clip_vit, moa
-    model = moa.MoADepthCLIP(clip_vit.load("ViT-B/32"), moa.DepthConfig())
-    out = model(images)                      # images (B, 3, 224, 224) CLIP-normalised
-    out["depth"]                             # (B, 1, 224, 224) metres
+MoA-DepthCLIP (arXiv 2604.01118): monocular depth from CLIP ViT-B/32 with Mixture-of-Adapters,
+read top to bottom along the paper's Figure 1:
+  image -> CLIP ViT-B/32 (blocks 8-11 fine-tuned), a MoA module after blocks 2, 5, 8 and 11
+        -> mean of the four MoA outputs' patch tokens                  (B, 768, H/32, W/32)
+        ++ scene-context vector from text prompts, broadcast           (B, 512, H/32, W/32)
+        -> dual head: 128-bin classification and regression, fused, upsampled: depth (B, 1, H, W)
+with the loss 1.0 CE(bins) + 1.0 L1 + 0.5 SILog (regression). Table 1's baselines use DepthCLIP's
+similarity head and the authors' composite loss. Each choice the paper leaves open is a DepthConfig
+field marked GUESS (docs/paper-notes.md §2). Use: MoADepthCLIP(clip, DepthConfig())(images)["depth"]
 """
 import math
 from dataclasses import asdict, dataclass
@@ -24,312 +18,332 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import clip_vit
+from kernels.fused_moa import fused_moa  # the fused Triton MoA kernel, used on CUDA
 
-try:  # the fused Triton kernel (kernels/), used on CUDA
-    from kernels.fused_moa import fused_moa
-except ImportError:  # no triton installed: PyTorch only
-    fused_moa = None
-MOA_IMPL = "auto"  # "auto": the Triton kernel on CUDA, PyTorch elsewhere; "triton" / "torch" force one (--moa-impl)
+MOA_IMPL = "auto"  # "auto": Triton on CUDA, PyTorch elsewhere; "triton" or "torch" force one
 
-# the 27 scene types of NYU's official 795-image train split (paper.md §3; GUESS: the paper names only two)
+# the 27 scene types of NYU's official 795-frame train split (GUESS G10: the paper names two)
 SCENES = ("bedroom", "kitchen", "living room", "bathroom", "dining room", "office", "furniture store",
           "home office", "classroom", "bookstore", "playroom", "study", "reception room", "basement",
-          "office kitchen", "study room", "student lounge", "home storage", "conference room", "cafe", "dinette",
-          "printer room", "laundry room", "exercise room", "computer lab", "indoor balcony", "foyer")
-
+          "office kitchen", "study room", "student lounge", "home storage", "conference room", "cafe",
+          "dinette", "printer room", "laundry room", "exercise room", "computer lab", "indoor balcony", "foyer")
+# DepthCLIP's distance words and bin depths (metres) for its prompt "This object is {word}"
+DISTANCES = (("giant", 1.00), ("extremely close", 1.50), ("close", 2.00), ("not in distance", 2.25),
+             ("a little remote", 2.50), ("far", 2.75), ("unseen", 3.00))
+DISTANCES_10 = DISTANCES + (("very far", 4.00), ("extremely far", 5.00), ("far away", 6.00))  # G24
+CLIP_SCALE, SIM_TEMPERATURE = 100.0, 0.1  # DepthCLIP's logits: 100 * cosine / 0.1
+COMPOSITE_MIN_GT, SSIM_C1, SSIM_C2 = 1e-8, 0.01 ** 2, 0.03 ** 2  # the authors' composite loss:
+W_COMPOSITE = {"silog": 1.0, "grad": 0.5, "ssim": 0.2, "l1": 0.1}  # its valid mask, SSIM, weights
+# what each string (or counted) DepthConfig field accepts; train.py makes them argparse choices
+CHOICES = {"fusion": ("mean", "cls", "reg"), "silog": ("paper", "bts"), "bin_spacing": ("uniform", "log"),
+           "head": ("dual", "similarity"), "loss": ("paper", "composite"), "sim_bins": (7, 10)}
 
 def runtime(device="auto"):
-    """The one place that decides device and compute dtype: bf16 autocast on CUDA, plain fp32 on CPU."""
-    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                          "cpu" if device == "auto" else device)
-    return device, (torch.bfloat16 if device.type == "cuda" else None)
+    """The one place that decides device and dtype: bf16 autocast on CUDA, fp32 on the CPU."""
+    n_gpus = torch.cuda.device_count()
+    if device == "auto":
+        device = "cuda" if n_gpus else "cpu"
+    here = ["cpu"] + [f"cuda:{i}" for i in range(n_gpus)] + (["cuda"] if n_gpus else [])
+    if device not in here:
+        raise clip_vit.UserError(f"--device {device}: not on this machine (torch {torch.__version__} sees "
+                                 f"{n_gpus} CUDA GPUs); use one of auto, {', '.join(here)}")
+    return torch.device(device), (torch.bfloat16 if device.startswith("cuda") else None)
 
 # -----------------------------------------------------------------------------
 # the Mixture-of-Adapters layer (paper §3.1, Fig. 2)
 
-
 def moa_reference(x, gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b, top_k, temperature):
-    """The MoA layer in plain PyTorch; the readable definition and the Triton kernel's oracle.
-    x (..., D); gate_w1 (H, D); gate_w2 (E, H); down_w (E, R, D); up_w (E, D, R). Returns (y, gates)."""
-    E = down_w.shape[0]
-    h = F.relu(F.linear(x, gate_w1, gate_b1))                       # (..., H)
-    logits = F.linear(h, gate_w2, gate_b2) / temperature             # (..., E)   G(x) / tau
-    if top_k < E:  # keep the top_k logits, ties to the lower expert index (a stable sort), mask the rest
+    """The MoA layer in plain PyTorch, the Triton kernel's oracle; top_k in 1..E. -> (y, gates).
+    x (..., D); gate_w1 (H, D); gate_w2 (E, H); down_w (E, R, D); up_w (E, D, R)."""
+    h = F.relu(F.linear(x, gate_w1, gate_b1))                        # (..., H)
+    logits = F.linear(h, gate_w2, gate_b2) / temperature              # (..., E)    G(x) / tau
+    if top_k < down_w.shape[0]:  # keep the top_k logits, ties to the lower expert index (stable sort)
         idx = logits.sort(dim=-1, descending=True, stable=True).indices[..., :top_k]
         keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, True)
         logits = logits.masked_fill(~keep, float("-inf"))
-    gates = logits.softmax(dim=-1)                                   # (..., E)   g, zeros off the top_k
-    z = F.gelu(torch.einsum("...d,erd->...er", x, down_w) + down_b)  # (..., E, R) exact erf GELU
-    experts = torch.einsum("...er,edr->...ed", z, up_w) + up_b       # (..., E, D) Expert_k(x)
-    y = x + torch.einsum("...e,...ed->...d", gates, experts)         # (..., D)   x + sum_k g_k Expert_k(x)
+    gates = logits.softmax(dim=-1)                                    # (..., E)    g, 0 off top_k
+    z = F.gelu(torch.einsum("...d,erd->...er", x, down_w) + down_b)   # (..., E, R) exact erf GELU
+    experts = torch.einsum("...er,edr->...ed", z, up_w) + up_b        # (..., E, D) Expert_k(x)
+    y = x + torch.einsum("...e,...ed->...d", gates, experts)          # (..., D)    x + sum g_k E_k
     return y, gates
 
+def linear_init(*shape, fan_in):  # a parameter drawn like nn.Linear's: uniform in +-1/sqrt(fan_in)
+    bound = 1 / math.sqrt(fan_in)
+    return nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
 
 class MoA(nn.Module):
-    """K bottleneck experts (D -> R -> D, GELU) mixed per token by a gate MLP (D -> H -> K, ReLU), plus the
-    residual. top_k=None routes densely over all experts, as in the paper. gated=False is one plain adapter
-    (the "Our Baseline" row of Table 1)."""
+    """K bottleneck experts (D -> R -> D, GELU) mixed per token by a gate MLP (D -> H -> K, ReLU),
+    plus the residual. top_k=0: all experts (the paper). gated=False: one plain adapter."""
 
-    def __init__(self, dim=768, num_experts=4, bottleneck=64, gate_hidden=128, top_k=None, temperature=2.0,
-                 gated=True):
+    def __init__(self, dim=768, num_experts=4, bottleneck=64, gate_hidden=128, top_k=0, temperature=2.0, gated=True):
         super().__init__()
         E, R, H, D = num_experts, bottleneck, gate_hidden, dim
-        self.top_k, self.temperature, self.gated = top_k or E, temperature, gated
-        if gated:
-            self.gate_w1, self.gate_b1 = nn.Parameter(torch.empty(H, D)), nn.Parameter(torch.empty(H))
-            self.gate_w2, self.gate_b2 = nn.Parameter(torch.empty(E, H)), nn.Parameter(torch.empty(E))
-        self.down_w, self.down_b = nn.Parameter(torch.empty(E, R, D)), nn.Parameter(torch.empty(E, R))
+        self.top_k, self.temperature, self.gated = top_k, temperature, gated
+        if gated:  # the gate MLP D -> H -> E
+            self.gate_w1, self.gate_b1 = linear_init(H, D, fan_in=D), linear_init(H, fan_in=D)
+            self.gate_w2, self.gate_b2 = linear_init(E, H, fan_in=H), linear_init(E, fan_in=H)
+        self.down_w, self.down_b = linear_init(E, R, D, fan_in=D), linear_init(E, R, fan_in=D)
+        # up_w and up_b start at zero, so a fresh MoA is exactly the identity: the pretrained
+        # features flow through unchanged at step 0 and the adapters grow from there (Houlsby)
         self.up_w, self.up_b = nn.Parameter(torch.zeros(E, D, R)), nn.Parameter(torch.zeros(E, D))
-        gate = [(self.gate_w1, self.gate_b1), (self.gate_w2, self.gate_b2)] if gated else []
-        for w, b in gate + [(self.down_w, self.down_b)]:  # nn.Linear's default init, one expert at a time
-            bound = 1 / math.sqrt(w.shape[-1])
-            nn.init.uniform_(w, -bound, bound)
-            nn.init.uniform_(b, -bound, bound)
-        # up_w and up_b start at zero, so a freshly inserted MoA is exactly the identity: the pretrained CLIP
-        # features flow through unchanged at step 0 and the adapters grow from there (Houlsby et al.).
         self.last_entropy = torch.zeros(())
 
-    def forward(self, x):  # x (B, L, D)
+    def forward(self, x):  # x (B, L, D), fp32 also under autocast: the residual sum stays fp32
         if not self.gated:
-            return x + F.linear(F.gelu(F.linear(x, self.down_w[0], self.down_b[0])), self.up_w[0], self.up_b[0])
-        use_triton = MOA_IMPL == "triton" or (MOA_IMPL == "auto" and x.is_cuda and fused_moa is not None)
+            z = F.gelu(F.linear(x, self.down_w[0], self.down_b[0]))  # (B, L, R)
+            return x + F.linear(z, self.up_w[0], self.up_b[0])       # (B, L, D)
+        top_k = self.top_k or self.down_w.shape[0]  # 0 = all; reference and kernel take a count
         weights = (self.gate_w1, self.gate_b1, self.gate_w2, self.gate_b2,
                    self.down_w, self.down_b, self.up_w, self.up_b)
-        if use_triton:
-            try:  # the kernel takes one dtype: under autocast, cast the fp32 weights to the activations'
-                y, gates = fused_moa(x, *(w.to(x.dtype) for w in weights), self.top_k, self.temperature)
-            except Exception as e:  # a compile or launch failure on this GPU / triton: name the way out
-                msg = " ".join(str(e).split())[:200]
-                raise clip_vit.UserError(f"--moa-impl {MOA_IMPL}: the Triton MoA kernel failed here "
-                                         f"({type(e).__name__}: {msg}); rerun with --moa-impl torch") from e
+        if MOA_IMPL == "triton" or (MOA_IMPL == "auto" and x.is_cuda):
+            try:  # the fp32 stream and fp32 weights as they are: the kernel casts for its matmuls
+                y, gates = fused_moa(x, *weights, top_k, self.temperature)
+            except Exception as e:  # a compile or launch failure on this GPU / triton: the way out
+                msg = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+                raise clip_vit.UserError(f"--moa-impl {MOA_IMPL}: the Triton MoA kernel failed "
+                                         f"here ({msg}); rerun with --moa-impl torch") from e
         else:
-            y, gates = moa_reference(x, *weights, self.top_k, self.temperature)
+            y, gates = moa_reference(x, *weights, top_k, self.temperature)
         g = gates.detach().float()
-        self.last_entropy = -(g * g.clamp_min(1e-12).log()).sum(-1).mean()  # monitored only, never a loss
+        self.last_entropy = -(g * g.clamp_min(1e-12).log()).sum(-1).mean()  # monitored, not a loss
         return y
 
 # -----------------------------------------------------------------------------
 # the depth model
 
-
 @dataclass
 class DepthConfig:
     num_experts: int = 4             # K, Table 2 ablates 1, 2, 4, 8, 16
-    top_k: int = 0                   # 0 = all experts (the paper's dense routing); our generalisation otherwise
+    top_k: int = 0                   # 0 = all experts (the paper); k < K: our generalisation
     bottleneck: int = 64             # expert width d_b
     gate_hidden: int = 128           # gate MLP 768 -> 128 -> K
     temperature: float = 2.0         # gate softmax temperature tau
-    moa_layers: tuple = (2, 5, 8, 11)  # 0-based, as in the authors' code (GUESS vs Fig. 2's 1-based drawing)
+    moa_layers: tuple = (2, 5, 8, 11)  # 0-based, as in the authors' code (GUESS G9)
     trainable_blocks: int = 4        # the last 4 image blocks are fine-tuned
     use_moa: bool = True             # False: single adapters, the "Our Baseline" row
-    use_context: bool = True         # the global scene-context vector
-    num_bins: int = 128              # N, Table 3 ablates 40 ... 200
-    bin_spacing: str = "uniform"     # GUESS: "uniform" or "log" centres over [min_depth, max_depth]
+    use_context: bool = True         # the global scene-context vector (dual head only)
+    head: str = "dual"               # "dual": bins + regression; "similarity": DepthCLIP's head
+    sim_bins: int = 7                # GUESS G24: similarity bins, 7 (DepthCLIP's) or 10 (paper)
+    num_bins: int = 128              # N of the dual head, Table 3 ablates 40 ... 200
+    bin_spacing: str = "uniform"     # GUESS G3: "uniform" or "log" over [min_depth, max_depth]
     min_depth: float = 1e-3
     max_depth: float = 10.0
-    fusion: str = "mean"             # GUESS: "mean" of binned and regressed depth, or "cls" / "reg" alone
-    input_size: tuple = (224, 224)   # 224 as in the paper; larger multiples of 32 interpolate the pos-embed
-    silog: str = "paper"             # "paper": 10 (Var g + 0.85 Mean g^2); "bts": 10 sqrt(mean g^2 - 0.85 mean(g)^2)
+    fusion: str = "mean"             # GUESS G2: "mean" of binned and regressed, or "cls"/"reg"
+    input_size: tuple = (224, 224)   # as in the paper; other multiples of 32 resize the pos-embed
+    loss: str = "paper"              # "paper": §3.4's CE + L1 + SILog; "composite": Table 1's
+    silog: str = "paper"             # GUESS G6: "paper" 10 (Var + 0.85 Mean^2); "bts" 10 sqrt(..)
     w_cls: float = 1.0
     w_reg: float = 1.0
     w_silog: float = 0.5
 
+    def __post_init__(self):  # the similarity head has no input that the context could join
+        if self.head == "similarity" and self.use_context:
+            raise clip_vit.UserError("--head similarity: it has no context input; add --use-context 0")
 
 @torch.no_grad()
+def prompt_embeddings(clip, texts):
+    """Texts -> (len(texts), embed_dim) unit vectors from the frozen text tower."""
+    ids = clip_vit.tokenize(texts).to(clip.token_embedding.weight.device)  # (n, 77) SOT .. EOT 0 ..
+    return F.normalize(clip.encode_text(ids).float(), dim=-1)
+
 def scene_context(clip, scenes=SCENES):
-    """Paper §3.2: encode "a photo of a {scene}." with the frozen text tower, l2-normalise each, average,
-    then renormalise (GUESS: the paper does not say). Returns (embed_dim,)."""
-    device = clip.token_embedding.weight.device
-    feats = F.normalize(clip.encode_text(clip_vit.tokenize([f"a photo of a {s}." for s in scenes]).to(device)), dim=-1)
+    """Paper §3.2: the mean of the unit "a photo of a {scene}." embeddings, renormalised (G11)."""
+    feats = prompt_embeddings(clip, [f"a photo of a {s}." for s in scenes])  # (n_scenes, embed_dim)
     return F.normalize(feats.mean(0), dim=0)
 
-
-def bin_centres(cfg):
-    lo, hi, n = cfg.min_depth, cfg.max_depth, cfg.num_bins
+def bin_centres(cfg):  # GUESS G3: uniform or log-spaced over [min_depth, max_depth]
     if cfg.bin_spacing == "log":
-        return torch.logspace(math.log10(lo), math.log10(hi), n)
-    return torch.linspace(lo, hi, n)
-
+        return torch.logspace(math.log10(cfg.min_depth), math.log10(cfg.max_depth), cfg.num_bins)
+    return torch.linspace(cfg.min_depth, cfg.max_depth, cfg.num_bins)
 
 class MoADepthCLIP(nn.Module):
     def __init__(self, clip, cfg=DepthConfig(), context=None):
         super().__init__()
-        self.cfg = cfg
-        self.visual = clip.visual  # the text tower is used once, below, and not kept
-        width = self.visual.conv1.out_channels
-        self.moa = nn.ModuleList([
-            MoA(width, cfg.num_experts if cfg.use_moa else 1, cfg.bottleneck, cfg.gate_hidden, cfg.top_k or None,
-                cfg.temperature, gated=cfg.use_moa) for _ in cfg.moa_layers])
-        if cfg.use_context and context is None:
-            context = scene_context(clip)
-        ctx_dim = context.numel() if cfg.use_context else 0
-        self.register_buffer("context", context.float().clone() if cfg.use_context else torch.zeros(0))
-        # GUESS (paper gives no head sizes): 1x1 convolutions on the fused (768 + 512)-channel grid
-        self.cls_head = nn.Conv2d(width + ctx_dim, cfg.num_bins, kernel_size=1)
-        self.reg_head = nn.Conv2d(width + ctx_dim, 1, kernel_size=1)
-        self.register_buffer("bins", bin_centres(cfg))
-        # freeze all of CLIP, then unfreeze the last blocks of the image tower (0-based 8-11 by default)
+        self.cfg, self.visual = cfg, clip.visual  # the text tower is used once, below, and not kept
+        width, experts = self.visual.conv1.out_channels, cfg.num_experts if cfg.use_moa else 1
+        self.moa = nn.ModuleList([MoA(width, experts, cfg.bottleneck, cfg.gate_hidden, cfg.top_k,
+                                      cfg.temperature, gated=cfg.use_moa) for _ in cfg.moa_layers])
+        if cfg.head == "similarity":  # DepthCLIP's head: fixed prompts and bin depths, no weights
+            distances = DISTANCES if cfg.sim_bins == 7 else DISTANCES_10
+            text = prompt_embeddings(clip, [f"This object is {word}" for word, _ in distances])
+            self.register_buffer("text", text)                           # (n_bins, 512) unit rows
+            self.register_buffer("bins", torch.tensor([depth for _, depth in distances]))
+        else:
+            if cfg.use_context and context is None:
+                context = scene_context(clip)
+            context = context.float().clone() if cfg.use_context else torch.zeros(0)
+            self.register_buffer("context", context)                    # (512,), or (0,) without
+            # GUESS G1 (the paper gives no sizes): 1x1 convolutions on the fused 768 + 512 channels
+            self.cls_head = nn.Conv2d(width + len(context), cfg.num_bins, kernel_size=1)
+            self.reg_head = nn.Conv2d(width + len(context), 1, kernel_size=1)
+            self.register_buffer("bins", bin_centres(cfg))
+        # freeze all of CLIP, then unfreeze the last blocks of the image tower (8-11 by default)
         self.visual.requires_grad_(False)
         blocks = self.visual.transformer.resblocks
         blocks[len(blocks) - cfg.trainable_blocks:].requires_grad_(True)
 
     def features(self, image):
-        """(B, 3, H, W) -> mean of the MoA outputs' patch tokens, as a grid (B, width, H/32, W/32)."""
-        v, (H, W) = self.visual, image.shape[-2:]
-        if H % v.patch_size or W % v.patch_size:
-            raise ValueError(f"input {H}x{W}: both sides must be multiples of the patch size {v.patch_size}")
+        """(B, 3, H, W) -> mean of the MoA outputs' patch tokens, a grid (B, width, H/32, W/32)."""
+        v, (H, W) = self.visual, image.shape[-2:]                       # H, W: multiples of 32
         gh, gw = H // v.patch_size, W // v.patch_size
         first = self.cfg.moa_layers[0]
         with torch.no_grad():  # nothing before the first MoA is trained: skip building its graph
-            x = v.embed(image)                                            # (B, 1 + gh*gw, width)
+            x = v.embed(image).float()  # (B, 1 + gh*gw, width), fp32 also under autocast (G22)
             for block in v.transformer.resblocks[:first]:
                 x = block(x)
         levels = []
         for i, block in enumerate(v.transformer.resblocks[first:], start=first):
             x = block(x)
             if i in self.cfg.moa_layers:
-                x = self.moa[self.cfg.moa_layers.index(i)](x)            # MoA on every token, CLS included
-                levels.append(x[:, 1:])                                   # patch tokens (B, gh*gw, width)
-        feat = torch.stack(levels).mean(0)                                # (B, gh*gw, width)
+                x = self.moa[self.cfg.moa_layers.index(i)](x)           # every token, CLS included
+                levels.append(x[:, 1:])                                  # (B, gh*gw, width) patches
+        feat = torch.stack(levels).mean(0)                               # (B, gh*gw, width)
         return feat.transpose(1, 2).reshape(image.shape[0], -1, gh, gw)
 
     def forward(self, image, out_size=None):
         out_size = out_size or image.shape[-2:]
-        f = self.features(image)                                          # (B, 768, gh, gw)
+        f = self.features(image)                                         # (B, 768, gh, gw)
+        if self.cfg.head == "similarity":
+            return self.similarity(f, out_size)
         if self.cfg.use_context:
             c = self.context.to(f.dtype).view(1, -1, 1, 1).expand(f.shape[0], -1, *f.shape[-2:])
-            f = torch.cat([f, c], dim=1)                                  # (B, 768 + 512, gh, gw)
-        logits = F.interpolate(self.cls_head(f), size=out_size, mode="bilinear", align_corners=False)  # (B, N, H, W)
-        depth_cls = (logits.float().softmax(1) * self.bins.view(1, -1, 1, 1)).sum(1, keepdim=True)       # (B, 1, H, W)
-        reg = torch.sigmoid(self.reg_head(f).float()) * self.cfg.max_depth  # GUESS: positive, capped at 10 m
-        depth_reg = F.interpolate(reg, size=out_size, mode="bilinear", align_corners=False)
-        depth_reg = depth_reg.clamp_min(self.cfg.min_depth)
-        depth = {"mean": 0.5 * (depth_cls + depth_reg), "cls": depth_cls, "reg": depth_reg}[self.cfg.fusion]
-        return {"depth": depth, "depth_cls": depth_cls, "depth_reg": depth_reg, "logits": logits}
+            f = torch.cat([f, c], dim=1)                                 # (B, 768 + 512, gh, gw)
+        up = dict(size=out_size, mode="bilinear", align_corners=False)
+        logits = F.interpolate(self.cls_head(f).float(), **up)          # (B, N, H, W)
+        depth_cls = (logits.softmax(1) * self.bins.view(1, -1, 1, 1)).sum(1, keepdim=True)
+        reg = torch.sigmoid(self.reg_head(f).float()) * self.cfg.max_depth  # GUESS G4: (0, 10) m
+        depth_reg = F.interpolate(reg, **up).clamp_min(self.cfg.min_depth)  # (B, 1, H, W)
+        fused = {"mean": 0.5 * (depth_cls + depth_reg), "cls": depth_cls, "reg": depth_reg}
+        return {"depth": fused[self.cfg.fusion], "depth_cls": depth_cls, "depth_reg": depth_reg, "logits": logits}
 
-    def gate_entropy(self):
-        return torch.stack([m.last_entropy for m in self.moa]).mean().item() if self.cfg.use_moa else 0.0
+    def similarity(self, f, out_size):
+        """DepthCLIP's head: tokens f (B, 768, gh, gw) -> CLIP's ln_post, proj (G23) -> cosines with
+        the prompts x 100 / 0.1 -> softmax -> weighted sum of the bin depths -> upsampled."""
+        B, _, gh, gw = f.shape
+        tokens = self.visual.ln_post(f.flatten(2).transpose(1, 2))      # (B, gh*gw, 768)
+        with torch.autocast(f.device.type, enabled=False):  # cosines x 1000: too coarse in bf16
+            emb = F.normalize(tokens.float() @ self.visual.proj.float(), dim=-1)  # (B, gh*gw, 512)
+            probs = (CLIP_SCALE * emb @ self.text.t() / SIM_TEMPERATURE).softmax(-1)  # (B, gh*gw, n)
+        depth = (probs @ self.bins).view(B, 1, gh, gw)                   # metres on the patch grid
+        depth = F.interpolate(depth, size=out_size, mode="bilinear", align_corners=False)
+        return {"depth": depth, "probs": probs.transpose(1, 2).reshape(B, -1, gh, gw)}
+
+    def gate_entropy(self):  # mean per-token gate entropy of the last forward (0: plain adapters)
+        return torch.stack([m.last_entropy for m in self.moa]).mean().item()
 
 # -----------------------------------------------------------------------------
-# the loss (paper §3.4)
-
+# the losses: the paper's (§3.4), and the authors' earlier composite loss (Table 1 "Comp. Loss")
 
 def silog(pred, gt, form="paper"):
-    g = torch.log(pred) - torch.log(gt)  # over valid pixels, both >= min_depth so no log(0)
+    g = torch.log(pred) - torch.log(gt)  # over valid pixels, both > 0
     if form == "bts":
         return 10 * torch.sqrt((g.pow(2).mean() - 0.85 * g.mean().pow(2)).clamp_min(1e-12))
     return 10 * (g.var(unbiased=False) + 0.85 * g.mean().pow(2))
 
+def composite_loss(pred, gt):
+    """The authors' earlier loss on the final map pred, gt (B, 1, H, W), valid where gt > 1e-8:
+    1.0 SILog (BTS) + 0.5 (mean |dx| + mean |dy| of pred, everywhere) + 0.2 (1 - SSIM) / 2 + 0.1 L1.
+    SSIM from 3x3 means over reflection-padded maps, its term clamped to [0, 1] per pixel."""
+    valid = gt > COMPOSITE_MIN_GT
+    if not valid.any():  # an all-hole batch: a zero that still backpropagates, never NaN
+        return pred.sum() * 0, {k: 0.0 for k in W_COMPOSITE}
+    def pool(t):
+        return F.avg_pool2d(F.pad(t, (1, 1, 1, 1), mode="reflect"), 3, stride=1)  # (B, 1, H, W)
+    mu_p, mu_g = pool(pred), pool(gt)
+    var_p, var_g = pool(pred ** 2) - mu_p ** 2, pool(gt ** 2) - mu_g ** 2
+    cov = pool(pred * gt) - mu_p * mu_g
+    ssim = ((2 * mu_p * mu_g + SSIM_C1) * (2 * cov + SSIM_C2)
+            / ((mu_p ** 2 + mu_g ** 2 + SSIM_C1) * (var_p + var_g + SSIM_C2)))
+    grad = pred.diff(dim=-1).abs().mean() + pred.diff(dim=-2).abs().mean()  # x and y differences
+    terms = {"silog": silog(pred[valid], gt[valid], "bts"), "grad": grad,
+             "ssim": ((1 - ssim) / 2).clamp(0, 1)[valid].mean(), "l1": (pred - gt)[valid].abs().mean()}
+    loss = sum(W_COMPOSITE[k] * t for k, t in terms.items())
+    return loss, {k: t.item() for k, t in terms.items()}
 
 def depth_loss(out, depth, mask, cfg):
-    """out from MoADepthCLIP.forward; depth (B, 1, H, W) metres; mask (B, 1, H, W) bool. Returns (loss, terms)."""
+    """(loss, terms) for out of forward, depth (B, 1, H, W) metres, mask (B, 1, H, W). The paper:
+    CE on the bin logits, L1 + SILog on the regressed map (the similarity head: on its map)."""
+    if cfg.loss == "composite":
+        return composite_loss(out["depth"], depth)
     valid = mask & (depth > cfg.min_depth) & (depth < cfg.max_depth)
     if not valid.any():  # an all-hole batch: a zero that still backpropagates, never NaN
-        zero = out["depth"].sum() * 0
-        return zero, {"cls": 0.0, "l1": 0.0, "silog": 0.0}
-    bins = bin_centres(cfg).to(out["logits"].device)
-    if cfg.bin_spacing == "log":
-        edges = (bins[1:] * bins[:-1]).sqrt()
-    else:
-        edges = (bins[1:] + bins[:-1]) / 2
-    target = torch.bucketize(depth[valid], edges)                         # the bin that holds the ground truth
-    logits = out["logits"].float().permute(0, 2, 3, 1)[valid[:, 0]]      # (n_valid, N)
-    l_cls = F.cross_entropy(logits, target)
-    pred, gt = out["depth_reg"][valid], depth[valid]
-    l_l1 = (pred - gt).abs().mean()
-    l_silog = silog(pred, gt, cfg.silog)
-    loss = cfg.w_cls * l_cls + cfg.w_reg * l_l1 + cfg.w_silog * l_silog
-    return loss, {"cls": l_cls.item(), "l1": l_l1.item(), "silog": l_silog.item()}
+        return out["depth"].sum() * 0, {"cls": 0.0, "l1": 0.0, "silog": 0.0}
+    loss, terms = 0.0, {}
+    if cfg.head == "dual":
+        bins = bin_centres(cfg).to(depth.device)
+        log = cfg.bin_spacing == "log"  # edges halfway between centres, geometrically for log bins
+        edges = (bins[1:] * bins[:-1]).sqrt() if log else (bins[1:] + bins[:-1]) / 2
+        target = torch.bucketize(depth[valid], edges)                   # the bin holding the GT
+        logits = out["logits"].float().permute(0, 2, 3, 1)[valid[:, 0]]  # (n_valid, N)
+        l_cls = F.cross_entropy(logits, target)
+        loss, terms["cls"] = cfg.w_cls * l_cls, l_cls.item()
+    pred, gt = out["depth_reg" if cfg.head == "dual" else "depth"][valid], depth[valid]
+    l_l1, l_silog = (pred - gt).abs().mean(), silog(pred, gt, cfg.silog)
+    loss = loss + cfg.w_reg * l_l1 + cfg.w_silog * l_silog
+    return loss, {**terms, "l1": l_l1.item(), "silog": l_silog.item()}
 
 # -----------------------------------------------------------------------------
-# parameters: the report, and the trainable-only state dict that checkpoints hold
-
+# parameters and checkpoints: the trainable parameters, the config, the CLIP weights' identity
 
 def parameter_report(model):
-    """Rows of (part, trainable, frozen) and a printable table."""
-    n_blocks = len(model.visual.transformer.resblocks)
-    k = model.cfg.trainable_blocks
-    parts = {f"CLIP image blocks {n_blocks - k}-{n_blocks - 1}": [], "CLIP image tower, other": [],
-             f"MoA modules ({len(model.moa)})": [], "depth heads": []}
-    names = list(parts)
+    """Rows of (part, trainable, frozen) parameter counts, and a printable table of them."""
+    n, k = len(model.visual.transformer.resblocks), model.cfg.trainable_blocks
+    parts = {"visual": f"CLIP image tower (blocks {n - k}-{n - 1} trained)", "moa": "MoA modules",
+             "cls_head": "depth heads", "reg_head": "depth heads"}
+    counts = {}
     for name, p in model.named_parameters():
-        if name.startswith("moa."):
-            parts[names[2]].append(p)
-        elif "_head." in name:
-            parts[names[3]].append(p)
-        elif name.startswith("visual.transformer.resblocks.") and int(name.split(".")[3]) >= n_blocks - k:
-            parts[names[0]].append(p)
-        else:
-            parts[names[1]].append(p)
-    rows = [(n, sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps if not p.requires_grad))
-            for n, ps in parts.items()]
+        part = parts[name.split(".")[0]]
+        counts.setdefault(part, [0, 0])[0 if p.requires_grad else 1] += p.numel()
+    rows = [(part, t, f) for part, (t, f) in counts.items()]
     rows.append(("total", sum(r[1] for r in rows), sum(r[2] for r in rows)))
-    table = "\n".join(f"| {n:<28} | {t:>12,} | {f:>12,} |" for n, t, f in rows)
-    return rows, f"| {'part':<28} | {'trainable':>12} | {'frozen':>12} |\n|{'-' * 30}|{'-' * 14}|{'-' * 14}|\n{table}"
-
-
-def trainable_state_dict(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
+    table = [f"| {'part':<38} | {'trainable':>11} | {'frozen':>11} |", "|" + "-" * 68 + "|"]
+    table += [f"| {part:<38} | {t:>11,} | {f:>11,} |" for part, t, f in rows]
+    return rows, "\n".join(table)
 
 def load_trainable_state_dict(model, sd):
     own = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     shapes = [n for n in own if n in sd and sd[n].shape != own[n].shape]
     if missing or extra or shapes:
-        raise ValueError(f"checkpoint does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}, "
-                         f"wrong shape {shapes[:3]}")
-    with torch.no_grad():
-        for n, p in own.items():
-            p.copy_(sd[n])
-
-# -----------------------------------------------------------------------------
-# checkpoints: the trainable parameters, the config, and the identity of the frozen CLIP weights
-
+        raise ValueError(f"checkpoint does not fit: missing {missing[:3]}, unexpected {extra[:3]}, shape {shapes[:3]}")
+    model.load_state_dict(sd, strict=False)  # exactly the trainable tensors, checked above
 
 def clip_sha256(name_or_path):
-    """The identity of the CLIP weights a run used: the official SHA-256, or the file's, or "random"."""
-    if name_or_path == "random":
-        return "random"
+    """The identity of the CLIP weights of a run: the official SHA-256, the file's, or "random"."""
     if name_or_path in clip_vit.MODELS:
         return clip_vit.official_sha256(name_or_path)
-    return clip_vit.sha256sum(name_or_path)
-
+    return "random" if name_or_path == "random" else clip_vit.sha256sum(name_or_path)
 
 def save_checkpoint(path, model, **extra):
-    """Atomically write the trainable parameters, the DepthConfig and `extra` (clip id, optimizer, ...)."""
-    ckpt = {"model": trainable_state_dict(model), "model_config": asdict(model.cfg), **extra}
+    """Atomically write the trainable parameters, the DepthConfig and `extra` (clip id, ...)."""
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    ckpt = {"model": trainable, "model_config": asdict(model.cfg), **extra}
     clip_vit.atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
 
-
 def load_checkpoint(path):
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise clip_vit.UserError(f"{path}: no such checkpoint file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception as e:  # torch's own message, on one line
         raise clip_vit.UserError(f"{path}: not a readable checkpoint ({' '.join(str(e).split())[:200]})") from None
     if not isinstance(ckpt, dict) or not {"model", "model_config", "clip"} <= set(ckpt):
-        raise clip_vit.UserError(f"{path}: not a MoA-DepthCLIP checkpoint (expected keys model, model_config, clip)")
+        raise clip_vit.UserError(f"{path}: not a MoA-DepthCLIP checkpoint (no model, model_config, clip)")
     return ckpt
 
-
-def check_clip(ckpt, clip_arg, sha, where):
-    """The checkpoint must have been trained on the CLIP weights whose SHA-256 is `sha`."""
+def check_clip(ckpt, clip_arg, sha, where):  # was the checkpoint trained on the CLIP weights `sha`?
     if sha != ckpt["clip"]["sha256"]:
         raise clip_vit.UserError(f"{where}: trained on CLIP weights {ckpt['clip']['sha256'][:12]}..., "
                                  f"but {clip_arg} has {sha[:12]}...")
 
-
 def from_checkpoint(ckpt, clip_arg=None, device="cpu", where="checkpoint"):
-    """Rebuild a trained model: the CLIP weights (SHA-256 checked against the checkpoint) + its trainable part."""
+    """Rebuild a trained model: the CLIP weights (SHA-256 checked) plus its trainable part."""
     clip_arg = clip_arg or ckpt["clip"]["name"]
-    clip = clip_vit.load(clip_arg)
+    clip = clip_vit.load(clip_arg)  # a missing or broken file is a UserError here
     check_clip(ckpt, clip_arg, clip_sha256(clip_arg), where)
-    cfg = DepthConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["model_config"].items()})
     try:
-        model = MoADepthCLIP(clip, cfg)
+        cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["model_config"].items()}
+        model = MoADepthCLIP(clip, DepthConfig(**cfg))
         load_trainable_state_dict(model, ckpt["model"])
     except (ValueError, TypeError, RuntimeError) as e:
         raise clip_vit.UserError(f"{where}: {e}") from None

@@ -1,23 +1,25 @@
 """
-Train MoA-DepthCLIP on NYU Depth V2 with the paper's recipe (paper.md §6), as one flat script.
+Train MoA-DepthCLIP on NYU Depth V2 with the paper's recipe, as one flat script read top to bottom.
 
-    python train.py --data nyu_depth_v2_labeled.mat               # downloads the data and CLIP if missing
-    python train.py --data synthetic --clip random --epochs 2     # offline smoke run in seconds, no downloads
-    torchrun --nproc_per_node=4 train.py --data ...               # DDP: per-rank shards, rank 0 logs and saves
-    python train.py --data ... --resume                           # continue from --out/ckpt.pt
+    python train.py                          # the paper recipe; fetches NYU and CLIP once
+    python train.py --data synthetic --clip random --epochs 2 --out /tmp/smoke   # offline
+    python train.py --resume                 # continue from --out/ckpt.pt
+    python train.py --head similarity --use-context 0 --loss composite   # a Table 1 row
+    torchrun --nproc_per_node=4 train.py     # DDP: rank 0 logs and saves
 
-Every epoch writes --out/ckpt.pt atomically (the trainable parameters only, ~120 MB fp32 for the defaults),
-plus best.pt by validation delta_1 on a held-out part of the train split; the test split is only touched by
-evaluate.py. Logs go to stdout and --out/log.jsonl.
+The recipe trains on all 795 train frames and keeps the last epoch: every epoch writes
+--out/ckpt.pt (the trainable parameters, AdamW's state, the config). --val-frac 0.05 holds out
+train scenes to validate on and keeps best.pt too (model selection without the test split).
+Logs go to stdout and --out/log.jsonl. A bad flag stops with one `error:` line before any work.
 """
 import argparse
 import json
 import os
-import subprocess
+import shlex
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -29,217 +31,329 @@ import data_nyu
 import moa
 
 # -----------------------------------------------------------------------------
-# defaults: the paper's recipe; every paper-silent choice is marked and is a flag
-data = "nyu_depth_v2_labeled.mat"
-splits = None            # splits.mat; None = next to the data file, or downloaded
-clip = "ViT-B/32"        # or a path to ViT-B-32.pt / a state dict, or "random" (offline smoke runs)
-out = "out"
-epochs = 30
-batch_size = 8
-lr = 1e-5                # constant, AdamW (paper)
-head_lr = 0.0            # 0 = same as lr (paper). paper.md §10.15: 1e-5 may under-train fresh heads; try 1e-4
-weight_decay = 1e-4
-train_gt = "dense"       # GUESS: in-painted depths for training (the authors' "gt_dense" lists); or "raw"
-val_frac = 0.05          # our choice: hold out this fraction of train scenes for model selection (no test leak)
-augment = False          # the paper mentions none
-seed = 0
-device = "auto"
-log_interval = 10
-synthetic_frames = 48    # size of --data synthetic
+# flags: the defaults are the paper's recipe; every choice it leaves open is a flag.
+# Each type below refuses a bad value, so argparse stops with one line before any work.
+
+def checked(kind, ok, rule):
+    def convert(text):
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} is not {rule}")
+        return value
+    convert.__name__ = kind.__name__  # argparse's "invalid int value: 'x'" names the type
+    return convert
+
+def int_list(text):  # "2,5,8,11" -> (2, 5, 8, 11); a typo reads "invalid int_list value"
+    return tuple(int(x) for x in text.split(","))
+
+def typed(value):  # a default as a user types it (argparse runs a string default through the type)
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(int(value)) if isinstance(value, bool) else value
+
+class Help(argparse.RawDescriptionHelpFormatter):  # keeps the docstring's examples; adds defaults
+    def _get_help_string(self, action):
+        if action.nargs == 0 or action.default is None:  # switches, and flags unset by default
+            return action.help
+        return action.help + " (default: %(default)s)"
+
+count, at_least_0 = checked(int, lambda v: v >= 1, ">= 1"), checked(int, lambda v: v >= 0, ">= 0")
+positive, non_negative = checked(float, lambda v: v > 0, "> 0"), checked(float, lambda v: v >= 0, ">= 0")
+boolean = checked(int, lambda v: v in (0, 1), "0 or 1")  # 0/1, the way the help prints defaults
+layers = checked(int_list, lambda v: list(v) == sorted(set(v)) and 0 <= v[0] <= v[-1] <= 11,
+                 "increasing block numbers in 0..11")
+sizes = checked(int_list, lambda v: len(v) <= 2 and all(x > 0 and x % 32 == 0 for x in v),
+                "one or two multiples of 32")
+p = argparse.ArgumentParser(description=__doc__, formatter_class=Help, allow_abbrev=False)
+add = p.add_argument
+add("--data", default=data_nyu.FILE_NAME, metavar="PATH", help="NYU Depth V2 labeled .mat, or "
+    "synthetic (procedural rooms); if missing, downloaded (2.97 GB) only under this name in an "
+    "existing folder, or with --download")
+add("--splits", metavar="PATH", help="the official splits.mat (default: the one next to --data, "
+    "else in ~/.cache/nyu_depth_v2/, else downloaded there, 2.6 KB)")
+add("--clip", default="ViT-B/32", metavar="NAME|PATH", help="CLIP weights: ViT-B/32 (downloaded "
+    "once to ~/.cache/clip, 354 MB), a ViT-B-32.pt or state-dict file, or random (offline)")
+add("--out", default="out", metavar="DIR", help="folder for ckpt.pt, best.pt and log.jsonl")
+add("--resume", action="store_true", help="continue the run in --out from its ckpt.pt")
+add("--overwrite", action="store_true", help="start afresh in an --out that holds a checkpoint")
+either = p.add_mutually_exclusive_group().add_argument  # args.download: True, False or None
+either("--download", action="store_const", const=True, help="fetch a missing --data, any name")
+either("--no-download", dest="download", action="store_const", const=False, help="fetch nothing")
+add("--epochs", type=count, default=30, metavar="N", help="passes over the train frames")
+add("--batch-size", type=count, default=8, metavar="N", help="frames per step on each rank")
+add("--lr", type=positive, default=1e-5, metavar="X", help="AdamW learning rate, constant")
+add("--head-lr", type=non_negative, default=0.0, metavar="X", help="learning rate of the fresh "
+    "depth heads; 0 = same as --lr (the paper); 1e-4 may suit them better")
+add("--weight-decay", type=non_negative, default=1e-4, metavar="X", help="AdamW weight decay")
+add("--train-gt", choices=("dense", "raw"), default="dense", help="training depth: in-painted "
+    "`depths` or Kinect `rawDepths` with holes (a GUESS: the paper does not say)")
+add("--val-frac", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.0, metavar="X",
+    help="train scenes held out to pick best.pt; 0 = train on all 795 frames (the paper)")
+add("--augment", type=boolean, default=0, metavar="0/1", help="flips, brightness and contrast")
+add("--seed", type=int, default=0, metavar="N", help="seeds the init, shuffling, held-out scenes")
+add("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda or cuda:N")
+add("--moa-impl", choices=("auto", "triton", "torch"), default="auto", help="the MoA layer's "
+    "code: the fused Triton kernel or plain PyTorch; auto = Triton on CUDA")
+add("--log-interval", type=count, default=10, metavar="N", help="steps between log lines")
+add("--synthetic-frames", type=count, default=48, metavar="N", help="frames of --data synthetic")
+add("--max-steps", type=at_least_0, default=0, metavar="N", help="stop after N steps; 0 = never")
+# the model's switches: one flag per moa.DepthConfig field, with the field's default
+MODEL_FLAGS = {  # field: (type, format, meaning)
+    "num_experts": (count, "N", "experts K per MoA layer (Table 2)"),
+    "top_k": (at_least_0, "N", "experts each token mixes; 0 = all experts (the paper)"),
+    "bottleneck": (count, "N", "expert width d_b, channels"),
+    "gate_hidden": (count, "N", "hidden width of the gate MLP, channels"),
+    "temperature": (positive, "X", "gate softmax temperature tau"),
+    "moa_layers": (layers, "LIST", "0-based image blocks followed by a MoA (ViT-B/32: 0..11)"),
+    "trainable_blocks": (checked(int, lambda v: 0 <= v <= 12, "in 0..12"), "N", "last blocks tuned"),
+    "use_moa": (boolean, "0/1", "MoA modules; 0 = one plain adapter each (Table 1's baseline)"),
+    "use_context": (boolean, "0/1", "append the text scene-context vector (dual head only)"),
+    "head": (str, None, "the paper's dual head, or DepthCLIP's similarity head (Table 1)"),
+    "sim_bins": (int, None, "bins of the similarity head: DepthCLIP's 7 or the paper's 10"),
+    "num_bins": (checked(int, lambda v: v >= 2, ">= 2"), "N", "bins N of the dual head (Table 3)"),
+    "bin_spacing": (str, None, "how the dual head's bin centres spread over the depth range"),
+    "min_depth": (positive, "METRES", "smallest depth predicted"),
+    "max_depth": (positive, "METRES", "largest depth predicted"),
+    "fusion": (str, None, "the dual head's final depth: the mean of both maps, or one of them"),
+    "input_size": (sizes, "H,W", "network input in pixels, multiples of 32; one side = square"),
+    "loss": (str, None, "the paper's loss, or Table 1's composite loss"),
+    "silog": (str, None, "the SILog form in the paper's loss"),
+    "w_cls": (float, "X", "weight of the bins' cross-entropy in the paper's loss"),
+    "w_reg": (float, "X", "weight of the L1 term in the paper's loss"),
+    "w_silog": (float, "X", "weight of the SILog term in the paper's loss"),
+}
+for f in fields(moa.DepthConfig):
+    kind, metavar, meaning = MODEL_FLAGS.get(f.name, (type(f.default), None, "moa.DepthConfig"))
+    add("--" + f.name.replace("_", "-"), type=kind, default=typed(f.default), metavar=metavar,
+        choices=moa.CHOICES.get(f.name), help=meaning)
+args = p.parse_args()  # a bad flag ends here: usage and one `error:` line
+# what one flag alone cannot tell: flags that must agree with each other, and files that must exist
+if args.resume and args.overwrite:
+    p.error("--resume continues the run in --out and --overwrite replaces it: give one")
+if args.top_k > args.num_experts:
+    p.error(f"--top-k {args.top_k}: more than the {args.num_experts} experts (0 = all)")
+if args.min_depth >= args.max_depth:
+    p.error(f"--min-depth {args.min_depth} must be below --max-depth {args.max_depth}")
+if args.clip not in (*clip_vit.MODELS, "random") and not Path(args.clip).is_file():
+    p.error(f"--clip {args.clip}: no such file, nor one of {', '.join(clip_vit.MODELS)}, random")
+moa.MOA_IMPL = args.moa_impl  # the one switch moa.py reads
+
 # -----------------------------------------------------------------------------
-defaults = {k: v for k, v in globals().copy().items()
-            if not k.startswith("_") and isinstance(v, (int, float, str, type(None)))}
-p = argparse.ArgumentParser(description="Train MoA-DepthCLIP; defaults are the paper's recipe (see the docstring)")
+# errors: a problem the user can fix ends in one line, Ctrl-C in how to resume; bugs keep
+# their traceback
+saved_epoch = None  # the epoch in --out/ckpt.pt, once there is one
 
-
-def flag(name, default):  # bools are given as 0/1, tuples as 448,576
-    if isinstance(default, bool):
-        conv = lambda s: bool(int(s))  # noqa: E731
-    elif isinstance(default, tuple):
-        conv = lambda s: tuple(int(x) for x in s.split(","))  # noqa: E731
-    else:
-        conv = str if default is None else type(default)
-    p.add_argument("--" + name.replace("_", "-"), type=conv, default=default, help="default: %(default)s")
-
-
-for k, v in defaults.items():
-    flag(k, v)
-p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
-p.add_argument("--no-download", action="store_true")
-p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = all epochs); for tests")
-for f in fields(moa.DepthConfig):  # the model's ablation switches: --num-experts 8, --use-moa 0, --input-size 448,576
-    flag(f.name, f.default)
-args = p.parse_args()
-
-
-def on_error(kind, err, tb):  # bad input from here on ends with one line, not a traceback; bugs keep theirs
-    if issubclass(kind, clip_vit.UserError):
+def on_error(kind, err, tb):
+    if issubclass(kind, KeyboardInterrupt):
+        if saved_epoch is None:
+            where = f"no checkpoint was written in {args.out}; rerun to start again"
+        else:  # the same command with --resume (and without --overwrite, which would start afresh)
+            again = [a for a in sys.argv if a not in ("--resume", "--overwrite")] + ["--resume"]
+            where = (f"the last checkpoint is {ckpt_path} (after epoch {saved_epoch + 1} of "
+                     f"{args.epochs}); continue with: python {shlex.join(again)}")
+        print(f"interrupted: {where}", file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT: what a shell reports for a program stopped by Ctrl-C
+    if issubclass(kind, clip_vit.UserError):  # bad input, not a bug
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    sys.__excepthook__(kind, err, tb)
+    sys.__excepthook__(kind, err, tb)  # a bug: the full traceback
 
-
-sys.excepthook = on_error
+sys.excepthook = on_error  # from here on, for the rest of the run
 cfg = moa.DepthConfig(**{f.name: getattr(args, f.name) for f in fields(moa.DepthConfig)})
-if len(cfg.input_size) == 1:
+if len(cfg.input_size) == 1:  # one side means a square input
     cfg.input_size = cfg.input_size * 2
-if len(cfg.input_size) != 2 or any(s % 32 for s in cfg.input_size):  # ViT-B/32 patches
-    raise clip_vit.UserError(f"--input-size {args.input_size}: give one or two sides that are multiples of 32, e.g. 384,512")
 
 # -----------------------------------------------------------------------------
 # distributed, device and dtype
 ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun?
 rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-dev, amp_dtype = moa.runtime(f"cuda:{os.environ['LOCAL_RANK']}" if ddp and torch.cuda.is_available() else args.device)
-if ddp:
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-master = rank == 0
+if ddp and torch.cuda.is_available():  # torchrun gives each rank its own GPU
+    args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+dev, amp_dtype = moa.runtime(args.device)  # a device this machine lacks is a UserError
+if args.moa_impl == "triton" and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    p.error("--moa-impl triton needs a CUDA device (or TRITON_INTERPRET=1, slowly)")  # not at step 1
+master = rank == 0  # the rank that logs and saves
 autocast = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-torch.manual_seed(args.seed)
-out_dir = Path(args.out)
-if master:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        clip_vit.atomic_write(out_dir / ".write_test", lambda tmp: Path(tmp).write_text("ok"))
-        (out_dir / ".write_test").unlink()
-        for stale in out_dir.glob(".*.pt.*.tmp"):  # a checkpoint write cut short by a kill
-            stale.unlink()
-    except OSError as e:
-        raise clip_vit.UserError(f"{out_dir}: cannot write there ({e.strerror or e})") from None
-
+torch.manual_seed(args.seed)  # the init of the MoA and the heads
 
 def log(msg):
     if master:
         print(msg, flush=True)
 
 # -----------------------------------------------------------------------------
-# data: the official train split, a few scenes held out for validation, preloaded on the device
+# the run folder: an earlier run is never replaced by accident, and --resume never mixes two models
+out_dir = Path(args.out)
+ckpt_path = out_dir / "ckpt.pt"
+earlier = [name for name in ("ckpt.pt", "best.pt") if (out_dir / name).exists()]
+if args.resume and "ckpt.pt" not in earlier:
+    raise clip_vit.UserError(f"{ckpt_path}: --resume given but there is no checkpoint")
+if earlier and not (args.resume or args.overwrite):
+    raise clip_vit.UserError(f"{out_dir}: holds {' and '.join(earlier)} of an earlier run; "
+                             "continue it with --resume, pick another --out, or replace it with "
+                             "--overwrite")
+if args.resume:
+    ckpt = moa.load_checkpoint(ckpt_path)
+    moa.check_clip(ckpt, args.clip, moa.clip_sha256(args.clip), ckpt_path)
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["model_config"].items()}
+    for k, v in asdict(cfg).items():  # the loss may change between runs, the model may not
+        if saved.get(k, v) != v and k not in ("loss", "silog", "w_cls", "w_reg", "w_silog"):
+            raise clip_vit.UserError(f"{ckpt_path}: trained with --{k.replace('_', '-')} "
+                                     f"{typed(saved[k])}; --resume needs the same model flags")
+    saved_epoch = ckpt["epoch"]  # for the Ctrl-C hint
+
+# -----------------------------------------------------------------------------
+# data: the official train split, optionally minus a few scenes held out for validation
 if args.data == "synthetic":
     ds = data_nyu.SyntheticDepth(n=args.synthetic_frames, seed=args.seed)
 else:
-    args.data = str(Path(args.data).resolve())  # absolute, so evaluate.py finds it from any directory
-    ds = data_nyu.NYUDepthV2(args.data, split="train", splits_path=args.splits, raw_depth=args.train_gt == "raw",
-                             download=not args.no_download)
+    args.data = str(Path(args.data).resolve())  # absolute, so evaluate.py finds it from anywhere
+    ds = data_nyu.NYUDepthV2(args.data, split="train", splits_path=args.splits,
+                             raw_depth=args.train_gt == "raw", download=args.download)
 scenes = sorted({ds.scene(i) for i in range(len(ds))})
 n_val = max(1, round(args.val_frac * len(scenes))) if args.val_frac > 0 else 0
+# held out by scene, not by frame: neighbouring frames of one room would leak into validation
 val_scenes = set(np.random.default_rng(args.seed).permutation(scenes)[:n_val].tolist())
 train_items = [i for i in range(len(ds)) if ds.scene(i) not in val_scenes]
 val_items = [i for i in range(len(ds)) if ds.scene(i) in val_scenes]
-log(f"data: {len(train_items)} train / {len(val_items)} val frames ({n_val} held-out scenes: {sorted(val_scenes)})")
-train_batches = data_nyu.PreloadedBatches(ds, size=cfg.input_size, batch_size=args.batch_size, device=dev,
-                                          seed=args.seed, augment=args.augment, rank=rank, world_size=world,
+if len(train_items) // world < args.batch_size:  # every step is one full batch on every rank
+    raise clip_vit.UserError(f"--batch-size {args.batch_size}: more than the "
+                             f"{len(train_items) // world} train frames per process")
+clip_model = clip_vit.load(args.clip)  # before the slow decode below: a bad CLIP file fails fast
+if master:  # nothing is written before every check above has passed
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in earlier if args.overwrite else []:
+            (out_dir / name).unlink()
+        for stale in out_dir.glob(".*.pt.*.tmp"):  # a checkpoint write cut short by a kill
+            stale.unlink()
+        (out_dir / "log.jsonl").open("a" if args.resume else "w").close()  # a new run, a new log
+    except OSError as e:
+        raise clip_vit.UserError(f"{out_dir}: cannot write there ({e.strerror or e})") from None
+log(f"data: {len(train_items)} train frames, {len(val_items)} held out "
+    f"({n_val} scenes: {', '.join(sorted(val_scenes)) or 'none'})")
+# decoded once, onto the device: a step never waits for a DataLoader
+train_batches = data_nyu.PreloadedBatches(ds, cfg.input_size, args.batch_size, dev, seed=args.seed,
+                                          augment=args.augment, rank=rank, world_size=world,
                                           items=train_items)
-val_batches = data_nyu.PreloadedBatches(ds, size=cfg.input_size, batch_size=args.batch_size, device=dev,
-                                        shuffle=False, drop_last=False, items=val_items) if val_items else None
+val_batches = None  # --val-frac 0: nothing held out
+if val_items:  # every held-out frame once, in order, on each rank
+    val_batches = data_nyu.PreloadedBatches(ds, cfg.input_size, args.batch_size, dev, shuffle=False,
+                                            drop_last=False, items=val_items)
 
 # -----------------------------------------------------------------------------
 # model and optimizer
-clip_model = clip_vit.load(args.clip)
-clip_id = {"name": args.clip, "sha256": moa.clip_sha256(args.clip)}  # evaluate.py checks it against its CLIP file
+clip_id = {"name": args.clip, "sha256": moa.clip_sha256(args.clip)}  # evaluate.py checks its CLIP
 model = moa.MoADepthCLIP(clip_model, cfg).to(dev)
-del clip_model  # the text tower was used once, for the scene-context vector
+del clip_model  # the text tower was used once, for the prompt embeddings
 log(moa.parameter_report(model)[1])
-heads = [p for n, p in model.named_parameters() if p.requires_grad and "_head." in n]
-rest = [p for n, p in model.named_parameters() if p.requires_grad and "_head." not in n]
-optimizer = torch.optim.AdamW([{"params": rest}, {"params": heads, "lr": args.head_lr or args.lr}],
-                              lr=args.lr, weight_decay=args.weight_decay)
-start_epoch, step, best_d1, history = 0, 0, -1.0, []
-ckpt_path = out_dir / "ckpt.pt"
+trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+# the heads start from scratch, the rest from CLIP: --head-lr can give the heads their own rate
+backbone = [p for n, p in trainable if n.startswith(("visual.", "moa."))]
+heads = [p for n, p in trainable if not n.startswith(("visual.", "moa."))]
+head_lr = args.head_lr or args.lr
+groups = [{"params": backbone}] + ([{"params": heads, "lr": head_lr}] if heads else [])
+optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+start_epoch, step, best_d1 = 0, 0, -1.0  # a fresh run
 if args.resume:
-    if not ckpt_path.is_file():
-        raise clip_vit.UserError(f"{ckpt_path}: --resume given but there is no checkpoint")
-    ckpt = moa.load_checkpoint(ckpt_path)
-    moa.check_clip(ckpt, args.clip, clip_id["sha256"], ckpt_path)
-    try:
-        moa.load_trainable_state_dict(model, ckpt["model"])
-    except ValueError as e:  # trained with another model config
-        raise clip_vit.UserError(f"{ckpt_path}: {e}") from None
-    optimizer.load_state_dict(ckpt["optimizer"])
+    moa.load_trainable_state_dict(model, ckpt["model"])  # the frozen rest came from --clip
+    optimizer.load_state_dict(ckpt["optimizer"])  # AdamW's moments: no restart bump
     start_epoch, step, best_d1 = ckpt["epoch"] + 1, ckpt["step"], ckpt["best_d1"]
-    torch.set_rng_state(ckpt["rng"])
+    torch.set_rng_state(ckpt["rng"])  # the random stream of an uninterrupted run
     log(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}")
-raw_model = model
-if ddp:
-    model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+raw_model = model  # the unwrapped model: saved, validated
+if ddp:  # only now: a rank that stopped at a bad flag above leaves no other rank waiting here
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    gpu = [dev.index] if dev.type == "cuda" else None
+    model = torch.nn.parallel.DistributedDataParallel(model, device_ids=gpu)
 
+def save(path, epoch, with_optimizer=True):  # best.pt skips the optimizer: a third of the size
+    state = optimizer.state_dict() if with_optimizer else None
+    moa.save_checkpoint(path, raw_model, clip=clip_id, optimizer=state, epoch=epoch, step=step,
+                        best_d1=best_d1, rng=torch.get_rng_state(), config=vars(args))
 
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                              text=True, timeout=5).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
-def save(path, epoch, with_optimizer=True):  # best.pt skips the optimizer: 1/3 of the size
-    moa.save_checkpoint(path, raw_model, clip=clip_id, optimizer=optimizer.state_dict() if with_optimizer else None,
-                        epoch=epoch, step=step, best_d1=best_d1, rng=torch.get_rng_state(), config=vars(args),
-                        git=git_commit())
-
+OUTPUTS = {"depth": "fused", "depth_cls": "binned", "depth_reg": "regressed"}  # similarity: depth
 
 @torch.no_grad()
 def validate():
+    """Mean metrics of each output on the held-out scenes: {"depth": {"d1": ...}, ...}."""
     raw_model.eval()
-    rows = []
+    rows = {}
     for b in val_batches:
         with autocast:
-            pred = raw_model(b["image"])["depth"].float()
-        rows += [m for pr, gt in zip(pred[:, 0], b["depth"][:, 0]) if (m := data_nyu.depth_metrics(pr, gt, crop="none"))]
+            out = raw_model(b["image"])
+        for key in [k for k in OUTPUTS if k in out]:
+            for pred, gt in zip(out[key][:, 0].float(), b["depth"][:, 0]):
+                metrics = data_nyu.depth_metrics(pred, gt, crop="none")  # resized frames: no crop
+                if metrics is not None:  # None: a frame with no valid pixel
+                    rows.setdefault(key, []).append(metrics)
     raw_model.train()
-    return data_nyu.mean_metrics(rows)
+    return {key: data_nyu.mean_metrics(r) for key, r in rows.items()}
 
 # -----------------------------------------------------------------------------
 # training loop
-total = args.epochs * len(train_batches)
+total = args.epochs * len(train_batches)  # steps of the whole run, resumed or not
 total = min(total, args.max_steps) if args.max_steps else total
-log(f"training {total} steps: {args.epochs} epochs x {len(train_batches)} batches of {args.batch_size} x {world} ranks "
-    f"on {dev}{' with bf16 autocast' if amp_dtype else ''}")
+lrs = f"lr {args.lr:.1e}"  # and the heads' rate where it differs: the log says what ran
+if heads and head_lr != args.lr:
+    lrs += f" head lr {head_lr:.1e}"
+log(f"training {total} steps: {args.epochs} epochs x {len(train_batches)} batches of "
+    f"{args.batch_size} x {world} ranks on {dev}{' with bf16 autocast' if amp_dtype else ''}")
 model.train()
 t0, t_last, seen = time.time(), time.time(), 0
 for epoch in range(start_epoch, args.epochs):
-    train_batches.set_epoch(epoch)
+    train_batches.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
     for b in train_batches:
         with autocast:
             outputs = model(b["image"])
         loss, terms = moa.depth_loss(outputs, b["depth"], b["mask"], cfg)
         check = loss.detach().clone()
-        if ddp:  # every rank must see the same verdict, or one would wait forever in the next all-reduce
+        if ddp:  # all ranks must agree, or one would wait forever in the next all-reduce
             dist.all_reduce(check)
-        if not torch.isfinite(check):
+        if not torch.isfinite(check):  # stop before the step: ckpt.pt keeps the last good epoch
             if master:
-                print(f"error: non-finite loss ({check.item()}) at step {step}; stopped. {ckpt_path} keeps the last "
-                      f"good epoch", file=sys.stderr)
+                print(f"error: non-finite loss ({check.item()}) at step {step}; stopped. "
+                      f"{ckpt_path} keeps the last good epoch", file=sys.stderr)
             sys.exit(1)
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)  # frees the grads' memory
         loss.backward()
         optimizer.step()
         step += 1
-        seen += b["image"].shape[0] * world
+        seen += b["image"].shape[0] * world  # over all ranks
         if step % args.log_interval == 0 or step == total:
             now = time.time()
-            ips, eta = seen / (now - t_last), (now - t0) / (step - start_epoch * len(train_batches)) * (total - step)
-            log(f"step {step}/{total} | loss {loss.item():.4f} (ce {terms['cls']:.3f} l1 {terms['l1']:.3f} silog "
-                f"{terms['silog']:.3f}) | lr {args.lr:.1e} | {ips:.1f} img/s | gate H {raw_model.gate_entropy():.3f} "
-                f"| eta {eta / 60:.1f} min")
+            ips = seen / (now - t_last)  # images per second since the last line
+            done_here = step - start_epoch * len(train_batches)  # this process's steps: its pace
+            eta = (now - t0) / done_here * (total - step)
+            parts = " ".join(f"{k} {v:.3f}" for k, v in terms.items())
+            log(f"step {step}/{total} | loss {loss.item():.4f} ({parts}) | {lrs} | {ips:.1f} "
+                f"img/s | gate H {raw_model.gate_entropy():.3f} | eta {eta / 60:.1f} min")
             if master:
                 with open(out_dir / "log.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step, "epoch": epoch, "loss": loss.item(), **terms, "img_s": ips,
-                                        "gate_entropy": raw_model.gate_entropy()}) + "\n")
-            t_last, seen = now, 0
+                    row = {"step": step, "epoch": epoch, "loss": loss.item(), **terms, "lr": args.lr,
+                           "head_lr": head_lr, "img_s": ips, "gate_entropy": raw_model.gate_entropy()}
+                    f.write(json.dumps(row) + "\n")
+            t_last, seen = now, 0  # the next line's rate starts here
         if step >= total:
             break
-    val = validate() if val_batches is not None else {}
-    if val:
-        log(f"epoch {epoch} | val d1 {val['d1']:.4f} abs_rel {val['abs_rel']:.4f} rmse {val['rmse']:.4f}")
+    val = validate() if val_batches is not None else {}  # on rank 0's copy
+    if val:  # each output on its own: only the losses' targets, binned and regressed, are trained
+        log(f"epoch {epoch} | val " + " | ".join(f"{OUTPUTS[k]} d1 {m['d1']:.4f} abs_rel "
+                                                f"{m['abs_rel']:.4f} rmse {m['rmse']:.4f}"
+                                                for k, m in val.items()))
     if master:
-        if val and val["d1"] > best_d1:
-            best_d1 = val["d1"]
+        if val and val["depth"]["d1"] > best_d1:  # selected on the output evaluate.py scores
+            best_d1 = val["depth"]["d1"]
             save(out_dir / "best.pt", epoch, with_optimizer=False)
-        save(ckpt_path, epoch)
+        save(ckpt_path, epoch)  # every epoch: the last one is the result
+        saved_epoch = epoch  # what a Ctrl-C from now on reports
+        row = {"epoch": epoch, "step": step}
+        for key, metrics in val.items():  # val_d1: the fused output; val_binned_d1: the binned...
+            prefix = "val_" if key == "depth" else f"val_{OUTPUTS[key]}_"
+            row.update({prefix + k: v for k, v in metrics.items()})
         with open(out_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps({"epoch": epoch, "step": step, **{f"val_{k}": v for k, v in val.items()}}) + "\n")
+            f.write(json.dumps(row) + "\n")
     if step >= total:
         break
 log(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min; checkpoint {ckpt_path}")
 if ddp:
-    dist.destroy_process_group()
+    dist.destroy_process_group()  # a clean exit for torchrun

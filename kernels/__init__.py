@@ -1,2 +1,1 @@
-"""Triton kernels for the MoA layer. `fused_moa.py` is the forward kernel, the wrapper, the autograd Function and
-the benchmark; `fused_moa_bwd.py` is the backward kernel. Design notes: ../shared/docs/kernel-design.md."""
+"""Triton kernels of the MoA layer: fused_moa.py (the layer, forward and backward), report.py."""

@@ -39,7 +39,8 @@ if __name__ == "__main__":
     x = torch.randn(args.batch, 3, 224, 224)
     with torch.inference_mode():
         t_ours, t_hf = median_times([lambda: ours.encode_image(x), lambda: hf(pixel_values=x)], args.reps)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, median of {args.reps} interleaved runs")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+          f"median of {args.reps} interleaved runs")
     print(f"clip_vit encode_image : {t_ours * 1e3:8.1f} ms  ({args.batch / t_ours:6.1f} img/s)")
     print(f"HF CLIP vision + proj : {t_hf * 1e3:8.1f} ms  ({args.batch / t_hf:6.1f} img/s)")
     print(f"ratio HF / ours       : {t_hf / t_ours:8.2f}x")

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_nyu import NYUDepthV2, NYUTorchDataset, PreloadedBatches, SyntheticDepth  # noqa: E402
-from nyu_fixtures import write_v73  # noqa: E402
+from data_nyu import NYUDepthV2, PreloadedBatches, SyntheticDepth  # noqa: E402
+from nyu_fixtures import NYUTorchDataset, write_v73  # noqa: E402
 
 if __name__ == "__main__":
     device = sys.argv[1] if len(sys.argv) > 1 else ("cuda" if torch.cuda.is_available() else "cpu")

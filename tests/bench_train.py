@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import clip_vit  # noqa: E402
 import data_nyu  # noqa: E402
 import moa  # noqa: E402
-from kernels.fused_moa import moa_loop  # noqa: E402
+from bench_moa import moa_loop  # noqa: E402  (the authors' per-expert loop)
+from nyu_fixtures import NYUTorchDataset  # noqa: E402
 
 
 def images_per_second(model, batches, steps, dev, dtype, sync):
@@ -53,7 +54,7 @@ if __name__ == "__main__":
     fast_batches = data_nyu.PreloadedBatches(ds, size=224, batch_size=8, device=dev)
     t_preload = time.perf_counter() - t0
     fast = images_per_second(model, fast_batches, args.steps, dev, dtype, sync)
-    naive_batches = torch.utils.data.DataLoader(data_nyu.NYUTorchDataset(ds, 224), batch_size=8, shuffle=True,
+    naive_batches = torch.utils.data.DataLoader(NYUTorchDataset(ds, 224), batch_size=8, shuffle=True,
                                                 num_workers=2, drop_last=True)
     moa.MOA_IMPL, moa_reference = "torch", moa.moa_reference
     moa.moa_reference = moa_loop  # the eager per-expert loop in place of the dense reference

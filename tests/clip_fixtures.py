@@ -7,7 +7,8 @@ import torch.nn as nn
 
 import clip_vit
 
-FP32_KEYS = ("positional_embedding", "class_embedding", "token_embedding", "ln_", "logit_scale")  # formats.md A3
+# kept in fp32 in the real file (its size and its TorchScript code say so); the rest is fp16
+FP32_KEYS = ("positional_embedding", "class_embedding", "token_embedding", "ln_", "logit_scale")
 
 
 def official_dtypes(sd):

@@ -5,7 +5,6 @@ Shared pytest setup for the whole suite.
   the CPU through the interpreter (it must be set before the @triton.jit functions are created). With CUDA
   the kernels are compiled, and the TestCUDA tests run.
 - Every test runs with its own empty CLIP cache ($XDG_CACHE_HOME), so nothing touches ~/.cache/clip.
-  The official tokenizer vocabulary from ../shared/data/clip is linked into it when present.
   REAL_CLIP_CACHE remembers the user's real cache for the optional real-weights test.
 - `http_server` is a throwaway HTTP server on 127.0.0.1 for the download tests: it honours Range
   requests and can be told to cut a transfer short or to answer with an error status.
@@ -34,12 +33,9 @@ SHARED = ROOT.parent / "shared"                     # real files for tests; may 
 SHARED_DATA = SHARED / "data"
 REAL_CLIP_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clip"
 
-# one private cache for the whole session, with the real vocabulary linked in when we have it
+# one private, empty cache for the whole session: the tokenizer must work from the vocabulary the repo ships
 _cache_root = Path(tempfile.mkdtemp(prefix="moa-depthclip-cache-"))
 (_cache_root / "clip").mkdir()
-_vocab = SHARED_DATA / "clip" / "bpe_simple_vocab_16e6.txt.gz"
-if _vocab.exists():
-    os.symlink(_vocab, _cache_root / "clip" / _vocab.name)
 os.environ["XDG_CACHE_HOME"] = str(_cache_root)
 
 
@@ -132,7 +128,7 @@ def http_server():
 # ----------------------------------------------------------------------------------------------------
 # train.py / evaluate.py as a user runs them: subprocesses on a tiny random CLIP and synthetic rooms
 
-SMALL = ["--input-size", "64", "--bottleneck", "8", "--gate-hidden", "16", "--num-bins", "16",
+SMALL = ["--input-size", "64", "--bottleneck", "16", "--gate-hidden", "16", "--num-bins", "16",
          "--synthetic-frames", "12", "--batch-size", "4", "--log-interval", "1"]
 
 

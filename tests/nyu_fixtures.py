@@ -1,15 +1,20 @@
 """
-Writers for small synthetic NYU Depth V2 files in the official layouts (formats.md B10), for tests and the
-data_nyu.py benchmark. Frames go in in the usual layout: images (N, 480, 640, 3) uint8, depths (N, 480, 640) f32.
+Small synthetic NYU Depth V2 files in the official layouts (docs/files.md), and the per-sample baseline that
+PreloadedBatches is tested and benchmarked against. Frames go in in the usual layout: images (N, 480, 640, 3)
+uint8, depths (N, 480, 640) float32.
 
 - write_v73: MATLAB v7.3 = HDF5 with a 512-byte user block, axes reversed as h5py sees the real file.
-- write_v5: the same frames through scipy.io.savemat, MATLAB layout (images (H, W, 3, N), depths (H, W, N)).
+- write_v5: the same frames through scipy.io.savemat (MATLAB v5), a format data_nyu refuses.
 - write_splits: a splits.mat with 1-based trainNdxs/testNdxs.
 - asymmetric_frames: frames whose pixels encode (row, col, frame), so any transpose or flip shows.
+- frames_to_tensors / NYUTorchDataset: one frame at a time through data_nyu's resize, for a plain DataLoader.
 """
 import time
 
 import numpy as np
+import torch
+
+import data_nyu
 
 
 def write_v73(path, images, depths, raw_depths=None, scene_types=None):
@@ -68,3 +73,28 @@ def asymmetric_frames(n, h=480, w=640):
     raw = depths.copy()
     raw[:, ::7, ::5] = 0  # holes in the raw depth, like the Kinect's
     return images, depths, raw
+
+
+def frames_to_tensors(rgb, depth, size):
+    """rgb uint8 (H, W, 3), depth float32 (H, W) -> image float32 (3, h, w) in [0, 1], depth float32
+    (1, h, w), through data_nyu.resize, the pipeline's one resize."""
+    img = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]  # (1, 3, H, W)
+    depth = torch.from_numpy(np.ascontiguousarray(depth, np.float32))[None, None]  # (1, 1, H, W)
+    img, depth = data_nyu.resize(img, depth, size)
+    return img[0], depth[0]
+
+
+class NYUTorchDataset(torch.utils.data.Dataset):
+    """Per-sample training dicts for a plain DataLoader (the naive baseline). The resized image is rounded
+    to uint8 as PreloadedBatches stores it, so both give the same numbers."""
+
+    def __init__(self, dataset, size):
+        self.dataset, self.size = dataset, size
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        img, depth = frames_to_tensors(*self.dataset[i], self.size)
+        batch = data_nyu.make_batch((img[None] * 255).round() / 255, depth[None])
+        return {k: v[0] for k, v in batch.items()}

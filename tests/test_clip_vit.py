@@ -1,12 +1,17 @@
 """
-clip_vit.py: parity with Hugging Face's independent CLIP, the TorchScript archive reader, the tokenizer,
-downloads against a local HTTP server, and clear errors for bad files.
+clip_vit.py: parity with Hugging Face's independent CLIP, the TorchScript archive reader, the tokenizer and
+its shipped vocabulary, downloads against a local HTTP server, clear errors for bad files, atomic writes,
+and the zero-shot command line.
 Run: python -m pytest -q tests/test_clip_vit.py
 """
 import hashlib
 import io
+import os
 import pickle
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +24,7 @@ from clip_fixtures import hf_to_openai, official_dtypes, small_state_dict, write
 def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
 
-# ----------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # parity with Hugging Face transformers on random ViT-B/32 weights, via an archive in the official layout
 
 
@@ -51,8 +56,7 @@ def test_parity_with_huggingface(hf_and_archive):
     model = clip_vit.load(path)
     assert all(p.dtype == torch.float32 for p in model.parameters()) and not model.training
     images = torch.randn(2, 3, 224, 224)
-    text = clip_vit.tokenize(["a diagram", "a photo of a chair."]) if _have_vocab() else \
-        torch.tensor([[49406, 320, 22697, 49407] + [0] * 73, [49406, 320, 1125, 539, 320, 4269, 269, 49407] + [0] * 69])
+    text = clip_vit.tokenize(["a diagram", "a photo of a chair."])
     with torch.no_grad():
         out = hf.get_image_features(pixel_values=images)
         hf_img = out if torch.is_tensor(out) else out.pooler_output
@@ -66,11 +70,7 @@ def test_parity_with_huggingface(hf_and_archive):
     hf_logits = hf(input_ids=text, pixel_values=images).logits_per_image
     assert rel_err(logits, hf_logits.detach()) < 1e-4
 
-
-def _have_vocab():
-    return (clip_vit.cache_dir() / "bpe_simple_vocab_16e6.txt.gz").exists()
-
-# ----------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # the archive reader
 
 
@@ -112,7 +112,7 @@ def test_pos_embed_identity_and_interpolation():
     grid = big[1:, 0].reshape(3, 6)
     assert torch.allclose(grid, grid[:1].expand(3, 6)) and grid[0, -1] > grid[0, 0]  # rows equal: no transpose
 
-# ----------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # bad files: every one is a UserError naming the file
 
 
@@ -130,6 +130,8 @@ def test_bad_files(tmp_path):
     (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
     _bad(tmp_path / "trunc.pt")
     _bad(tmp_path / "missing.pt", "no such file")
+    (tmp_path / "notes.txt").write_text("my notes\n")
+    _bad(tmp_path / "notes.txt", "not a CLIP ViT weights file")  # once just "101"
 
     sd = small_state_dict()
     cases = {"missing_key": ("ln_final.bias", None, "Missing key"),
@@ -153,10 +155,10 @@ def test_foreign_global_is_refused(tmp_path):
         zf.writestr("evil/constants.pkl", pickle.dumps((), protocol=2))
     _bad(path, "refusing global")
 
-# ----------------------------------------------------------------------------------------------------
-# the tokenizer (real vocabulary from ../shared)
+# -----------------------------------------------------------------------------
+# the tokenizer, with the vocabulary shipped beside clip_vit.py
 
-TABLE = [  # formats.md A8, confirmed against openai/CLIP
+TABLE = [  # ids from openai/CLIP's own tokenizer
     ("a diagram", [320, 22697]), ("a dog", [320, 1929]), ("a cat", [320, 2368]),
     ("Hello, World!", [3306, 267, 1002, 256]), ("a photo of a chair.", [320, 1125, 539, 320, 4269, 269]),
     ("  multiple   spaces\n\tand TABS ", [6470, 9006, 537, 29163]), ("don't", [847, 713]),
@@ -174,8 +176,9 @@ TABLE = [  # formats.md A8, confirmed against openai/CLIP
 
 
 @pytest.fixture(scope="module")
-def vocab(shared_file):
-    path = shared_file("clip", "bpe_simple_vocab_16e6.txt.gz")
+def vocab():
+    path = clip_vit.VOCAB_PATH
+    assert path.parent == Path(clip_vit.__file__).resolve().parent and (path.parent / "LICENSE-vocab").exists()
     assert hashlib.sha256(path.read_bytes()).hexdigest() == clip_vit.VOCAB_SHA256
     return path
 
@@ -204,7 +207,7 @@ def test_tokenizer_fuzz(vocab, text):
     assert row[0] == 49406 and 49407 in row.tolist()
     assert 0 <= row.min() and row.max() <= 49407 and row.argmax() == row.tolist().index(49407)
 
-# ----------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # downloads, against a local HTTP server
 
 
@@ -242,8 +245,9 @@ def test_download_resumes_partial_file_and_restarts_without_range(http_server, t
 
 def test_download_server_errors(http_server, tmp_path):
     http_server.routes["/gone"] = {"data": b"", "status": 404}
-    with pytest.raises(clip_vit.UserError, match="HTTP 404"):
-        clip_vit.download(http_server.url + "/gone", tmp_path / "x")
+    with pytest.raises(clip_vit.UserError, match="HTTP 404") as e:
+        clip_vit.download(http_server.url + "/gone", tmp_path / "x", sha256="ab" * 32)
+    assert f"put it at {tmp_path / 'x'} (SHA-256 {'ab' * 32})" in str(e.value)  # the way out, by hand
     assert len(http_server.requests) == 1  # client errors are not retried
     http_server.routes["/broken"] = {"data": b"", "status": 500}
     with pytest.raises(clip_vit.UserError, match="HTTP 500"):
@@ -268,15 +272,67 @@ def test_load_by_name_downloads_once_into_cache(http_server, monkeypatch, tmp_pa
     assert len(http_server.requests) == 2
 
 
-def test_vocab_downloads_when_missing(http_server, monkeypatch, tmp_path, vocab):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    http_server.routes["/vocab.gz"] = {"data": vocab.read_bytes()}
+def test_shipped_vocab_needs_no_network_or_cache(http_server, monkeypatch, tmp_path, vocab):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(clip_vit, "VOCAB_URL", http_server.url + "/vocab.gz")
     assert clip_vit.SimpleTokenizer().encode("a dog") == [320, 1929]
-    assert (tmp_path / "clip" / "bpe_simple_vocab_16e6.txt.gz").exists()
+    assert http_server.requests == [] and not (tmp_path / "cache").exists()
 
-# ----------------------------------------------------------------------------------------------------
-# preprocessing and the optional real-weights check
+
+def test_vocab_falls_back_to_the_cache_and_a_download(http_server, monkeypatch, tmp_path, vocab, capsys):
+    """A shipped copy that fails its SHA-256 check (say, a damaged clone) is not used: the cache is, after a
+    download whose SHA-256 is checked too."""
+    broken = tmp_path / vocab.name
+    broken.write_bytes(vocab.read_bytes()[:1000])
+    monkeypatch.setattr(clip_vit, "VOCAB_PATH", broken)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(clip_vit, "VOCAB_URL", http_server.url + "/vocab.gz")
+    http_server.routes["/vocab.gz"] = {"data": b"", "status": 404}
+    cached = tmp_path / "cache" / "clip" / vocab.name
+    with pytest.raises(clip_vit.UserError) as e:
+        clip_vit.SimpleTokenizer()
+    assert f"put it at {cached} (SHA-256 {clip_vit.VOCAB_SHA256})" in str(e.value)
+    http_server.routes["/vocab.gz"] = {"data": vocab.read_bytes()}
+    assert clip_vit.SimpleTokenizer().encode("a dog") == [320, 1929]
+    assert cached.read_bytes() == vocab.read_bytes() and str(broken) in capsys.readouterr().err
+    clip_vit.SimpleTokenizer()  # the cached copy is used from now on: no second download
+    assert len(http_server.requests) == 2
+
+# -----------------------------------------------------------------------------
+# atomic writes, preprocessing, the command line, and the optional real-weights check
+
+
+def test_atomic_write_respects_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        clip_vit.atomic_write(tmp_path / "a.txt", lambda tmp: Path(tmp).write_text("a"))
+        os.umask(0o022)
+        clip_vit.atomic_write(tmp_path / "b.txt", lambda tmp: Path(tmp).write_text("b"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640  # as open() would make it, not 0600
+    assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] != [] and not list(tmp_path.glob(".*.tmp"))
+    with pytest.raises(RuntimeError):  # a failed write leaves the old file and no temp file
+        clip_vit.atomic_write(tmp_path / "a.txt", lambda tmp: (_ for _ in ()).throw(RuntimeError("disk full")))
+    assert (tmp_path / "a.txt").read_text() == "a" and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_command_line_zero_shot(tmp_path):
+    from PIL import Image
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "red.png")
+    torch.save(small_state_dict(), tmp_path / "small.pt")  # --clip random works too, but takes longer
+    cli = [sys.executable, clip_vit.__file__, str(tmp_path / "red.png"), "a red square", "a dog"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run(cli + ["--clip", str(tmp_path / "small.pt")], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line.split(maxsplit=1) for line in r.stdout.splitlines()]
+    assert [label for _, label in rows] == ["a red square", "a dog"]  # "--clip" and its value are no labels
+    assert abs(sum(float(p) for p, _ in rows) - 1) < 1e-3
+    r = subprocess.run(cli + ["--clip", str(tmp_path / "none.pt")], capture_output=True, text=True, env=env)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert [line for line in r.stderr.splitlines() if "error:" in line] == [
+        f"error: {tmp_path / 'none.pt'}: no such file (and not a model name: ViT-B/32, random)"]
 
 
 def test_preprocess_matches_openai_recipe():
@@ -284,12 +340,14 @@ def test_preprocess_matches_openai_recipe():
     import numpy as np
     rgb = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     x = clip_vit.preprocess(Image.fromarray(rgb))
-    ref = Image.fromarray(rgb).resize((298, 224), Image.BICUBIC).crop((37, 0, 261, 224))  # formats.md A7
-    ref = (torch.from_numpy(np.asarray(ref) / 255.0).permute(2, 0, 1).float() - torch.tensor(clip_vit.MEAN)[:, None, None]) \
-        / torch.tensor(clip_vit.STD)[:, None, None]
+    # torchvision's Resize(224, bicubic) + CenterCrop(224) on 640x480, as openai's transform does it
+    ref = Image.fromarray(rgb).resize((298, 224), Image.BICUBIC).crop((37, 0, 261, 224))
+    ref = torch.from_numpy(np.asarray(ref) / 255.0).permute(2, 0, 1).float()
+    ref = (ref - torch.tensor(clip_vit.MEAN)[:, None, None]) / torch.tensor(clip_vit.STD)[:, None, None]
     assert x.shape == (3, 224, 224) and torch.allclose(x, ref, atol=1e-6)
     grey = clip_vit.preprocess(Image.fromarray(rgb[:, :, 0]).convert("L"))
-    assert torch.allclose(grey[0] * clip_vit.STD[0] + clip_vit.MEAN[0], grey[1] * clip_vit.STD[1] + clip_vit.MEAN[1], atol=1e-6)
+    red, green = (grey[c] * clip_vit.STD[c] + clip_vit.MEAN[c] for c in (0, 1))
+    assert torch.allclose(red, green, atol=1e-6)  # a grey picture has equal channels once unnormalised
 
 
 def test_real_weights_classify_clip_png(vocab, shared_file, real_clip_cache):

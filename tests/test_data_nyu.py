@@ -1,6 +1,7 @@
 """
-Tests for data_nyu.py on small synthetic files in the official layouts (tests/nyu_fixtures.py), plus the real
-splits.mat and 10 real NYU frames from ../shared/data when present. CPU only, a few seconds.
+Tests for data_nyu.py on small synthetic files in the official layout (tests/nyu_fixtures.py), plus the real
+splits.mat and 10 real NYU frames when the shared test data is present; downloads against a local HTTP
+server; and the metrics. CPU only, a few seconds.
     python -m pytest -q tests/test_data_nyu.py
 """
 import hashlib
@@ -12,10 +13,11 @@ import pytest
 import scipy.io
 import torch
 
+import clip_vit
 import data_nyu
 from clip_vit import UserError
-from data_nyu import depth_metrics, NYUDepthV2, PreloadedBatches, NYUTorchDataset, frames_to_tensors
-from nyu_fixtures import asymmetric_frames, write_v5, write_v73, write_splits
+from data_nyu import depth_metrics, NYUDepthV2, PreloadedBatches
+from nyu_fixtures import NYUTorchDataset, asymmetric_frames, frames_to_tensors, write_v5, write_v73, write_splits
 
 SCENES = ["kitchen", "office", "living_room", "bathroom"]
 
@@ -32,15 +34,15 @@ def v73(tmp_path_factory, frames):
     return path
 
 
-# ----------------------------------------------------------------------------------------------------
-# reading the two container formats
+# -----------------------------------------------------------------------------
+# reading the official container
 
 
-def _check_all_frames(path, frames, version):
+def _check_all_frames(path, frames):
     images, depths, raw = frames
     for raw_depth, want_depths in ((False, depths), (True, raw)):
         ds = NYUDepthV2(path, split="all", raw_depth=raw_depth, download=False)
-        assert ds.version == version and len(ds) == len(images)
+        assert len(ds) == len(images)
         assert ds.indices.tolist() == list(range(len(images)))
         for i in range(len(ds)):
             rgb, depth = ds[i]
@@ -56,14 +58,8 @@ def _check_all_frames(path, frames, version):
 def test_v73_reads_exact_frames_and_scipy_refuses(v73, frames):
     with pytest.raises(NotImplementedError):
         scipy.io.loadmat(v73)  # the real container really is beyond scipy...
-    _check_all_frames(v73, frames, "7.3")  # ...and we read it exactly, axes un-reversed
+    _check_all_frames(v73, frames)  # ...and we read it exactly, axes un-reversed
     assert (frames[2][0] == 0).any()  # the raw depth in the check above really has holes
-
-
-def test_v5_reads_exact_frames(tmp_path, frames):
-    path = tmp_path / "labeled_v5.dat"
-    write_v5(path, *frames, scene_types=SCENES)
-    _check_all_frames(path, frames, "5")
 
 
 def test_split_selection_order(tmp_path, v73, frames):
@@ -89,8 +85,8 @@ def test_read_splits_rejects_overlap_and_zero(tmp_path):
         data_nyu.read_splits(zero)
 
 
-# ----------------------------------------------------------------------------------------------------
-# real files from ../shared/data (skipped when absent)
+# -----------------------------------------------------------------------------
+# real files from the shared test data (skipped when absent)
 
 
 def test_real_splits(shared_file):
@@ -121,7 +117,7 @@ def test_real_pixels_roundtrip(tmp_path, shared_file):
         np.testing.assert_array_equal(depth, depths[i])
 
 
-# ----------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # bad files: one clear UserError naming the file
 
 
@@ -146,7 +142,13 @@ def _bad_frame_counts(tmp_path, frames):
         d = f["depths"][:3]
         del f["depths"]
         f["depths"] = d
-    return p, "inconsistent frame counts"
+    return p, "are not (N, 3, W, H) and (N, W, H)"
+
+
+def _bad_v5(tmp_path, frames):
+    p = tmp_path / "labeled_v5.mat"  # a v5 copy: scipy would load all 3 GB of a real one at once
+    write_v5(p, *frames)
+    return p, "not a MATLAB v7.3 MAT-file"
 
 
 def _bad_truncated(tmp_path, frames):
@@ -158,7 +160,7 @@ def _bad_truncated(tmp_path, frames):
     return p, "HDF5"
 
 
-@pytest.mark.parametrize("make", [_bad_random_bytes, _bad_no_images, _bad_frame_counts, _bad_truncated])
+@pytest.mark.parametrize("make", [_bad_random_bytes, _bad_no_images, _bad_frame_counts, _bad_truncated, _bad_v5])
 def test_bad_files(tmp_path, frames, make):
     path, problem = make(tmp_path, frames)
     with pytest.raises(UserError) as e:
@@ -176,25 +178,46 @@ def test_split_index_out_of_range(tmp_path, v73):
     NYUDepthV2(v73, split="train", splits_path=splits, download=False)  # the in-range split still opens
 
 
-def test_missing_file_without_download(tmp_path):
-    path = tmp_path / "absent.mat"
-    with pytest.raises(UserError, match="not found"):
-        NYUDepthV2(path, download=False)
+def test_missing_file_downloads_only_when_meant(tmp_path, monkeypatch, http_server):
+    """download=None (the scripts' default) fetches only the official file name, True any name, False none;
+    a path into a missing folder is a typo: refused, and no folder is made."""
+    http_server.routes["/labeled.mat"] = {"data": b"never served"}
+    monkeypatch.setattr(data_nyu, "URL", http_server.url + "/labeled.mat")
+    cases = [(tmp_path / "absent.mat", None, "--download"), (tmp_path / "absent.mat", False, "--download"),
+             (tmp_path / data_nyu.FILE_NAME, False, "2.97 GB"),
+             (tmp_path / "typo" / data_nyu.FILE_NAME, True, "no folder")]
+    for path, download, says in cases:
+        with pytest.raises(UserError) as e:
+            NYUDepthV2(path, download=download)
+        assert str(e.value).startswith(f"{path}: ") and says in str(e.value) and "\n" not in str(e.value)
+    assert http_server.requests == [] and not (tmp_path / "typo").exists()
 
 
-def test_missing_data_file_downloads_resumably(tmp_path, monkeypatch, http_server, frames):
-    """A --data path that does not exist is fetched from data_nyu.URL; a cut transfer resumes with Range."""
+@pytest.mark.parametrize("name,download", [(data_nyu.FILE_NAME, None), ("my_copy.mat", True)])
+def test_missing_data_file_downloads_resumably(tmp_path, monkeypatch, http_server, frames, name, download):
+    """The official name, or any name with download=True, is fetched from data_nyu.URL; a cut transfer
+    resumes with Range."""
     write_v73(tmp_path / "served.mat", *frames, scene_types=SCENES)
     blob = (tmp_path / "served.mat").read_bytes()
     http_server.routes["/labeled.mat"] = {"data": blob, "cut_after": len(blob) // 3}
     monkeypatch.setattr(data_nyu, "URL", http_server.url + "/labeled.mat")
-    ds = NYUDepthV2(tmp_path / "new" / "labeled.mat", split="all")
-    assert (tmp_path / "new" / "labeled.mat").read_bytes() == blob
+    (tmp_path / "data").mkdir()
+    ds = NYUDepthV2(tmp_path / "data" / name, split="all", download=download)
+    assert (tmp_path / "data" / name).read_bytes() == blob
     assert [r for _, r in http_server.requests] == [None, f"bytes={len(blob) // 3}-"]
     np.testing.assert_array_equal(ds[1][0], frames[0][1])
 
 
-# ----------------------------------------------------------------------------------------------------
+def test_failed_download_says_where_to_put_the_file(tmp_path, monkeypatch, http_server):
+    http_server.routes["/labeled.mat"] = {"data": b"", "status": 404}
+    monkeypatch.setattr(data_nyu, "URL", http_server.url + "/labeled.mat")
+    path = tmp_path / data_nyu.FILE_NAME
+    with pytest.raises(UserError) as e:
+        NYUDepthV2(path)
+    assert f"put it at {path}" in str(e.value) and "HTTP 404" in str(e.value) and not path.exists()
+
+
+# -----------------------------------------------------------------------------
 # splits.mat from the cache or the network
 
 
@@ -209,8 +232,9 @@ def test_splits_download(tmp_path, monkeypatch, http_server, frames):
     (tmp_path / "data").mkdir()
     mat = tmp_path / "data" / "labeled.mat"  # no splits.mat next to it
     write_v73(mat, *frames)
-    with pytest.raises(UserError, match="download=False"):
+    with pytest.raises(UserError, match="--no-download") as e:
         NYUDepthV2(mat, split="test", download=False)
+    assert data_nyu.SPLITS_SHA256 in str(e.value) and "next to" in str(e.value)  # where a copy goes
     assert http_server.requests == []
     ds = NYUDepthV2(mat, split="test")
     assert ds.indices.tolist() == [0, 2]
@@ -234,10 +258,11 @@ def test_splits_download_wrong_checksum(tmp_path, monkeypatch, http_server, fram
     with pytest.raises(UserError) as e:
         NYUDepthV2(mat, split="test")
     assert str(e.value).startswith(f"{cached}: ") and "\n" not in str(e.value)
+    assert f"put it at {cached} (SHA-256 {'0' * 64})" in str(e.value)
     assert len(http_server.requests) >= 1 and not cached.exists()
 
 
-# ----------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # frames -> tensors
 
 
@@ -273,7 +298,7 @@ def test_frames_to_tensors_keeps_holes():
     assert np.isin(d, depth.ravel()).all()  # every value is a source pixel: no mixing of holes and neighbours
 
 
-# ----------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # PreloadedBatches
 
 
@@ -323,7 +348,7 @@ def test_preloaded_shapes_and_mask():
     assert torch.equal(b["depth"], want)
     assert torch.equal(b["mask"], (want > 1e-3) & (want < 10))
     assert b["mask"].any() and not b["mask"].all()
-    img = b["image"] * torch.tensor(data_nyu.STD).view(1, 3, 1, 1) + torch.tensor(data_nyu.MEAN).view(1, 3, 1, 1)
+    img = b["image"] * torch.tensor(clip_vit.STD).view(1, 3, 1, 1) + torch.tensor(clip_vit.MEAN).view(1, 3, 1, 1)
     raw = torch.from_numpy(np.stack(ds.rgbs[:4])).permute(0, 3, 1, 2).float() / 255
     assert (img - raw).abs().max() < 1e-5  # CLIP-normalised, undone exactly
 
@@ -394,7 +419,7 @@ def test_preloaded_augment_flips_together():
         dep_rising = b["depth"][:, 0, 0, -1] > b["depth"][:, 0, 0, 0]
         assert torch.equal(img_rising, dep_rising)  # image and depth flipped together
         flips += (~img_rising).tolist()
-        red = b["image"][:, 0] * data_nyu.STD[0] + data_nyu.MEAN[0]  # back to [0, 1]
+        red = b["image"][:, 0] * clip_vit.STD[0] + clip_vit.MEAN[0]  # back to [0, 1]
         spread = red.mean((1, 2)).max() - red.mean((1, 2)).min()
         assert 0.02 < spread < 0.2  # brightness x[0.9, 1.1] of equal images (contrast alone keeps the mean)
     assert any(flips) and not all(flips)
@@ -403,8 +428,8 @@ def test_preloaded_augment_flips_together():
     assert (b["depth"][:, 0, 0, -1] > b["depth"][:, 0, 0, 0]).all()
 
 
-# ----------------------------------------------------------------------------------------------------
-# lazy h5py handle: safe for DataLoader workers and DDP processes
+# -----------------------------------------------------------------------------
+# lazy h5py handle: safe for DataLoader workers
 
 
 def test_lazy_open_and_pickle(v73, frames):
@@ -438,12 +463,12 @@ def test_synthetic_depth():
     assert 0.5 <= depth.min() and depth.max() <= 9.5 and depth.std() > 0.3
     assert np.array_equal(ds[1][0], rgb) and np.array_equal(ds[1][1], depth)  # deterministic
     assert not np.array_equal(data_nyu.SyntheticDepth(n=3, seed=8, height=48, width=64)[1][1], depth)
-    assert isinstance(ds.scene(1), str) and len(ds) == 3 and ds.indices.tolist() == [0, 1, 2]
+    assert isinstance(ds.scene(1), str) and len(ds) == 3
     # brightness carries a depth cue: darker where farther
     lum = rgb.astype(np.float32).mean(-1).ravel()
     assert np.corrcoef(lum, depth.ravel())[0, 1] < -0.2
 
-# ----------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # the one metrics function
 
 

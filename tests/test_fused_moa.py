@@ -1,12 +1,15 @@
 """
-Tests of kernels/fused_moa.py (forward) and kernels/fused_moa_bwd.py (backward) against moa.moa_reference.
+Tests of kernels/ (the fused MoA forward, its two-kernel backward, the compile report) against moa.moa_reference.
 
-On CPU the Triton kernels run in the interpreter (conftest.py sets TRITON_INTERPRET=1 before any import). The
+On CPU the Triton kernels run in the interpreter (conftest.py sets TRITON_INTERPRET=1 when there is no CUDA). The
 oracle is the plain-PyTorch reference run in float64 on the same inputs; the kernel runs in fp32 (or bf16/fp16).
 Errors are "max |kernel - reference| / max |reference|" per tensor. Every run fills the kernel's output buffers
-with NaN first (MOA_KERNEL_POISON=1), so an element a kernel forgets to write fails the comparison.
+with NaN first (MOA_KERNEL_POISON=1), so an element a kernel forgets to write fails the comparison. With CUDA the
+kernels are compiled and TestCUDA runs (tests/gpu_check.py runs this file on a GPU).
 Run: python -m pytest -q tests/test_fused_moa.py
 """
+import json
+import math
 import os
 import subprocess
 import sys
@@ -15,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import moa
 from kernels import fused_moa as fm
 from kernels.fused_moa import fused_moa
 from moa import moa_reference
@@ -28,65 +32,77 @@ def poison(monkeypatch):
     monkeypatch.setenv("MOA_KERNEL_POISON", "1")
 
 
-def make_inputs(lead, D, H, E, R, top_k, temperature, seed=0, gap=1e-4, kink=1e-5, dtype=torch.float64):
-    """Random inputs (fp64 holding values exactly representable in `dtype`) whose kept and dropped logits are more
-    than `gap` apart (so the kernel's rounding cannot change the top-k) and whose gate pre-activations stay `kink`
-    away from the ReLU kink. Deterministic: it walks seeds seed, seed+1, ... until one qualifies."""
-    for s in range(seed, seed + 50):
-        g = torch.Generator().manual_seed(s)
+def make_inputs(lead, D, H, E, R, top_k, temperature, seed=0, gap=1e-4, kink=1e-5, dtype=torch.float64,
+                wdtype=None):
+    """Random inputs in fp64, holding values exactly representable in `dtype` (x) and `wdtype` (the weights).
+    Tokens are drawn from a larger pool, keeping only those whose kept and dropped logits are more than `gap`
+    apart (so the kernel's rounding cannot change the top-k) and whose gate pre-activations are all `kink` away
+    from the ReLU kink. Deterministic."""
+    g = torch.Generator().manual_seed(seed)
 
-        def rnd(*shape, scale=1.0):
-            return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
-        ins = [rnd(*lead, D), rnd(H, D, scale=D ** -0.5), rnd(H, scale=0.1), rnd(E, H, scale=3 * H ** -0.5),
-               rnd(E, scale=0.1), rnd(E, R, D, scale=D ** -0.5), rnd(E, R, scale=0.1), rnd(E, D, R, scale=R ** -0.5),
-               rnd(E, D, scale=0.1)]
-        ins = [t.to(dtype).double() for t in ins]
-        u = ins[0] @ ins[1].T + ins[2]
-        logits = (torch.relu(u) @ ins[3].T + ins[4]) / temperature
-        srt = logits.sort(dim=-1, descending=True).values
-        sep = (srt[..., top_k - 1] - srt[..., top_k]).min() if top_k < E else torch.tensor(1.0)
-        if u.abs().min() > kink and sep > gap:
-            return ins
-    raise RuntimeError("no seed gave well-separated logits")
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+    ws = [rnd(H, D, scale=D ** -0.5), rnd(H, scale=0.1), rnd(E, H, scale=3 * H ** -0.5), rnd(E, scale=0.1),
+          rnd(E, R, D, scale=D ** -0.5), rnd(E, R, scale=0.1), rnd(E, D, R, scale=R ** -0.5), rnd(E, D, scale=0.1)]
+    ws = [t.to(wdtype or dtype).double() for t in ws]
+    n = math.prod(lead)
+    pool = rnd(4 * n + 64, D).to(dtype).double()
+    u = pool @ ws[0].T + ws[1]
+    logits = ((torch.relu(u) @ ws[2].T + ws[3]) / temperature).sort(dim=-1, descending=True).values
+    ok = u.abs().min(-1).values > kink
+    if top_k < E:
+        ok &= logits[:, top_k - 1] - logits[:, top_k] > gap
+    assert ok.sum() >= n, "too few well-separated tokens: lower gap or kink"
+    return [pool[ok][:n].reshape(*lead, D)] + ws
 
 
 def rel_err(a, b):
-    a, b = a.double(), b.double()
+    a, b = a.double().cpu(), b.double().cpu()
     scale = b.abs().max()
     if scale == 0:  # e.g. gate gradients with one kept expert: the true gradient is exactly zero
         return a.abs().max().item()
     return ((a - b).abs().max() / scale).item()
 
 
-def run_both(ins, top_k, temperature, dtype, gates_loss=True, seed=123):
-    """Forward and backward of the kernel (inputs cast to dtype) and of the reference (fp64, on the same rounded
-    values). The loss weights y and, optionally, the gates by fixed random tensors."""
-    ins = [t.to(dtype).double() for t in ins]                   # the reference sees exactly the kernel's inputs
+def run_both(ins, top_k, temperature, dtype, wdtype=None, gates_loss=True, device="cpu", seed=123):
+    """Forward and backward of the kernel (x in dtype, weights in wdtype) and of the reference (fp64, CPU, on the
+    same rounded values). The loss weights y and, optionally, the gates by fixed random tensors."""
     g = torch.Generator().manual_seed(seed)
     wy = torch.randn(ins[0].shape, generator=g, dtype=torch.float64)
     wg = torch.randn(*ins[0].shape[:-1], ins[3].shape[0], generator=g, dtype=torch.float64)
     out = []
-    for fn, dt in ((fused_moa, dtype), (moa_reference, torch.float64)):
-        leaves = [t.to(dt).requires_grad_() for t in ins]
+    for fn, dt, wdt, dev in ((fused_moa, dtype, wdtype or dtype, device), (moa_reference, *[torch.float64] * 2, "cpu")):
+        leaves = [ins[0].to(dev, dt).requires_grad_()] + [t.to(dev, wdt).requires_grad_() for t in ins[1:]]
         y, gates = fn(*leaves, top_k, temperature)
-        loss = (y.double() * wy).sum() + ((gates.double() * wg).sum() if gates_loss else 0)
+        loss = (y.double().cpu() * wy).sum() + ((gates.double().cpu() * wg).sum() if gates_loss else 0)
         loss.backward()
         out.append((y, gates, [t.grad for t in leaves]))
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# correctness in fp32 against the fp64 reference
+def assert_close(res, tol_y, tol_gates, tol_grads, dtype, wdtype):
+    (y, gates, grads), (y_ref, gates_ref, grads_ref) = res
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    assert gates.dtype == torch.float32 and gates.shape == gates_ref.shape
+    assert torch.equal(gates.cpu() > 0, gates_ref > 0)          # the same experts were kept
+    assert rel_err(y, y_ref) <= tol_y and rel_err(gates, gates_ref) <= tol_gates
+    for name, a, b in zip(fm.NAMES, grads, grads_ref):
+        assert a is not None and a.shape == b.shape, name
+        assert a.dtype == (dtype if name == "x" else wdtype), name  # gradients in their input's dtype
+        assert rel_err(a, b) <= tol_grads, f"d{name}: rel err {rel_err(a, b):.2e}"
+
+
+# -----------------------------------------------------------------------------
+# correctness in fp32 against the fp64 reference (interpreter)
 
 CASES = [  # (leading dims, D, H, E, R, top_k, temperature, loss on gates too)
     ((1,), 32, 16, 1, 16, 1, 1.0, True),          # a single token, a single expert
     ((37,), 64, 32, 4, 16, 1, 2.0, True),         # partial tile, top-1
     ((37,), 48, 32, 4, 32, 2, 0.5, False),        # D not a power of 2; only y is used by the loss
     ((37,), 64, 32, 4, 64, 4, 2.0, True),         # the paper's dense routing (top_k = E = 4, tau = 2)
-    ((50, 3), 48, 16, 8, 16, 2, 1.0, True),       # leading dims (50, 3, D)
-    ((50, 3), 32, 64, 8, 16, 8, 3.0, True),
+    ((50, 3), 48, 16, 8, 16, 2, 1.0, True),       # leading dims (50, 3, D); E = 8: two expert splits
     ((37,), 32, 16, 16, 16, 1, 2.0, True),        # E = 16
-    ((256,), 128, 128, 16, 16, 16, 2.0, True),    # E = 16 dense, the largest CPU case
+    ((200,), 64, 64, 16, 16, 16, 2.0, True),      # E = 16 dense; several token tiles in every kernel
     ((64,), 64, 64, 5, 128, 2, 1.5, True),        # E not a power of 2, R = 128
 ]
 
@@ -95,33 +111,22 @@ CASES = [  # (leading dims, D, H, E, R, top_k, temperature, loss on gates too)
 @pytest.mark.parametrize("lead,D,H,E,R,top_k,tau,gates_loss", CASES)
 def test_forward_and_gradients_fp32(lead, D, H, E, R, top_k, tau, gates_loss):
     ins = make_inputs(lead, D, H, E, R, top_k, tau)
-    (y, gates, grads), (y_ref, gates_ref, grads_ref) = run_both(ins, top_k, tau, torch.float32, gates_loss)
-    assert y.dtype == torch.float32 and y.shape == y_ref.shape
-    assert gates.dtype == torch.float32 and gates.shape == gates_ref.shape
-    assert rel_err(y, y_ref) <= 1e-4
-    assert rel_err(gates, gates_ref) <= 1e-4
-    assert torch.equal(gates > 0, gates_ref > 0)               # the same experts were kept
-    for name, a, b in zip(fm.NAMES, grads, grads_ref):
-        assert a is not None and a.shape == b.shape and a.dtype == torch.float32, name
-        assert rel_err(a, b) <= 1e-4, f"d{name}: rel err {rel_err(a, b):.2e}"
-    # a gradient that should flow did flow (guards against an all-zero reference making the check vacuous)
-    if top_k > 1:
+    res = run_both(ins, top_k, tau, torch.float32, gates_loss=gates_loss)
+    assert_close(res, 1e-4, 1e-4, 1e-4, torch.float32, torch.float32)
+    grads_ref = res[1][2]
+    if top_k > 1:  # a gradient that should flow did flow (the check above is not vacuous)
         assert grads_ref[3].abs().max() > 0 and grads_ref[1].abs().max() > 0
 
 
 @cpu_only
-@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
-def test_half_precision_inputs(dtype, tol):
-    """bf16/fp16 storage, fp32 math. The interpreter truncates fp32 -> bf16 (the GPU rounds), so y and the
-    gradients stored in bf16 are off by up to ~1 ulp (2^-8 relative) of the element; gates are fp32 and tight."""
-    ins = make_inputs((45,), 64, 32, 4, 32, 2, 2.0, gap=1e-3, dtype=dtype)
-    (y, gates, grads), (y_ref, gates_ref, grads_ref) = run_both(ins, 2, 2.0, dtype)
-    assert y.dtype == dtype and gates.dtype == torch.float32
-    assert rel_err(y, y_ref) <= tol
-    assert rel_err(gates, gates_ref) <= 1e-4
-    for name, a, b in zip(fm.NAMES, grads, grads_ref):
-        assert a.dtype == dtype, name
-        assert rel_err(a, b) <= 2 * tol, f"d{name}: rel err {rel_err(a, b):.2e}"
+@pytest.mark.parametrize("dtype,wdtype,tol", [(torch.bfloat16, torch.bfloat16, 1e-2), (torch.float16, None, 2e-3),
+                                              (torch.bfloat16, torch.float32, 1e-2)])
+def test_half_precision_inputs(dtype, wdtype, tol):
+    """bf16/fp16 activations with weights in the same dtype or fp32 (master weights under autocast: cast after the
+    load, gradients back in fp32). The interpreter truncates fp32 -> bf16 where the GPU rounds, so y and dx are off
+    by up to ~1 ulp (2^-8 relative) of the element; gates are fp32 and tight."""
+    ins = make_inputs((45,), 64, 32, 4, 32, 2, 2.0, gap=1e-3, dtype=dtype, wdtype=wdtype)
+    assert_close(run_both(ins, 2, 2.0, dtype, wdtype), tol, 1e-4, 2 * tol, dtype, wdtype or dtype)
 
 
 @cpu_only
@@ -142,12 +147,26 @@ def test_ties_go_to_the_lower_expert(top_k):
 
 
 @cpu_only
+def test_backward_is_bitwise_reproducible():
+    """The weight gradients are sums over tokens in one fixed order, with no atomics: two runs agree bit for bit."""
+    ins = [t.float() for t in make_inputs((70,), 32, 16, 4, 16, 2, 2.0)]
+    dy = torch.randn(70, 32, generator=torch.Generator().manual_seed(5))
+    runs = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in ins]
+        y, _ = fused_moa(*leaves, 2, 2.0)
+        y.backward(dy)
+        runs.append([t.grad for t in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@cpu_only
 def test_poison_buffers_are_nan():
     """The NaN poisoning that the other tests rely on is really on."""
     assert torch.isnan(fm._new((3, 4), torch.zeros(1))).all()
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # input validation
 
 def _good():
@@ -155,13 +174,16 @@ def _good():
 
 
 @pytest.mark.parametrize("edit,top_k,tau,match", [
-    (lambda a: a.__setitem__(0, a[0][:, :24]), 2, 1.0, "multiple of 16"),
-    (lambda a: a.__setitem__(1, a[1][:12]), 2, 1.0, "gate_w1 must be"),
-    (lambda a: a.__setitem__(3, torch.zeros(17, 16, dtype=torch.float64)), 2, 1.0, "gate_w2 must be"),
-    (lambda a: a.__setitem__(5, a[5][:, :8]), 2, 1.0, "down_w must be"),
+    (lambda a: a.__setitem__(0, a[0][:, :24]), 2, 1.0, "need D a multiple of 16.*got D=24"),
+    (lambda a: a.__setitem__(1, a[1][:12]), 2, 1.0, "H and R in .*H=12"),
+    (lambda a: a.__setitem__(3, torch.zeros(17, 16)), 2, 1.0, "1 <= E <= 16.*E=17"),
+    (lambda a: a.__setitem__(5, a[5][:, :8]), 2, 1.0, "H and R in .*R=8"),
+    (lambda a: a.__setitem__(slice(3, 6), [torch.zeros(16, 16), torch.zeros(16), torch.zeros(16, 128, 32)]), 2,
+     1.0, "E R <= 1024.*R=128, E=16"),
     (lambda a: a.__setitem__(8, a[8][:, :16]), 2, 1.0, r"up_b must have shape \(4, 32\)"),
     (lambda a: a.__setitem__(6, a[6].T), 2, 1.0, "down_b must have shape"),
-    (lambda a: a.__setitem__(2, a[2].half()), 2, 1.0, "gate_b1.dtype"),
+    (lambda a: a.__setitem__(2, a[2].half()), 2, 1.0, "gate_b1.dtype is torch.float16"),
+    (lambda a: a.__setitem__(0, a[0].half()) or a.__setitem__(1, a[1].bfloat16()), 2, 1.0, "gate_w1.dtype is"),
     (lambda a: None, 0, 1.0, "top_k must be"),
     (lambda a: None, 5, 1.0, "top_k must be"),
     (lambda a: None, 2.0, 1.0, "top_k must be"),
@@ -176,83 +198,126 @@ def test_validation_errors(edit, top_k, tau, match):
 
 
 def test_float64_is_rejected():
-    with pytest.raises(ValueError, match="x.dtype must be one of"):
+    with pytest.raises(ValueError, match="x must be a float32/float16/bfloat16"):
         fused_moa(*_good(), 2, 1.0)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# benchmark smoke test
+def test_launch_params_are_a_pure_function_of_arch_dtypes_and_shapes():
+    """The wrapper and the compile report share one table; every kernel gets tiles tl.dot accepts (>= 16)."""
+    for arch in (None, 80, 90):
+        for dot in (torch.bfloat16, torch.float16, torch.float32):
+            for E in (1, 2, 4, 8, 16):
+                params = fm.launch_params(arch, dot, dot, torch.float32, 768, 128, E, 64)
+                assert params == fm.launch_params(arch, dot, dot, torch.float32, 768, 128, E, 64)
+                assert set(params) == {"fwd", "bwd_tokens", "bwd_weights"}
+                for meta, warps, stages in params.values():
+                    assert all(meta[k] >= 16 for k in ("BM", "BK", "BN", "BW", "BD", "BT") if k in meta)
+                    assert warps in (4, 8, 16) and stages >= 1
+
+
+# -----------------------------------------------------------------------------
+# the module switch (moa.MOA_IMPL) runs both paths
 
 @cpu_only
-def test_benchmark_smoke_prints_table():
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-m", "kernels.fused_moa", "--smoke"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=170)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.strip().splitlines()
-    header = next(i for i, line in enumerate(lines) if "fused us" in line and "GB/s" in line)
-    body = lines[header + 1:]
-    assert len(body) == 4, proc.stdout                         # top_k 4 and 1, fwd and fwd+bwd
-    assert all(line.split()[0] == "float32" for line in body)  # the table is the last thing printed
-    fused_us = [float(line.split()[6]) for line in body]
-    assert all(t > 0 for t in fused_us)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# GPU (compiled Triton, TF32 / bf16 tensor cores)
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.skipif(fm.INTERPRET, reason="needs CUDA with TRITON_INTERPRET=0 (the interpreter is for CPU tensors)")
-class TestCUDA:
-    @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-2), (torch.bfloat16, 3e-2)])
-    @pytest.mark.parametrize("N,D,H,E,R,top_k", [(400, 768, 128, 4, 64, 4), (3201, 768, 128, 4, 64, 1),
-                                                 (300, 256, 64, 8, 64, 2), (200, 256, 128, 16, 128, 3)])
-    def test_matches_reference(self, dtype, tol, N, D, H, E, R, top_k):
-        ins = make_inputs((N,), D, H, E, R, top_k, 2.0, gap=1e-3, kink=1e-4, dtype=dtype)
-        g = torch.Generator().manual_seed(1)
-        wy = torch.randn(N, D, generator=g, dtype=torch.float64)
-        res = []
-        for fn, dt, dev in ((fused_moa, dtype, "cuda"), (moa_reference, torch.float64, "cpu")):
-            leaves = [t.to(dev, dt).requires_grad_() for t in ins]
-            y, gates = fn(*leaves, top_k, 2.0)
-            (y.double().cpu() * wy).sum().backward()
-            res.append((y.cpu(), gates.cpu(), [t.grad.cpu() for t in leaves]))
-        (y, gates, grads), (y_ref, gates_ref, grads_ref) = res
-        assert torch.equal(gates > 0, gates_ref > 0)
-        assert rel_err(y, y_ref) <= tol and rel_err(gates, gates_ref) <= tol
-        for name, a, b in zip(fm.NAMES, grads, grads_ref):
-            assert rel_err(a, b) <= 2 * tol, f"d{name}: rel err {rel_err(a, b):.2e}"
-
-
-def test_moa_module_dispatch_flag_runs_both_paths():
-    """moa.MoA picks the kernel through moa.MOA_IMPL; both paths agree, forward and backward."""
-    import moa
+def test_moa_module_triton_and_torch_paths_agree():
     torch.manual_seed(0)
     layer = moa.MoA(dim=64, num_experts=4, bottleneck=16, gate_hidden=16, top_k=2, temperature=2.0)
     with torch.no_grad():
         layer.up_w.normal_(0, 0.1)  # off the identity init, so the experts matter
     x = torch.randn(2, 9, 64)
-    results = {}
+    results, old = {}, moa.MOA_IMPL
     try:
         for impl in ("torch", "triton"):
             moa.MOA_IMPL = impl
             layer.zero_grad()
             xi = x.clone().requires_grad_(True)
-            y = layer(xi)
-            y.square().sum().backward()
-            results[impl] = (y.detach(), xi.grad, layer.down_w.grad.clone(), layer.gate_w1.grad.clone(),
-                             layer.last_entropy)
+            layer(xi).square().sum().backward()
+            results[impl] = [xi.grad] + [p.grad.clone() for p in layer.parameters()]
+        moa.MOA_IMPL = "triton"
+        y16 = layer(x.bfloat16())  # bf16 activations with the fp32 master weights, as under autocast
     finally:
-        moa.MOA_IMPL = "auto"
-    assert moa.fused_moa is not None
+        moa.MOA_IMPL = old
     for a, b in zip(results["torch"], results["triton"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    # under bf16 autocast the activations arrive in bf16 while the weights stay fp32: the kernel path casts
-    moa.MOA_IMPL = "triton"
-    try:
-        y16 = layer(x.bfloat16())
-    finally:
-        moa.MOA_IMPL = "auto"
-    assert y16.dtype == torch.bfloat16
-    torch.testing.assert_close(y16.float(), results["torch"][0], rtol=2e-2, atol=5e-2)
+    assert y16.dtype == torch.bfloat16 and torch.isfinite(y16.float()).all()
 
+
+# -----------------------------------------------------------------------------
+# the benchmark and the compile report (subprocesses: the report compiles, so TRITON_INTERPRET must be unset)
+
+@cpu_only
+def test_benchmark_smoke_prints_ratios():
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "tests/bench_moa.py", "--smoke", "--json"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"} and len(rows) == 2
+    for r in rows:
+        assert r["us"]["fused"] > 0 and r["vs_fused"]["loop"] == pytest.approx(r["us"]["loop"] / r["us"]["fused"])
+
+
+def compile_report(*flags):
+    env = dict(os.environ, TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, "-m", "kernels.fused_moa", "--compile-report", *flags], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_compile_report_paper_and_fp32_configs_fit_a100_and_h100():
+    """bf16 E=4 (the paper) and fp32 E=4, top_k 1 and 4, for sm_80 and sm_90: no spills, shared memory in limits."""
+    proc = compile_report("--arch", "80,90", "--dtype", "bf16,fp32", "--experts", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 2 * 2 * 2 * 3, proc.stdout       # arch x dtype x top_k x kernel
+    assert {(r["arch"], r["dtype"], r["top_k"]) for r in rows} == {
+        (a, d, k) for a in (80, 90) for d in ("bf16", "fp32") for k in (1, 4)}
+    for r in rows:
+        assert 0 < r["regs"] <= 255 and r["spill_bytes"] == 0, r
+        assert 0 < r["smem_bytes"] <= r["smem_limit"] == {80: 166912, 90: 232448}[r["arch"]], r
+    assert "triton" in proc.stdout and "fwd+bwd" in proc.stdout  # the version line and the traffic table
+
+
+def test_compile_report_refuses_the_interpreter_and_bad_flags():
+    """One error line, no traceback; under TRITON_INTERPRET=1 the kernels still import (interpreter mode)."""
+    cases = [(["--compile-report"], "1"), (["--compile-report", "--arch", "75"], "0"), ([], "0")]
+    for flags, interpret in cases:
+        proc = subprocess.run([sys.executable, "-m", "kernels.fused_moa", *flags], cwd=ROOT, text=True,
+                              env=dict(os.environ, TRITON_INTERPRET=interpret), capture_output=True, timeout=60)
+        assert proc.returncode == 2 and "error:" in proc.stderr and "Traceback" not in proc.stderr, flags
+
+
+# -----------------------------------------------------------------------------
+# GPU (compiled Triton, TF32 / bf16 tensor cores)
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(fm.INTERPRET, reason="needs CUDA with TRITON_INTERPRET=0 (the interpreter is for CPU tensors)")
+class TestCUDA:
+    """Kept small: every (dtypes, E, R, H, top_k) compiles the three kernels anew."""
+
+    @pytest.mark.parametrize("dtype,wdtype,tol,N,D,H,E,R,top_k", [
+        (torch.float32, torch.float32, 1e-2, 400, 768, 128, 4, 64, 4),       # the paper's layer, TF32
+        (torch.bfloat16, torch.float32, 3e-2, 400, 768, 128, 4, 64, 4),      # bf16 activations, fp32 weights
+        (torch.bfloat16, torch.bfloat16, 3e-2, 3201, 768, 128, 4, 64, 1),    # all bf16, top-1, a partial tile
+        (torch.float32, torch.float32, 1e-2, 300, 256, 64, 8, 64, 2),        # E = 8: two expert splits
+        (torch.bfloat16, torch.float32, 3e-2, 200, 256, 128, 8, 128, 3)])    # E R = 1024: four splits
+    def test_matches_reference(self, dtype, wdtype, tol, N, D, H, E, R, top_k):
+        ins = make_inputs((N,), D, H, E, R, top_k, 2.0, gap=2e-2, kink=2e-3, dtype=dtype, wdtype=wdtype)
+        assert_close(run_both(ins, top_k, 2.0, dtype, wdtype, device="cuda"), tol, tol, 2 * tol, dtype, wdtype)
+
+    def test_backward_is_bitwise_reproducible(self):
+        ins = [t.cuda().float() for t in make_inputs((3000,), 768, 128, 4, 64, 4, 2.0)]
+        dy = torch.randn(3000, 768, device="cuda")
+        runs = []
+        for _ in range(2):
+            leaves = [t.clone().requires_grad_() for t in ins]
+            fused_moa(*leaves, 4, 2.0)[0].backward(dy)
+            runs.append([t.grad for t in leaves])
+        assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+    def test_autocast_fp32_stream_runs_bf16_matmuls(self):
+        """Under autocast an fp32 x with fp32 weights computes in bf16 (like F.linear) and returns fp32."""
+        ins = [t.cuda().float() for t in make_inputs((500,), 768, 128, 4, 64, 4, 2.0)]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y, gates = fused_moa(*ins, 4, 2.0)
+        y_ref, _ = moa_reference(*[t.double() for t in ins], 4, 2.0)
+        assert y.dtype == torch.float32 and rel_err(y, y_ref) <= 3e-2

@@ -1,11 +1,15 @@
 """
-moa.py: the MoA layer against a per-token loop, parameter counts, gradient flow, shapes, the loss, and a
-learning test on a small random CLIP. Run: python -m pytest -q tests/test_moa.py
+moa.py: the MoA layer against a per-token loop, parameter counts, gradient flow, the fp32
+residual stream, shapes, the similarity head and the zero-shot model, both losses on hand-computed
+values, the scene context, runtime(), and a learning test on a small random CLIP.
+Run: python -m pytest -q tests/test_moa.py
 """
 import math
+import types
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import clip_vit
@@ -23,7 +27,8 @@ def per_token_loop(x, w1, b1, w2, b2, dw, db, uw, ub, top_k, temperature):
     flat = x.reshape(-1, x.shape[-1])
     ys, gs = [], []
     for t in flat:
-        logits = [(sum(w2[e, j] * max(0.0, float(w1[j] @ t + b1[j])) for j in range(w1.shape[0])) + b2[e]) / temperature
+        hidden = [max(0.0, float(w1[j] @ t + b1[j])) for j in range(w1.shape[0])]
+        logits = [(sum(w2[e, j] * hidden[j] for j in range(len(hidden))) + b2[e]) / temperature
                   for e in range(w2.shape[0])]
         kept = sorted(range(len(logits)), key=lambda e: (-float(logits[e]), e))[:top_k]
         z = sum(math.exp(float(logits[e])) for e in kept)
@@ -47,32 +52,55 @@ def test_moa_reference_matches_per_token_loop(top_k, temperature):
     assert y.shape == x.shape and gates.shape == (2, 3, 4)
     torch.testing.assert_close(gates, g_ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
-    assert ((gates > 0).sum(-1) == top_k).all() and torch.allclose(gates.sum(-1), torch.ones(2, 3, dtype=x.dtype))
+    assert ((gates > 0).sum(-1) == top_k).all()
+    assert torch.allclose(gates.sum(-1), torch.ones(2, 3, dtype=x.dtype))
 
 
 def test_top_k_ties_go_to_lower_index():
     w1, b1, w2, b2, *rest = rand_weights()
-    w2, b2 = torch.zeros_like(w2), torch.tensor([0.0, 1.0, 1.0, 1.0], dtype=torch.float64)  # experts 1-3 tie
-    _, gates = moa.moa_reference(torch.randn(5, 16, dtype=torch.float64), w1, b1, w2, b2, *rest, 2, 1.0)
+    w2 = torch.zeros_like(w2)
+    b2 = torch.tensor([0.0, 1.0, 1.0, 1.0], dtype=torch.float64)  # experts 1-3 tie
+    x = torch.randn(5, 16, dtype=torch.float64)
+    _, gates = moa.moa_reference(x, w1, b1, w2, b2, *rest, 2, 1.0)
     assert (gates[:, 1:3] == 0.5).all() and (gates[:, [0, 3]] == 0).all()
 
 
-def test_moa_parameter_counts_and_identity_init():
-    assert sum(p.numel() for p in moa.MoA().parameters()) == 495_492  # paper.md §9
+def test_moa_parameter_counts_identity_init_and_top_k_zero_means_all():
+    assert sum(p.numel() for p in moa.MoA().parameters()) == 495_492  # paper notes §1
     for k, total in [(1, 790_788), (2, 1_187_848), (4, 1_981_968), (8, 3_570_208), (16, 6_746_688)]:
         assert 4 * sum(p.numel() for p in moa.MoA(num_experts=k).parameters()) == total
-    layer = moa.MoA(dim=32, bottleneck=8, gate_hidden=16)
+    layer = moa.MoA(dim=32, bottleneck=8, gate_hidden=16, top_k=0)
     x = torch.randn(2, 5, 32)
     assert torch.equal(layer(x), x)  # zero-initialised up-projection: identity at insertion
     assert 0 < layer.last_entropy <= math.log(4) + 1e-6
+    with torch.no_grad():
+        layer.up_w.normal_()
+    ws = [layer.gate_w1, layer.gate_b1, layer.gate_w2, layer.gate_b2,
+          layer.down_w, layer.down_b, layer.up_w, layer.up_b]
+    dense = moa.moa_reference(x, *ws, 4, 2.0)[0]
+    torch.testing.assert_close(layer(x), dense)  # top_k=0: all 4 experts
+    layer.top_k = 1
+    assert not torch.allclose(layer(x), dense)
 
 
-# ----------------------------------------------------------------------------------------------------
+def test_a_failing_triton_kernel_names_the_way_out(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no kernel image is available\nfor this device")
+    monkeypatch.setattr(moa, "fused_moa", broken)
+    monkeypatch.setattr(moa, "MOA_IMPL", "triton")
+    expected = (r"^--moa-impl triton: .*RuntimeError: no kernel image is available for this device"
+                r".*--moa-impl torch$")
+    with pytest.raises(clip_vit.UserError, match=expected):
+        moa.MoA(dim=16, bottleneck=4, gate_hidden=8)(torch.randn(1, 3, 16))
+
+
+# -----------------------------------------------------------------------------
 # the depth model on small random CLIPs
 
-def small_clip(layers=12, width=64, res=64, seed=0):
-    sd = clip_vit.random_state_dict(embed_dim=32, image_resolution=res, vision_layers=layers, vision_width=width,
-                                    patch=32, width=64, heads=1, layers=1, seed=seed)
+def tiny_clip(layers=12, width=64, res=64, seed=0):
+    sd = clip_vit.random_state_dict(embed_dim=32, image_resolution=res, vision_layers=layers,
+                                    vision_width=width, patch=32, width=64, heads=1, layers=1,
+                                    seed=seed)
     return clip_vit.build_model(sd)
 
 
@@ -80,8 +108,17 @@ def small_cfg(**kw):
     return moa.DepthConfig(bottleneck=8, gate_hidden=16, **kw)
 
 
+def fake_tokenize(texts):
+    """Stands in for the BPE tokenizer where a test needs only distinct, well-formed ids: SOT,
+    one id per text, EOT (the largest id, where the text tower reads its features)."""
+    ids = torch.zeros(len(texts), 77, dtype=torch.long)
+    ids[:, 0], ids[:, 2] = 49406, 49407
+    ids[:, 1] = torch.arange(len(texts)) + 1000
+    return ids
+
+
 def test_gradients_reach_exactly_the_trainable_parts():
-    clip = small_clip()
+    clip = tiny_clip()
     clip.encode_text = None  # the text tower must never run in a training step
     model = moa.MoADepthCLIP(clip, small_cfg(num_bins=16), context=torch.randn(32))
     with torch.no_grad():
@@ -91,14 +128,35 @@ def test_gradients_reach_exactly_the_trainable_parts():
     out = model(torch.randn(2, 3, 64, 64))
     loss, _ = moa.depth_loss(out, depth, torch.ones_like(depth, dtype=torch.bool), model.cfg)
     loss.backward()
+    blocks = [f"visual.transformer.resblocks.{i}." for i in (8, 9, 10, 11)]
+    trained = ("moa.", "cls_head", "reg_head", *blocks)
     for name, p in model.named_parameters():
-        trainable = name.startswith(("moa.", "cls_head", "reg_head", *[f"visual.transformer.resblocks.{i}." for i in (8, 9, 10, 11)]))
-        assert p.requires_grad == trainable, name
-        if trainable:
+        assert p.requires_grad == name.startswith(trained), name
+        if p.requires_grad:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
         else:
             assert p.grad is None, name
     assert not hasattr(model, "transformer") and not hasattr(model, "token_embedding")
+
+
+def test_residual_stream_stays_fp32_under_bf16_autocast():
+    """Every block and MoA sees and returns an fp32 stream, while the matmuls inside run in bf16."""
+    model = moa.MoADepthCLIP(tiny_clip(), small_cfg(num_bins=16), context=torch.randn(32))
+    seen = []
+    blocks = model.visual.transformer.resblocks
+
+    def record(module, args, out):
+        seen.append((type(module).__name__, args[0].dtype, out.dtype))
+    for module in [*blocks, *model.moa, blocks[3].mlp]:
+        module.register_forward_hook(record)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        f = model.features(torch.randn(1, 3, 64, 64))
+    stream = [s for s in seen if s[0] != "Sequential"]
+    assert len(stream) == 12 + 4, stream
+    assert all(s[1:] == (torch.float32, torch.float32) for s in stream), stream
+    mlp = [s for s in seen if s[0] == "Sequential"]
+    assert mlp[0][2] == torch.bfloat16  # the MLP's matmuls run in bf16
+    assert f.dtype == torch.float32
 
 
 def test_default_model_parameters_and_large_input():
@@ -106,43 +164,154 @@ def test_default_model_parameters_and_large_input():
     model = moa.MoADepthCLIP(clip, moa.DepthConfig(), context=torch.randn(512))
     rows, table = moa.parameter_report(model)
     got = {name: (t, f) for name, t, f in rows}
-    assert got["CLIP image blocks 8-11"] == (4 * 7_087_872, 0)
-    assert got["MoA modules (4)"] == (1_981_968, 0)
+    tower = got["CLIP image tower (blocks 8-11 trained)"]
+    assert tower == (4 * 7_087_872, 87_849_216 - 4 * 7_087_872)  # paper notes §1: the image tower
+    assert got["MoA modules"] == (1_981_968, 0)
     assert got["depth heads"] == (165_249, 0)  # 1x1 heads 1280 -> 128 and 1280 -> 1
     assert got["total"][0] == 28_351_488 + 1_981_968 + 165_249 and "30,498,705" in table
-    assert got["total"][0] + got["total"][1] == 87_849_216 + 1_981_968 + 165_249  # the whole image tower
     with torch.no_grad():
         out = model(torch.randn(1, 3, 448, 576))  # a 14x18 grid: positional embedding interpolated
     assert out["depth"].shape == (1, 1, 448, 576) and out["logits"].shape == (1, 128, 448, 576)
     assert ((out["depth"] > 0) & (out["depth"] <= 10)).all()
 
 
-def test_scene_context_is_a_unit_vector(shared_file):
-    shared_file("clip", "bpe_simple_vocab_16e6.txt.gz")
-    clip = small_clip(layers=1)
+def test_scene_context_normalises_each_prompt_then_the_mean(monkeypatch):
+    """With a stub text tower giving [10, 0] and [0, 1], the context is the renormalised mean of the
+    unit vectors, [1, 1] / sqrt 2; averaging the raw features first would give [0.995, 0.0995]."""
+    monkeypatch.setattr(clip_vit, "tokenize", fake_tokenize)
+    stub = types.SimpleNamespace(token_embedding=nn.Embedding(1, 1),
+                                 encode_text=lambda ids: torch.tensor([[10.0, 0.0], [0.0, 1.0]]))
+    c = moa.scene_context(stub, ["kitchen", "classroom"])
+    torch.testing.assert_close(c, torch.tensor([1.0, 1.0]) / math.sqrt(2))
+
+
+def test_scene_context_on_a_random_clip():
+    clip = tiny_clip(layers=1)
     c = moa.scene_context(clip)
     assert c.shape == (32,) and torch.allclose(c.norm(), torch.tensor(1.0))
-    one = moa.scene_context(clip, ["kitchen"])
-    assert not torch.allclose(c, one)
+    assert not torch.allclose(c, moa.scene_context(clip, ["kitchen"]))
+
+
+def test_distance_prompts_are_tokenised_as_the_text_tower_expects():
+    """The similarity head feeds the text tower SOT, the BPE ids of "This object is {word}", EOT,
+    then zeros; the reference ids come from OpenAI's tokenizer."""
+    fed = []
+    clip = tiny_clip(layers=1)
+    encode = clip.encode_text
+    clip.encode_text = lambda ids: fed.append(ids) or encode(ids)
+    model = moa.MoADepthCLIP(clip, small_cfg(head="similarity", use_context=False))
+    words = {"giant": [4687], "extremely close": [6519, 2660], "close": [2660],
+             "not in distance": [783, 530, 7964], "a little remote": [320, 1274, 9687],
+             "far": [2384], "unseen": [19069]}
+    (ids,) = fed
+    for row, word_ids in zip(ids.tolist(), words.values()):
+        expected = [49406, 589, 14115, 533, *word_ids, 49407]
+        assert row == expected + [0] * (77 - len(expected))
+    torch.testing.assert_close(model.text.norm(dim=-1), torch.ones(7))
+    assert model.bins.tolist() == [1.0, 1.5, 2.0, 2.25, 2.5, 2.75, 3.0]
+
+
+def zero_shot_model(monkeypatch, sim_bins=7):
+    """The zero-shot model evaluate.py builds: frozen CLIP, an identity adapter after block 11."""
+    monkeypatch.setattr(clip_vit, "tokenize", fake_tokenize)
+    clip = tiny_clip(seed=3)
+    cfg = small_cfg(head="similarity", use_context=False, use_moa=False, moa_layers=(11,),
+                    trainable_blocks=0, sim_bins=sim_bins)
+    return clip, moa.MoADepthCLIP(clip, cfg).eval()
+
+
+def test_similarity_head_is_depthclip_on_clips_own_tokens(monkeypatch):
+    """Shapes, probabilities that sum to 1, and the depth against an independent computation: CLIP's
+    last-layer patch tokens through ln_post and proj, cosine with the prompt embeddings,
+    x 100 / 0.1, softmax, bins."""
+    clip, model = zero_shot_model(monkeypatch)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters() if n.startswith("moa.")}
+    image = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        out = model(image, out_size=(20, 30))
+        tokens = clip.visual.transformer(clip.visual.embed(image))[:, 1:]   # (2, 2*3, 64)
+        emb = F.normalize(clip.visual.ln_post(tokens) @ clip.visual.proj, dim=-1)
+        text = F.normalize(clip.encode_text(fake_tokenize(["x"] * 7)), dim=-1)
+        probs = (100 * emb @ text.T / 0.1).softmax(-1)                      # (2, 6, 7)
+        grid = (probs @ torch.tensor([1.0, 1.5, 2.0, 2.25, 2.5, 2.75, 3.0])).view(2, 1, 2, 3)
+    assert out["depth"].shape == (2, 1, 20, 30) and out["probs"].shape == (2, 7, 2, 3)
+    torch.testing.assert_close(out["probs"].sum(1), torch.ones(2, 2, 3))
+    torch.testing.assert_close(out["probs"].flatten(2).transpose(1, 2), probs, rtol=1e-4, atol=1e-5)
+    ref = F.interpolate(grid, size=(20, 30), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out["depth"], ref, rtol=1e-4, atol=1e-4)
+    assert (out["depth"] > 1.0 - 1e-5).all() and (out["depth"] < 3.0 + 1e-5).all()  # bins: 1-3 m
+    _, model10 = zero_shot_model(monkeypatch, sim_bins=10)
+    assert model10.text.shape == (10, 32) and model10.bins.max() > 3.0
+
+
+def test_similarity_head_trains_its_adapters_with_either_loss(monkeypatch):
+    monkeypatch.setattr(clip_vit, "tokenize", fake_tokenize)
+    depth = torch.rand(2, 1, 64, 64) * 2 + 1
+    mask = torch.ones_like(depth, dtype=torch.bool)
+    for loss in ("paper", "composite"):
+        cfg = small_cfg(head="similarity", use_context=False, use_moa=False, loss=loss)
+        model = moa.MoADepthCLIP(tiny_clip(), cfg)
+        total, terms = moa.depth_loss(model(torch.randn(2, 3, 64, 64)), depth, mask, model.cfg)
+        expected = {"l1", "silog"} if loss == "paper" else {"silog", "grad", "ssim", "l1"}
+        assert set(terms) == expected
+        total.backward()
+        assert model.moa[0].up_w.grad.abs().sum() > 0
+        assert model.visual.transformer.resblocks[11].mlp.c_fc.weight.grad.abs().sum() > 0
+        assert not hasattr(model, "cls_head") and moa.parameter_report(model)[0][-1][1] > 0
+    with pytest.raises(clip_vit.UserError, match="--head similarity: .*--use-context 0"):
+        moa.DepthConfig(head="similarity")
 
 
 def test_ablation_switches_change_the_model():
-    clip = small_clip()
+    clip = tiny_clip()
     base = moa.MoADepthCLIP(clip, small_cfg(use_moa=False, use_context=False, num_bins=10))
-    assert all(not m.gated and m.down_w.shape[0] == 1 for m in base.moa) and base.cls_head.in_channels == 64
+    assert all(not m.gated and m.down_w.shape[0] == 1 for m in base.moa)
+    assert base.cls_head.in_channels == 64
     assert base(torch.randn(1, 3, 64, 64))["logits"].shape == (1, 10, 64, 64)
-    k8 = moa.MoADepthCLIP(small_clip(), small_cfg(num_experts=8, top_k=2), context=torch.randn(32))
+    k8 = moa.MoADepthCLIP(tiny_clip(), small_cfg(num_experts=8, top_k=2), context=torch.randn(32))
     assert k8.moa[0].down_w.shape[0] == 8 and k8.moa[0].top_k == 2 and k8.cls_head.in_channels == 96
 
-# ----------------------------------------------------------------------------------------------------
-# the loss
+# -----------------------------------------------------------------------------
+# the losses
 
 
 def test_silog_forms_hand_computed():
     pred, gt = torch.tensor([2.0, 1.0]), torch.tensor([1.0, 1.0])  # g = [ln 2, 0]
-    assert moa.silog(pred, gt, "paper").item() == pytest.approx(2.222096, rel=1e-5)  # 10 (Var + 0.85 Mean^2)
-    assert moa.silog(pred, gt, "bts").item() == pytest.approx(3.716590, rel=1e-5)    # 10 sqrt(E g^2 - 0.85 Mean^2)
+    # 10 (Var + 0.85 Mean^2), and 10 sqrt(E g^2 - 0.85 Mean^2)
+    assert moa.silog(pred, gt, "paper").item() == pytest.approx(2.222096, rel=1e-5)
+    assert moa.silog(pred, gt, "bts").item() == pytest.approx(3.716590, rel=1e-5)
     assert moa.silog(gt * 3, gt).item() == pytest.approx(10 * 0.85 * math.log(3) ** 2, rel=1e-5)
+
+
+def test_composite_loss_hand_computed():
+    # identical maps: SILog, SSIM and L1 vanish; only the prediction's own smoothness remains
+    gt = torch.rand(2, 1, 6, 7) * 5 + 1
+    _, terms = moa.composite_loss(gt.clone(), gt)
+    assert terms["ssim"] == pytest.approx(0, abs=1e-6)
+    assert terms["l1"] == 0 and terms["silog"] < 1e-3
+    # smoothness: mean |x difference| + mean |y difference| of the prediction; offsets: no change
+    pred = torch.tensor([[[[1.0, 2.0], [3.0, 5.0]]]])
+    assert moa.composite_loss(pred, torch.ones_like(pred))[1]["grad"] == pytest.approx(1.5 + 2.5)
+    assert moa.composite_loss(pred + 3, torch.ones_like(pred))[1]["grad"] == pytest.approx(4.0)
+    assert moa.composite_loss(torch.full_like(pred, 7.0), pred)[1]["grad"] == 0
+    # a flat 2 m prediction of a flat 1 m scene, by hand: g = ln 2 everywhere, SSIM of two constants
+    loss, terms = moa.composite_loss(torch.full((1, 1, 3, 3), 2.0), torch.ones(1, 1, 3, 3))
+    silog_bts = 10 * math.sqrt(0.15) * math.log(2)
+    c1 = 0.01 ** 2
+    # the sigma terms are 0: SSIM = (2 mu_p mu_g + C1) / (mu_p^2 + mu_g^2 + C1)
+    ssim_term = (1 - (2 * 2 * 1 + c1) / (4 + 1 + c1)) / 2
+    expected = {"silog": silog_bts, "grad": 0.0, "ssim": ssim_term, "l1": 1.0}
+    assert terms == pytest.approx(expected, rel=1e-5)
+    assert loss.item() == pytest.approx(1.0 * silog_bts + 0.2 * ssim_term + 0.1 * 1.0, rel=1e-5)
+    # holes (gt <= 1e-8) are left out of every term that needs the ground truth
+    gt_holes = torch.ones(1, 1, 3, 3)
+    gt_holes[..., 0, :] = 0
+    _, terms = moa.composite_loss(torch.ones(1, 1, 3, 3), gt_holes)
+    assert terms["l1"] == 0 and terms["silog"] < 1e-3
+    pred = torch.ones(1, 1, 3, 3, requires_grad=True)
+    zero, _ = moa.composite_loss(pred, torch.zeros(1, 1, 3, 3))
+    assert zero.item() == 0 and zero.requires_grad
 
 
 def test_loss_holes_empty_mask_and_perfect_prediction():
@@ -153,10 +322,12 @@ def test_loss_holes_empty_mask_and_perfect_prediction():
     logits = torch.randn(2, 16, 8, 8, requires_grad=True)
     out = {"logits": logits, "depth_reg": gt.clamp_min(1e-3), "depth": gt}
     loss, terms = moa.depth_loss(out, gt, mask, cfg)
-    assert torch.isfinite(loss) and terms["l1"] == 0 and terms["silog"] == pytest.approx(0, abs=1e-6)
+    assert torch.isfinite(loss) and terms["l1"] == 0
+    assert terms["silog"] == pytest.approx(0, abs=1e-6)
     assert loss.item() == pytest.approx(terms["cls"])
     loss.backward()
-    assert torch.isfinite(logits.grad).all() and logits.grad[0, :, :4].abs().sum() == 0  # holes give nothing
+    assert torch.isfinite(logits.grad).all()
+    assert logits.grad[0, :, :4].abs().sum() == 0  # holes give nothing
     empty, _ = moa.depth_loss(out, gt, torch.zeros_like(mask), cfg)
     assert empty.item() == 0 and not torch.isnan(empty)
     # the bin target is the bin whose centre is nearest the ground truth
@@ -164,17 +335,18 @@ def test_loss_holes_empty_mask_and_perfect_prediction():
     gt2 = centres[[3, 7]].view(2, 1, 1, 1).expand(2, 1, 2, 2).clone()
     peaked = torch.full((2, 16, 2, 2), -30.0)
     peaked[0, 3], peaked[1, 7] = 30.0, 30.0
-    loss, terms = moa.depth_loss({"logits": peaked, "depth_reg": gt2, "depth": gt2}, gt2, gt2 > 0, cfg)
+    out = {"logits": peaked, "depth_reg": gt2, "depth": gt2}
+    loss, terms = moa.depth_loss(out, gt2, gt2 > 0, cfg)
     assert terms["cls"] < 1e-6
 
 
 def test_model_learns_a_tiny_batch():
     torch.manual_seed(0)
     cfg = small_cfg(num_bins=16, moa_layers=(0, 1, 2, 3), trainable_blocks=2)
-    model = moa.MoADepthCLIP(small_clip(layers=4), cfg, context=torch.randn(32))
+    model = moa.MoADepthCLIP(tiny_clip(layers=4), cfg, context=torch.randn(32))
     centres = moa.bin_centres(model.cfg)
     images = torch.randn(4, 3, 64, 64)
-    depth = centres[[2, 5, 9, 13]].view(4, 1, 1, 1).expand(4, 1, 16, 16).clone()  # one depth per image
+    depth = centres[[2, 5, 9, 13]].view(4, 1, 1, 1).expand(4, 1, 16, 16).clone()  # one per image
     mask = torch.ones_like(depth, dtype=torch.bool)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = []
@@ -185,9 +357,12 @@ def test_model_learns_a_tiny_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 5, (losses[0], losses[-1])
-    print(f"loss {losses[0]:.3f} -> {losses[-1]:.4f}")
 
 
 def test_runtime_decides_device_and_dtype():
     assert moa.runtime("cpu") == (torch.device("cpu"), None)
     assert moa.runtime("auto")[0].type == ("cuda" if torch.cuda.is_available() else "cpu")
+    n = torch.cuda.device_count()
+    for bad in ("tpu", f"cuda:{n}", "cuda:x") + (() if n else ("cuda",)):
+        with pytest.raises(clip_vit.UserError, match=f"^--device {bad}: not on this machine"):
+            moa.runtime(bad)

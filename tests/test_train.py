@@ -1,83 +1,230 @@
 """
-train.py as a user runs it (subprocesses on a tiny random CLIP and synthetic rooms): an end-to-end run, resume,
-kill-and-resume equivalence, the non-finite-loss stop, DDP with two gloo processes, and bad input.
+train.py as a user runs it (subprocesses on a tiny random CLIP and synthetic rooms): an end-to-end run,
+resume, kill-and-resume equivalence, Ctrl-C, the non-finite-loss stop, DDP with two gloo processes, the
+paper recipe's frame count, what training moves, and every user mistake ending in one `error:` line.
 Run: python -m pytest -q tests/test_train.py
 """
 import json
 import os
+import runpy
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import torch
 
 import clip_vit
+import moa
 
 ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--input-size", "64", "--bottleneck", "16", "--gate-hidden", "16", "--num-bins", "16",
+         "--synthetic-frames", "12", "--batch-size", "4"]
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network (every HTTP(S) request goes to a closed local port) and an empty cache, for the
+    subprocesses a test starts. Yields the cache folder, so a test can check nothing landed there."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")  # the discard port: nothing listens there
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    return cache
+
+
+def start(args, **kw):
+    """train.py as a background process that Ctrl-C reaches (a shell may start it with SIGINT ignored)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT, env=env,
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
+
+
+def wait_for(path, proc):
+    while not path.exists() and proc.poll() is None:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+
+
+def logs(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+# -----------------------------------------------------------------------------
+# runs that work
 
 
 def test_end_to_end_train_resume_evaluate(small_clip, tmp_path, run_script, train_small):
-    r = train_small(tmp_path / "run", "--epochs", "1")
+    r = train_small(tmp_path / "run", "--epochs", "1", "--val-frac", "0.1", "--head-lr", "1e-4")
     assert "step 2/2" in r.stdout and "gate H" in r.stdout and "img/s" in r.stdout and "eta" in r.stdout
-    r = train_small(tmp_path / "run", "--epochs", "2", "--resume")
+    assert "lr 1.0e-05 head lr 1.0e-04" in r.stdout  # the rate the heads really get is logged too
+    for output in ("fused", "binned", "regressed"):  # validation scores each output on its own
+        assert f"{output} d1 " in r.stdout
+    r = train_small(tmp_path / "run", "--epochs", "2", "--val-frac", "0.1", "--head-lr", "1e-4", "--resume")
     assert "resumed from" in r.stdout and "step 4/4" in r.stdout
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["step"] == 4 and ckpt["clip"]["sha256"] == clip_vit.sha256sum(small_clip)
     assert all(not k.startswith("visual.") or k.startswith("visual.transformer.resblocks.") for k in ckpt["model"])
-    logs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert any("val_d1" in entry for entry in logs) and any("gate_entropy" in entry for entry in logs)
-    r = run_script("evaluate.py", tmp_path / "run" / "ckpt.pt", "--save-vis", tmp_path / "vis", "--flip")
+    entries = logs(tmp_path / "run")
+    val = [e for e in entries if "val_d1" in e]
+    assert len(val) == 2 and all("val_binned_d1" in e and "val_regressed_rmse" in e for e in val)
+    assert any("gate_entropy" in e for e in entries) and (tmp_path / "run" / "best.pt").exists()
+    assert oct((tmp_path / "run" / "ckpt.pt").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    r = run_script("evaluate.py", tmp_path / "run" / "ckpt.pt", "--limit", "16")
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    assert result["n_images"] == 16 and 0 <= result["metrics"]["d1"] <= 1 and result["metrics"]["rmse"] > 0
-    assert result["protocol"]["crop"] == "eigen" and result["protocol"]["flip_tta"] is True
-    assert "protocol:" in r.stderr and "all " in r.stdout
-    assert len(list((tmp_path / "vis").glob("*.png"))) == 16
+    assert result["n_images"] == 16
 
 
-def test_train_and_evaluate_on_an_official_layout_mat(small_clip, tmp_path, run_script):
-    """The user's two commands on a v7.3 file in the real layout (6 frames), with its splits.mat beside it."""
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_paper_recipe_trains_on_every_train_frame(small_clip, tmp_path, run_script):
+    """The default (--val-frac 0) holds nothing out: every frame of the official-layout train split is a
+    training frame, and ckpt.pt is the last epoch (no best.pt)."""
     from nyu_fixtures import asymmetric_frames, write_splits, write_v73
-    images, depths, raw = asymmetric_frames(6)
-    scenes = ["kitchen", "office", "kitchen", "bedroom", "office", "kitchen"]
+    images, depths, raw = asymmetric_frames(7)
+    scenes = ["kitchen", "office", "kitchen", "bedroom", "office", "kitchen", "office"]
     write_v73(tmp_path / "nyu.mat", images, depths, raw_depths=raw, scene_types=scenes)
-    write_splits(tmp_path / "splits.mat", [1, 2, 3, 4], [5, 6])
-    r = run_script("train.py", "--data", tmp_path / "nyu.mat", "--clip", small_clip, "--out", tmp_path / "run", "--epochs", "1",
-            "--no-download", "--input-size", "64", "--bottleneck", "8", "--gate-hidden", "16",
-            "--num-bins", "16", "--batch-size", "1")
-    assert "held-out scenes" in r.stdout and "step " in r.stdout
+    train = [1, 2, 3, 4, 6]
+    write_splits(tmp_path / "splits.mat", train, [5, 7])
+    r = run_script("train.py", "--data", tmp_path / "nyu.mat", "--clip", small_clip, "--out", tmp_path / "run",
+                   "--epochs", "1", *SMALL[:8], "--batch-size", "1")
+    assert f"data: {len(train)} train frames, 0 held out" in r.stdout
+    assert f"step {len(train)}/{len(train)}" in r.stdout  # one step per frame at batch 1: all were used
+    assert not (tmp_path / "run" / "best.pt").exists()
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == len(train)
     r = run_script("evaluate.py", tmp_path / "run" / "ckpt.pt", "--no-download")
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    assert result["n_images"] == 2 and result["protocol"]["gt"] == "rawDepths"
-    assert "kitchen" in r.stdout and "office" in r.stdout  # the per-scene rows
+    assert result["n_images"] == 2
+
+
+def test_training_moves_exactly_what_it_should(small_clip, tmp_path, monkeypatch):
+    """train.py itself, run in this process, three steps: every trainable parameter (image blocks 8-11,
+    each MoA, every head) has moved, no frozen one has, and AdamW holds exactly the trainable ones."""
+    start_values = []
+
+    class Recorded(moa.MoADepthCLIP):  # remembers the parameters as train.py built them
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            start_values.append({n: p.detach().cpu().clone() for n, p in self.named_parameters()})
+
+    monkeypatch.setattr(moa, "MoADepthCLIP", Recorded)
+    monkeypatch.setattr(moa, "MOA_IMPL", moa.MOA_IMPL)  # train.py sets it from --moa-impl
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # train.py installs its own
+    monkeypatch.setattr(sys, "argv", ["train.py", "--data", "synthetic", "--clip", str(small_clip),
+                                      "--out", str(tmp_path / "run"), *SMALL, "--max-steps", "3"])
+    run = runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+    model, optimizer = run["raw_model"], run["optimizer"]
+    assert run["step"] == 3 and len(start_values) == 1
+
+    def should_train(name):
+        if name.startswith("visual.transformer.resblocks."):
+            return int(name.split(".")[3]) >= 8
+        return name.startswith("moa.") or name.startswith(("cls_head.", "reg_head."))
+    params = dict(model.named_parameters())
+    assert {n for n, p in params.items() if p.requires_grad} == {n for n in params if should_train(n)}
+    moved = {n for n, p in params.items() if not torch.equal(p.detach().cpu(), start_values[0][n])}
+    assert moved == {n for n in params if should_train(n)}
+    for part in ("visual.transformer.resblocks.8.", "visual.transformer.resblocks.11.", "moa.0.", "moa.3.",
+                 "cls_head.", "reg_head."):
+        assert any(n.startswith(part) for n in moved), part
+    in_optimizer = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    assert sorted(in_optimizer) == sorted(id(p) for n, p in params.items() if should_train(n))
+
+
+def test_similarity_head_and_composite_loss_end_to_end(tmp_path, train_small, run_script):
+    """Table 1's baseline switches in one synthetic run: DepthCLIP's similarity head, the composite loss."""
+    r = train_small(tmp_path / "run", "--epochs", "1", "--head", "similarity", "--use-context", "0",
+                    "--loss", "composite", "--val-frac", "0.1")
+    assert "fused d1 " in r.stdout and "binned" not in r.stdout  # that head has one output
+    assert "ssim" in r.stdout and "grad" in r.stdout  # the composite loss's terms are logged
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ckpt["model_config"]["head"] == "similarity" and ckpt["model_config"]["loss"] == "composite"
+    r = run_script("evaluate.py", tmp_path / "run" / "ckpt.pt", "--limit", "16")
+    assert json.loads(r.stdout.strip().splitlines()[-1])["n_images"] == 16
+
+
+def test_help_says_meaning_format_and_default():
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True,
+                       cwd=ROOT, env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0
+    assert "python train.py --data synthetic --clip random --epochs 2" in r.stdout  # the docstring's usage
+    for block in r.stdout.split("\n  --")[1:]:  # one per option: "epochs N   passes over ... (default: 30)"
+        metavar = block.split()[1]
+        if metavar[0] in "ABCDEFGHIJKLMNOPQRSTUVWXYZ{0":  # N, X, PATH, 0/1, {a,b}: it takes a value
+            assert "(default:" in block, block
+    text = " ".join(r.stdout.split())
+    for phrase in ("0 = same as --lr", "0 = all experts", "--use-moa 0/1", "--moa-layers LIST", "2,5,8,11",
+                   "--fusion {mean,cls,reg}", "--train-gt {dense,raw}", "--bin-spacing {uniform,log}",
+                   "--silog {paper,bts}", "synthetic", "random", "--input-size H,W", "METRES"):
+        assert phrase in text, phrase
+
+
+def test_offline_smoke_run_with_an_empty_cache(tmp_path, offline, run_script):
+    """The README's smoke run (--data synthetic --clip random, small sizes here) with no network and an
+    empty cache: the tokenizer's vocabulary ships in the repository, so nothing is fetched."""
+    r = run_script("train.py", "--data", "synthetic", "--clip", "random", "--out", tmp_path / "smoke",
+                   "--epochs", "1", *SMALL)
+    assert "done:" in r.stdout and (tmp_path / "smoke" / "ckpt.pt").exists()
+    assert list(offline.rglob("*")) == []  # nothing downloaded, nothing cached
+
+# -----------------------------------------------------------------------------
+# interruptions
 
 
 def test_kill_and_resume_is_bit_identical(small_clip, tmp_path, train_small):
-    """SIGKILL a run once its first checkpoint lands, resume it, and compare with an uninterrupted run."""
-    import time
-    train_small(tmp_path / "a", "--epochs", "4")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    args = ["--data", "synthetic", "--clip", small_clip, "--out", tmp_path / "b", "--input-size", "64", "--bottleneck", "8", "--gate-hidden", "16", "--num-bins", "16",
-            "--synthetic-frames", "12", "--batch-size", "4", "--epochs", "4"]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    """SIGKILL a run once its first checkpoint lands, resume it, and compare with an uninterrupted run.
+    On the CPU, where every kernel is deterministic (a GPU's atomic adds are not)."""
+    train_small(tmp_path / "a", "--epochs", "4", "--device", "cpu")
+    args = ["--data", "synthetic", "--clip", small_clip, "--out", tmp_path / "b", *SMALL, "--epochs", "4",
+            "--device", "cpu"]
+    proc = start(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "b" / "ckpt.pt"
-    while not ckpt.exists() and proc.poll() is None:
-        time.sleep(0.01)
+    wait_for(ckpt, proc)
     proc.kill()
     proc.wait()
     killed_at = torch.load(ckpt, weights_only=True)["epoch"]
     assert killed_at < 3, "the run finished before it could be killed"
     stale = tmp_path / "b" / ".ckpt.pt.x1y2.tmp"  # what a kill during a checkpoint write would leave
     stale.write_bytes(b"partial")
-    r = train_small(tmp_path / "b", "--epochs", "4", "--resume")
+    r = train_small(tmp_path / "b", "--epochs", "4", "--resume", "--device", "cpu")
     assert f"resumed from {ckpt}: epoch {killed_at + 1}" in r.stdout and not stale.exists()
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
     b = torch.load(ckpt, weights_only=True)
-    assert a["step"] == b["step"] == 8
+    assert a["step"] == b["step"] == 12
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+
+
+def test_ctrl_c_says_how_to_resume_and_the_hint_works(small_clip, tmp_path):
+    out = tmp_path / "run"
+    proc = start(["--data", "synthetic", "--clip", small_clip, "--out", out, *SMALL, "--epochs", "200"],
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(out / "ckpt.pt", proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    (line,) = [line for line in err.splitlines() if line.startswith("interrupted:")]
+    assert f"the last checkpoint is {out / 'ckpt.pt'}" in line and "--resume" in line
+    saved = torch.load(out / "ckpt.pt", weights_only=True)["epoch"]
+    again = shlex.split(line.split("continue with: ")[1])  # exactly what the user is told to run
+    assert again[0] == "python" and again[-1] == "--resume"
+    again = again[1:-1] + ["--epochs", str(saved + 2), "--resume"]  # a shorter run than 200 epochs
+    r = subprocess.run([sys.executable, *again], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resumed from {out / 'ckpt.pt'}: epoch {saved + 1}" in r.stdout
+    assert torch.load(out / "ckpt.pt", weights_only=True)["epoch"] == saved + 1
 
 
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(small_clip, tmp_path, train_small, fails):
@@ -90,10 +237,104 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(small_clip, tmp_path, tr
 
 def test_ddp_two_gloo_processes(small_clip, tmp_path, train_small):
     r = train_small(tmp_path / "ddp", "--epochs", "1",
-              launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])
+                    launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])
     assert "x 2 ranks" in r.stdout and r.stdout.count("training ") == 1  # rank 0 logs alone
     ckpt = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 1  # 9 train frames / 2 ranks / batch 4 = 1 step per epoch
+    assert ckpt["step"] == 1  # 12 train frames / 2 ranks / batch 4 = 1 step per epoch
+
+# -----------------------------------------------------------------------------
+# user mistakes: one `error:` line naming the flag or file, no traceback, nothing created or fetched
+
+
+def test_an_earlier_run_is_never_overwritten(tmp_path, train_small, fails):
+    out = tmp_path / "run"
+    train_small(out, "--epochs", "1", "--val-frac", "0.1")
+    files = {name: (out / name).read_bytes() for name in ("ckpt.pt", "best.pt", "log.jsonl")}
+    r = train_small(out, "--epochs", "1", ok=False)
+    fails(r, out)
+    assert "--resume" in r.stderr and "--overwrite" in r.stderr and "another --out" in r.stderr
+    assert {name: (out / name).read_bytes() for name in files} == files  # byte-identical
+    fails(train_small(out, "--resume", "--overwrite", ok=False), "--overwrite")
+    train_small(out, "--epochs", "1", "--overwrite")  # replaces it: a fresh log, no stale best.pt
+    assert not (out / "best.pt").exists() and len(logs(out)) == 3 + 1  # 3 steps and 1 epoch, this run's alone
+
+
+TRAIN_MISTAKES = {  # name: (extra flags, what the error line names)
+    "unknown fusion": (["--fusion", "foo"], "--fusion"),
+    "unknown train gt": (["--train-gt", "foo"], "--train-gt"),
+    "layer beyond the 12 blocks": (["--moa-layers", "2,5,20"], "--moa-layers"),
+    "zero batch": (["--batch-size", "0"], "--batch-size"),
+    "negative epochs": (["--epochs", "-1"], "--epochs"),
+    "val-frac of 1": (["--val-frac", "1"], "--val-frac"),
+    "bool that is not 0/1": (["--use-moa", "2"], "--use-moa"),
+    "top-k above the experts": (["--top-k", "9"], "--top-k"),
+    "input not a multiple of 32": (["--input-size", "100"], "--input-size"),
+    "batch larger than the data": (["--batch-size", "13"], "--batch-size"),
+    "similarity head with context": (["--head", "similarity"], "--head similarity"),
+    "resume without a checkpoint": (["--resume"], "ckpt.pt"),
+    "resume and overwrite": (["--resume", "--overwrite"], "--overwrite"),
+    "missing clip file": (["--clip", "no/such/ViT-B-32.pt"], "no/such/ViT-B-32.pt"),
+}
+
+
+@pytest.mark.parametrize("name", TRAIN_MISTAKES)
+def test_bad_flag(name, tmp_path, offline, train_small, fails):
+    extra, named = TRAIN_MISTAKES[name]
+    r = train_small(tmp_path / "out", *extra, ok=False)
+    fails(r, named)
+    assert not (tmp_path / "out").exists() and list(offline.rglob("*")) == []
+
+
+def test_device_that_does_not_exist(tmp_path, offline, train_small, fails):
+    device = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU: absent on every machine
+    fails(train_small(tmp_path / "out", "--device", device, ok=False), f"--device {device}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_triton_moa_needs_cuda(tmp_path, offline, monkeypatch, train_small, fails):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present: --moa-impl triton is valid here")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    fails(train_small(tmp_path / "out", "--moa-impl", "triton", ok=False), "--moa-impl triton")
+    assert not (tmp_path / "out").exists()
+
+
+def test_clip_file_that_is_not_clip(tmp_path, offline, train_small, fails):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes, not weights\n")
+    r = train_small(tmp_path / "out", clip=notes, ok=False)
+    fails(r, notes)
+    assert "not a CLIP ViT weights file" in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_data_paths_download_only_when_meant(small_clip, tmp_path, offline, run_script, fails):
+    def train(data, *extra):
+        return run_script("train.py", "--data", data, "--clip", small_clip, "--out", tmp_path / "out", *extra,
+                          ok=False)
+    typo = tmp_path / "typo" / "nyu_depth_v2_labeled.mat"
+    fails(train(typo), typo)  # a path into a missing folder: no folder, no download
+    assert not typo.parent.exists()
+    other = tmp_path / "nyu.mat"  # another name in an existing folder: only with --download
+    r = train(other)
+    fails(r, other)
+    assert "--download" in r.stderr and "2.97 GB" in r.stderr and "put a copy" in r.stderr
+    official = tmp_path / "nyu_depth_v2_labeled.mat"
+    r = train(official, "--no-download")
+    fails(r, official)
+    assert "--download" in r.stderr and "download=" not in r.stderr
+    r = train(official)  # the one case that downloads: here the network is down
+    fails(r, official)
+    assert f"put it at {official}" in r.stderr  # where a copy fetched by hand goes
+    assert not official.exists() and not (tmp_path / "out").exists()
+
+
+def test_failed_clip_download_says_where_the_file_goes(tmp_path, offline, run_script, fails):
+    r = run_script("train.py", "--data", "synthetic", "--clip", "ViT-B/32", "--out", tmp_path / "out", *SMALL,
+                   ok=False)
+    path = offline / "clip" / "ViT-B-32.pt"
+    fails(r, path)
+    assert f"put it at {path} (SHA-256 {clip_vit.official_sha256('ViT-B/32')})" in r.stderr
+    assert not path.exists() and not (tmp_path / "out").exists()
 
 
 def test_bad_data_clip_out_and_images(trained, small_clip, tmp_path, run_script, fails):
@@ -103,12 +344,15 @@ def test_bad_data_clip_out_and_images(trained, small_clip, tmp_path, run_script,
     fails(run_script("train.py", "--data", junk, "--clip", small_clip, "--out", tmp_path / "o", ok=False), junk)
     half = tmp_path / "half.pt"
     half.write_bytes(small_clip.read_bytes()[:5000])
-    fails(run_script("train.py", "--data", "synthetic", "--clip", half, "--out", tmp_path / "o2", "--input-size", "64", "--bottleneck", "8", "--gate-hidden", "16", "--num-bins", "16",
-            "--synthetic-frames", "12", "--batch-size", "4", ok=False), half)
-    fails(run_script("train.py", "--data", "synthetic", "--clip", "ViT-L/99", "--out", tmp_path / "o3", ok=False), "ViT-L/99")
+    fails(run_script("train.py", "--data", "synthetic", "--clip", half, "--out", tmp_path / "o2", *SMALL,
+                     ok=False), half)
+    fails(run_script("train.py", "--data", "synthetic", "--clip", "ViT-L/99", "--out", tmp_path / "o3", ok=False),
+          "ViT-L/99")
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a directory")
-    fails(run_script("train.py", "--data", "synthetic", "--clip", small_clip, "--out", blocker / "sub", ok=False), blocker / "sub")
+    fails(run_script("train.py", "--data", "synthetic", "--clip", small_clip, "--out", blocker / "sub", *SMALL,
+                     ok=False), blocker / "sub")
+    assert not any((tmp_path / name).exists() for name in ("o", "o2", "o3"))
     notimg = tmp_path / "photo.jpg"
     notimg.write_text("not an image")
     fails(run_script("evaluate.py", trained, "--image", notimg, ok=False), notimg)

@@ -1,0 +1,142 @@
+"""
+Benchmark of the fused MoA kernel (kernels/) against three PyTorch baselines, measured side by side in one run:
+`loop` (the authors' style: route, then one small MLP per expert, defined here), `dense` (moa.moa_reference) and
+`compiled` (torch.compile of moa_reference). Forward and forward+backward; each row prints microseconds per call,
+the speed-up of `fused` over each baseline (x = baseline time / fused time) and the fused kernel's effective
+bandwidth against the HBM floor (read x, write y, read the weights; + read dy, write dx, write the gradients).
+dtype "autocast": fp32 x and fp32 weights under bf16 autocast, the way train.py runs the layer.
+A benchmark, not a test (pytest does not collect it); GPU timings use triton.testing.do_bench (median).
+
+    python tests/bench_moa.py [--sizes 400,3200,25600] [--dtypes autocast,bf16,fp32] [--top-k 4,1] [--no-compile]
+    TRITON_INTERPRET=1 python tests/bench_moa.py --smoke      # tiny CPU run through the interpreter (< 1 min)
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import moa  # noqa: E402
+from kernels.fused_moa import fused_moa  # noqa: E402
+
+DTYPES = {"autocast": torch.float32, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def moa_loop(x, gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b, top_k, temperature):
+    """The authors' style baseline: route, then one small MLP per expert, added with its gate."""
+    logits = F.linear(F.relu(F.linear(x, gate_w1, gate_b1)), gate_w2, gate_b2) / temperature
+    if top_k < logits.shape[-1]:
+        idx = logits.topk(top_k, dim=-1).indices
+        logits = logits.masked_fill(~torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, True), -math.inf)
+    gates = logits.softmax(-1)
+    y = x
+    for e in range(down_w.shape[0]):
+        y = y + gates[..., e:e + 1] * F.linear(F.gelu(F.linear(x, down_w[e], down_b[e])), up_w[e], up_b[e])
+    return y, gates
+
+
+def seconds(fn, on_gpu, reps=5):
+    """Median seconds per call: do_bench on a GPU (it flushes L2 between calls), perf_counter on the CPU."""
+    if on_gpu:
+        return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e-3
+    fn()
+    fn()  # warm-up: the first calls trace the kernels
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def run(sizes, dtypes, top_ks, D, use_compile, as_json):
+    on_gpu = torch.cuda.is_available()
+    dev = "cuda" if on_gpu else "cpu"
+    E, R, H, tau = 4, 64, 128, 2.0
+    providers = {"loop": moa_loop, "dense": moa.moa_reference}
+    if use_compile:
+        providers["compiled"] = torch.compile(moa.moa_reference, dynamic=True)
+    providers["fused"] = fused_moa
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(H, D), (H,), (E, H), (E,), (E, R, D), (E, R), (E, D, R), (E, D)]
+    src = torch.empty(2 ** (28 if on_gpu else 22), dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    copy_bw = 2 * src.numel() / seconds(lambda: dst.copy_(src), on_gpu)  # bytes/s, read + write
+    print(f"{torch.cuda.get_device_name() if on_gpu else 'CPU (interpreter)'}, torch {torch.__version__}, "
+          f"triton {triton.__version__}; D={D} E={E} R={R} H={H}; copy bandwidth {copy_bw / 1e9:.0f} GB/s\n"
+          "x<name> = <name> us / fused us; x floor = fused time / (floor bytes / copy bandwidth)")
+    print(f"{'dtype':>8} {'k':>2} {'N':>6} {'mode':>7} " + " ".join(f"{n + ' us':>11}" for n in providers)
+          + " " + " ".join(f"{'x' + n:>9}" for n in providers if n != "fused") + f" {'GB/s':>7} {'x floor':>7}")
+    for name in dtypes:  # (the weights are fp32 for "autocast" and "fp32")
+        dtype = DTYPES[name]
+        ws = [(torch.randn(sh, generator=gen) * (sh[-1] ** -0.5 if len(sh) > 1 else 0.1)).to(dev, dtype)
+              for sh in shapes]
+        wbytes = sum(w.numel() * w.element_size() for w in ws)
+        for top_k in top_ks:
+            for N in sizes:
+                x = torch.randn(N, D, generator=gen).to(dev, dtype)
+                dy = torch.randn(N, D, generator=gen).to(dev, dtype)
+                for mode in ("fwd", "fwd+bwd"):
+                    act = N * D * x.element_size()
+                    floor = 2 * act + wbytes if mode == "fwd" else 4 * act + 2 * wbytes
+                    us = {p: time_one(fn, x, dy, ws, top_k, tau, mode, name, on_gpu) * 1e6
+                          for p, fn in providers.items()}
+                    ratios = {p: us[p] / us["fused"] for p in providers if p != "fused"}
+                    gbps = floor / us["fused"] * 1e-3
+                    print(f"{name:>8} {top_k:>2} {N:>6} {mode:>7} " + " ".join(f"{us[p]:11.1f}" for p in providers)
+                          + " " + " ".join(f"{r:9.2f}" for r in ratios.values())
+                          + f" {gbps:7.0f} {us['fused'] * 1e-6 * copy_bw / floor:7.2f}", flush=True)
+                    if as_json:
+                        print(json.dumps(dict(dtype=name, top_k=top_k, N=N, mode=mode, us=us, vs_fused=ratios,
+                                              gbps=gbps)))
+
+
+def time_one(fn, x, dy, ws, top_k, tau, mode, name, on_gpu):
+    leaves = [t.detach().requires_grad_(mode != "fwd") for t in [x] + ws]
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if name == "autocast" and on_gpu else nullcontext()
+
+    def call():
+        with amp, torch.set_grad_enabled(mode != "fwd"):
+            y, _ = fn(*leaves, top_k, tau)
+        if mode != "fwd":
+            torch.autograd.backward(y, dy.to(y.dtype))
+            for t in leaves:
+                t.grad = None
+    try:
+        return seconds(call, on_gpu)
+    except Exception as err:  # noqa: BLE001 - e.g. out of memory or a compile failure: report it, go on
+        print(f"  {getattr(fn, '__name__', fn)} {name} {mode}: {type(err).__name__}: {err}"[:300])
+        return float("nan")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    p.add_argument("--sizes", default="400,3200,25600", help="token counts N, comma-separated")
+    p.add_argument("--dtypes", default="autocast,bf16,fp32", help=f"from {','.join(DTYPES)}")
+    p.add_argument("--top-k", default="4,1", help="experts kept per token (E = 4), comma-separated")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile (its first calls compile)")
+    p.add_argument("--json", action="store_true", help="also print one JSON line per row")
+    p.add_argument("--smoke", action="store_true", help="N=64, D=64, fp32, no torch.compile: a CPU check")
+    args = p.parse_args()
+    try:
+        sizes = [int(n) for n in args.sizes.split(",")]
+        top_ks = [int(k) for k in args.top_k.split(",")]
+        dtypes = args.dtypes.split(",")
+    except ValueError as err:
+        p.error(f"bad list: {err}")
+    if not set(dtypes) <= set(DTYPES) or not all(1 <= k <= 4 for k in top_ks) or min(sizes) < 1:
+        p.error(f"--dtypes from {list(DTYPES)}, --top-k from 1..4, --sizes >= 1")
+    if not torch.cuda.is_available() and not args.smoke:
+        p.error("no GPU: run TRITON_INTERPRET=1 python tests/bench_moa.py --smoke")
+    if args.smoke:
+        torch.set_num_threads(1)  # the interpreter's numpy and torch's thread pool otherwise fight over the cores
+        run([64], ["fp32"], [4], 64, False, args.json)
+    else:
+        run(sizes, dtypes, top_ks, 768, not args.no_compile, args.json)
