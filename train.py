@@ -191,9 +191,10 @@ if earlier and not (args.resume or args.overwrite):
     raise clip_vit.UserError(f"{out_dir}: holds {' and '.join(earlier)} of an earlier run; "
                              "continue it with --resume, pick another --out, or replace it with "
                              "--overwrite")
+clip_id = {"name": args.clip, "sha256": moa.clip_sha256(args.clip)}  # hashed once; evaluate.py checks it
 if args.resume:
     ckpt = moa.load_checkpoint(ckpt_path)
-    moa.check_clip(ckpt, args.clip, moa.clip_sha256(args.clip), ckpt_path)
+    moa.check_clip(ckpt, args.clip, clip_id["sha256"], ckpt_path)
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["model_config"].items()}
     for k, v in asdict(cfg).items():  # the loss may change between runs, the model may not
         if saved.get(k, v) != v and k not in ("loss", "silog", "w_cls", "w_reg", "w_silog"):
@@ -242,7 +243,6 @@ if val_items:  # every held-out frame once, in order, on each rank
 
 # -----------------------------------------------------------------------------
 # model and optimizer
-clip_id = {"name": args.clip, "sha256": moa.clip_sha256(args.clip)}  # evaluate.py checks its CLIP
 model = moa.MoADepthCLIP(clip_model, cfg).to(dev)
 del clip_model  # the text tower was used once, for the prompt embeddings
 log(moa.parameter_report(model)[1])
