@@ -8,61 +8,57 @@ DepthCLIP on the same CLIP, or predict depth for your own photos.
     python evaluate.py out/ckpt.pt --image photo.jpg    # photo_depth.png (picture), .npy (metres)
     python evaluate.py out/ckpt.pt --data synthetic --limit 16   # offline, synthetic rooms
 
---protocol (the paper says "standard protocol"; docs/paper-notes.md §7 has every detail); all = each:
+--protocol (the paper says "standard protocol"; docs/paper-notes.md §7 has details); all = each:
   standard   BTS/AdaBins: Eigen crop (--crop), prediction clamped to [1e-3, 10] m, per-image mean
   depthclip  DepthCLIP's script: the model sees RGB rows 56:472, cols 60:604 and its mirror image
   authors    the authors' second script: bicubic squash, Garg crop, median scaling per batch of 8
-Ground truth: rawDepths (holes = 0) unless --gt dense. Scored alone: the fused depth and, for the
-dual head, the binned and the regressed maps. The last stdout line is one JSON object.
+Scored alone: fused depth and the dual head's binned and regressed maps. Last stdout line: JSON.
 """
-import argparse
-import io
 import json
 import sys
+from argparse import ArgumentParser, RawDescriptionHelpFormatter
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 import clip_vit
 import data_nyu
 import moa
 
-OUTPUTS = {"depth": "fused", "depth_cls": "binned", "depth_reg": "regressed"}  # key -> name
 PROTOCOLS = ("standard", "depthclip", "authors")  # the order --protocol all runs them
 FRAME = (480, 640)                        # NYU frames; every crop here is defined on them
 DEPTHCLIP_INPUT = (56, 472, 60, 604)      # rows, cols of the RGB crop DepthCLIP's model sees
-GARG = (0.40810811, 0.99189189, 0.03594771, 0.96405229)  # KITTI Garg crop: fractions of H, H, W, W
-GARG_BOX = tuple(int(f * n) for f, n in zip(GARG, (FRAME[0],) * 2 + (FRAME[1],) * 2))  # 195:476, 23:616
+GARG_BOX = (195, 476, 23, 616)            # KITTI's Garg crop, cut as the authors' script cuts it
 AUTHORS_BATCH = 8                         # the authors' script scales and pools per batch of 8
 SYNTHETIC_TEST, SYNTHETIC_SEED = 654, 10_000  # NYU's test size; + the run's seed: unseen rooms
 TITLE_H, BAR_H, TICK_H = 16, 12, 14       # picture rows in pixels: titles, colour bars, labels
-ZERO_SHOT = {"head": "similarity", "use_context": False, "use_moa": False, "trainable_blocks": 0}
+TURBO = np.array([[0.13572138, 4.6153926, -42.66032258, 132.13108234, -152.94239396, 59.28637943],
+                  [0.09140261, 2.19418839, 4.84296658, -14.18503333, 4.27729857, 2.82956604],
+                  [0.1066733, 12.64194608, -60.58204836, 110.36276771, -89.90310912, 27.34824973]])
+
 
 # -----------------------------------------------------------------------------
 # pictures (PIL only): turbo colours, a title per panel, a colour bar in metres under each map
 
 def colorize(x, lo, hi):
-    """(H, W) -> (H, W, 3) uint8, turbo colours (Google's smoothed rainbow, polynomial fit)."""
+    """(H, W) -> (H, W, 3) uint8 in turbo, Google's smoothed rainbow: lo dark blue, hi dark red."""
     t = np.clip((x - lo) / max(hi - lo, 1e-9), 0, 1)[..., None]  # 0 to 1 across the scale
-    powers = np.concatenate([t ** i for i in range(6)], axis=-1)  # (H, W, 6): 1, t, ..., t^5
-    coeffs = np.array([[0.13572138, 4.61539260, -42.66032258, 132.13108234, -152.94239396, 59.28637943],
-                       [0.09140261, 2.19418839, 4.84296658, -14.18503333, 4.27729857, 2.82956604],
-                       [0.10667330, 12.64194608, -60.58204836, 110.36276771, -89.90310912, 27.34824973]])
-    return (np.clip(powers @ coeffs.T, 0, 1) * 255).astype(np.uint8)
+    powers = t ** np.arange(6)  # (H, W, 6): 1, t, ..., t^5; TURBO's rows: R, G, B coefficients
+    return (np.clip(powers @ TURBO.T, 0, 1) * 255).astype(np.uint8)
+
 
 def save_picture(path, rgb, pred, gt=None):
-    """RGB | prediction [| ground truth | |error|] as one PNG. Prediction and ground truth share a
-    scale fitted to both (a 3.5-6.4 m room uses every colour); |error| has its own, from 0."""
-    from PIL import Image, ImageDraw, ImageFont
-    lo, hi = float(pred.min()), float(pred.max())  # fitted to the data
+    """RGB | prediction [| ground truth | |error|] as one PNG, a colour bar under each map."""
+    lo, hi = float(pred.min()), float(pred.max())  # fitted: a 3.5-6.4 m room uses every colour
     panels = [("prediction", pred)]
     if gt is not None:
         valid = (gt > data_nyu.MIN_DEPTH) & (gt < data_nyu.MAX_DEPTH)  # no holes
         if valid.any():
-            lo, hi = min(lo, float(gt[valid].min())), max(hi, float(gt[valid].max()))
+            lo, hi = min(lo, float(gt[valid].min())), max(hi, float(gt[valid].max()))  # one scale
         panels += [("ground truth", gt), ("|error|", np.abs(pred - gt) * valid)]  # 0 at GT holes
     H, W = rgb.shape[:2]
     canvas = Image.new("RGB", (W * (1 + len(panels)), TITLE_H + H + BAR_H + TICK_H), "white")
@@ -71,7 +67,7 @@ def save_picture(path, rgb, pred, gt=None):
     draw.text((2, 2), "RGB", fill="black", font=font)
     ramp = colorize(np.tile(np.linspace(0, 1, W), (BAR_H, 1)), 0, 1)  # (BAR_H, W, 3) low to high
     for i, (title, depth) in enumerate(panels, start=1):
-        if title == "|error|":
+        if title == "|error|":  # its own scale, from 0
             lo, hi = 0.0, float(depth.max())
         canvas.paste(Image.fromarray(colorize(depth, lo, hi)), (i * W, TITLE_H))
         canvas.paste(Image.fromarray(ramp), (i * W, TITLE_H + H))  # its colour bar
@@ -79,15 +75,15 @@ def save_picture(path, rgb, pred, gt=None):
         draw.text((i * W + 2, TITLE_H + H + BAR_H), f"{lo:.2f} m", fill="black", font=font)
         right = (i + 1) * W - 2 - draw.textlength(f"{hi:.2f} m", font=font)  # right-aligned
         draw.text((right, TITLE_H + H + BAR_H), f"{hi:.2f} m", fill="black", font=font)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)  # --save-vis and --out-dir may not exist yet
-    clip_vit.atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # --save-vis, --out-dir may not exist
+    clip_vit.atomic_write(path, lambda f: canvas.save(f, format="PNG"))  # an old one stays whole
+
 
 def read_photo(path):
     """Any photo -> uint8 (H, W, 3) RGB, upright (EXIF), from greyscale, RGBA, palette, 16-bit."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
     try:
         im = ImageOps.exif_transpose(Image.open(path))
-        im.load()  # decode now: a broken file fails here
+        im.load()  # decode now: a broken file fails here, before the model is loaded
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise clip_vit.UserError(f"{path}: not a readable image ({e.__class__.__name__})") from None
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: stretch to 8 bits
@@ -97,14 +93,15 @@ def read_photo(path):
         im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
     return np.array(im.convert("RGB"))  # a writable copy: torch warns on read-only arrays
 
+
 @torch.no_grad()
 def predict(model, rgb, dtype, out_size, flip=False, bicubic=False):
     """uint8 (B, H, W, 3) -> {output key: (B, *out_size) float32 metres, clamped to the range}.
     flip: mean with the mirrored prediction of the mirrored image; bicubic: the authors' resize."""
     device, cfg = next(model.parameters()).device, model.cfg
     img = torch.from_numpy(rgb).to(device).permute(0, 3, 1, 2)           # (B, 3, H, W) uint8
-    if bicubic:  # PIL-style antialiased bicubic, as the authors' script resizes
-        img = F.interpolate(img.float() / 255, cfg.input_size, mode="bicubic", antialias=True).clamp(0, 1)
+    if bicubic:  # PIL-style antialiased bicubic, as the authors' script resizes; it overshoots
+        img = F.interpolate(img / 255, cfg.input_size, mode="bicubic", antialias=True).clamp(0, 1)
     else:  # exactly the resize the model was trained with
         img = data_nyu.resize(img, None, cfg.input_size)[0]
     img = data_nyu.normalize(img)                                        # (B, 3, h, w)
@@ -112,13 +109,14 @@ def predict(model, rgb, dtype, out_size, flip=False, bicubic=False):
         out = model(img)
         mirrored = model(img.flip(-1)) if flip else None
     maps = {}
-    for key in [k for k in OUTPUTS if k in out]:  # the similarity head has only "depth"
+    for key in [k for k in moa.OUTPUTS if k in out]:  # the similarity head has only "depth"
         depth = out[key].float()                                         # (B, 1, h, w)
         if flip:
             depth = 0.5 * (depth + mirrored[key].float().flip(-1))  # mirrored back
         depth = F.interpolate(depth, size=out_size, mode="bilinear", align_corners=False)
         maps[key] = depth[:, 0].clamp(cfg.min_depth, cfg.max_depth).cpu().numpy()
     return maps
+
 
 # -----------------------------------------------------------------------------
 # the protocols: array operations around the one metrics function, data_nyu.depth_metrics
@@ -127,15 +125,16 @@ def depthclip_scores(model, rgb, gts, dtype):
     """DepthCLIP's script: predict on the RGB crop and its mirror, paste into a zero 480x640 canvas,
     score where it is > 1e-3 inside rows 45:471, cols 46:601. -> {key: [metrics or None]}"""
     r0, r1, c0, c1 = DEPTHCLIP_INPUT
-    maps = predict(model, np.ascontiguousarray(rgb[:, r0:r1, c0:c1]), dtype, (r1 - r0, c1 - c0), flip=True)
+    maps = predict(model, rgb[:, r0:r1, c0:c1], dtype, (r1 - r0, c1 - c0), flip=True)
     rows = defaultdict(list)
     for key, preds in maps.items():
         for pred, gt in zip(preds, gts):
             canvas = np.zeros(FRAME, dtype=np.float32)  # as DepthCLIP pastes it
             canvas[r0:r1, c0:c1] = pred
-            gt = np.where(canvas > data_nyu.MIN_DEPTH, gt, 0)  # their "pred > 1e-3"; gt 0: not valid
+            gt = np.where(canvas > data_nyu.MIN_DEPTH, gt, 0)  # gt 0 is a hole: not scored
             rows[key].append(data_nyu.depth_metrics(canvas, gt, crop="depthclip"))
     return rows
+
 
 def authors_scores(group):
     """The authors' second script on one batch [(maps, gt)]: the Garg crop, one median scale
@@ -152,25 +151,31 @@ def authors_scores(group):
         rows[key] = data_nyu.depth_metrics(scaled[None], gt[valid][None], crop="none")  # 1 "image"
     return rows
 
+
 def describe(protocol, args, n, data):
     """How a protocol made its numbers: printed first, and kept with them in the JSON line."""
-    gt = "rawDepths" if args.gt == "raw" else "depths (in-painted)"
+    split, gt = "official test", {"raw": "rawDepths", "dense": "depths (in-painted)"}[args.gt]
+    if data == "synthetic":  # generated rooms: their depth is exact, without Kinect holes
+        split, gt = "synthetic", "exact (synthetic)"
     crop = {"standard": args.crop, "depthclip": "depthclip", "authors": "garg"}[protocol]
-    return {"split": f"{'synthetic' if data == 'synthetic' else 'official test'} ({n} frames)",
-            "gt": "exact (synthetic)" if data == "synthetic" else gt, "valid": "1e-3 < gt < 10",
+    pooled = f"median-scaled, pooled per batch of {AUTHORS_BATCH}"
+    return {"split": f"{split} ({n} frames)", "gt": gt,
+            "valid": f"{data_nyu.MIN_DEPTH:g} < gt < {data_nyu.MAX_DEPTH:g}",
             "crop": crop, "crop_box": GARG_BOX if crop == "garg" else data_nyu.CROPS[crop],
             "flip_tta": {"standard": args.flip, "depthclip": True, "authors": False}[protocol],
-            "average": "median-scaled, pooled per batch of 8" if protocol == "authors" else "per image"}
+            "average": pooled if protocol == "authors" else "per image"}
+
 
 # -----------------------------------------------------------------------------
 # the script
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     arg = p.add_argument  # every help line: what it means, its format, its default
     arg("ckpt", nargs="?", help="checkpoint written by train.py (or --zero-shot)")
     arg("--zero-shot", action="store_true", help="no checkpoint: frozen CLIP, DepthCLIP's prompts")
-    arg("--protocol", choices=(*PROTOCOLS, "all"), default="standard", help="see above (default: standard)")
+    arg("--protocol", choices=(*PROTOCOLS, "all"), default="standard",
+        help="see above (default: standard)")
     arg("--data", metavar="PATH", help="NYU labeled .mat, or synthetic: 654 generated rooms "
         f"(default: the file the run trained on, else {data_nyu.FILE_NAME})")
     arg("--splits", metavar="PATH", help="splits.mat (default: next to --data, else the cache's)")
@@ -202,16 +207,17 @@ def parse_args():
             p.error(f"{flag} {folder}: exists and is not a folder")
     return args
 
+
 def main():
     args = parse_args()
     device, dtype = moa.runtime(args.device)  # a device this machine lacks: one error line
     moa.MOA_IMPL = args.moa_impl  # every MoA layer reads it
     photos = [(path, read_photo(path)) for path in args.image or []]  # all readable, or stop here
-    if args.zero_shot:
-        # frozen CLIP: its one adapter, after the last block, is the identity at init
+    if args.zero_shot:  # DepthCLIP: CLIP as it is, so nothing is trained and no checkpoint read
         clip, ckpt = clip_vit.load(args.clip or "ViT-B/32"), {}
-        last = (len(clip.visual.transformer.resblocks) - 1,)
-        model = moa.MoADepthCLIP(clip, moa.DepthConfig(**ZERO_SHOT, moa_layers=last)).to(device).eval()
+        last = (len(clip.visual.transformer.resblocks) - 1,)  # one adapter there: identity at init
+        cfg = moa.DepthConfig(head="similarity", use_context=False, use_moa=False, moa_layers=last)
+        model = moa.MoADepthCLIP(clip, cfg).to(device).eval()
     else:
         ckpt = moa.load_checkpoint(args.ckpt)  # its config: data, seed
         model = moa.from_checkpoint(ckpt, args.clip, device, where=args.ckpt)
@@ -219,15 +225,12 @@ def main():
         depth = predict(model, rgb[None], dtype, rgb.shape[:2])["depth"][0]
         stem = Path(args.out_dir or Path(path).parent) / f"{Path(path).stem}_depth"
         save_picture(f"{stem}.png", rgb, depth)  # first: it makes a missing --out-dir
-        npy = io.BytesIO()  # np.save to a name would add ".npy" to atomic_write's temporary name
-        np.save(npy, depth.astype(np.float32))
-        clip_vit.atomic_write(f"{stem}.npy", lambda tmp: Path(tmp).write_bytes(npy.getvalue()))
+        clip_vit.atomic_write(f"{stem}.npy", lambda f: np.save(f, depth))  # float32 metres
         print(f"{path}: depth {depth.min():.2f}-{depth.max():.2f} m -> {stem}.png, {stem}.npy")
     if photos:
         return
 
-    # the test frames: NYU's official test split, or synthetic rooms from a seed the run never saw
-    config = ckpt.get("config", {})
+    config = ckpt.get("config", {})  # the run's: which data it trained on, and its seed
     data = args.data or config.get("data", data_nyu.FILE_NAME)
     if data == "synthetic":
         ds = data_nyu.SyntheticDepth(n=SYNTHETIC_TEST, seed=SYNTHETIC_SEED + config.get("seed", 0))
@@ -240,58 +243,55 @@ def main():
         about = ", ".join(f"{k}={v}" for k, v in describe(name, args, n, data).items())
         print(f"protocol {name}: {about}", file=sys.stderr)
 
-    # rows[protocol][key]: metrics per image (authors: per batch); by_scene: fused depth, per image
-    rows = {name: defaultdict(list) for name in protocols}
-    by_scene = {name: defaultdict(list) for name in protocols}
-    pending = []  # authors: (maps, gt) per frame, scored in groups of 8 in frame order
+    rows = {name: defaultdict(list) for name in protocols}  # [protocol][key]: metrics per frame
+    pending = []  # the authors': (maps, gt) per frame, scored in groups of 8; the last may be short
     for s in range(0, n, args.batch_size):
         frames = [ds[i] for i in range(s, min(s + args.batch_size, n))]  # decoded once
         rgb, gts = np.stack([f[0] for f in frames]), [f[1] for f in frames]
-        per_image = {}  # protocol -> {key: [metrics]}
         if "standard" in protocols:
             std = predict(model, rgb, dtype, FRAME, flip=args.flip)
-            per_image["standard"] = {key: [data_nyu.depth_metrics(p, g, crop=args.crop)
-                                           for p, g in zip(preds, gts)] for key, preds in std.items()}
-        if "depthclip" in protocols:
-            per_image["depthclip"] = depthclip_scores(model, rgb, gts, dtype)  # its own input
+            for key, preds in std.items():
+                for pred, gt in zip(preds, gts):
+                    rows["standard"][key].append(data_nyu.depth_metrics(pred, gt, crop=args.crop))
+        if "depthclip" in protocols:  # its own input: the crop that DepthCLIP's model sees
+            for key, scores in depthclip_scores(model, rgb, gts, dtype).items():
+                rows["depthclip"][key] += scores
         if "authors" in protocols:
             maps = predict(model, rgb, dtype, FRAME, bicubic=True)
             pending += [({key: v[j] for key, v in maps.items()}, gt) for j, gt in enumerate(gts)]
-        for name, scores in per_image.items():  # None: a frame without one valid pixel
-            for key, ms in scores.items():
-                rows[name][key] += [m for m in ms if m is not None]
-            for j, m in enumerate(scores["depth"]):
-                if m is not None:
-                    by_scene[name][ds.scene(s + j)].append(m)
-        while len(pending) >= AUTHORS_BATCH or (pending and s + args.batch_size >= n):  # last: short
+        while len(pending) >= AUTHORS_BATCH or (pending and s + args.batch_size >= n):
             for key, m in authors_scores(pending[:AUTHORS_BATCH]).items():
-                rows["authors"][key] += [] if m is None else [m]
-            pending = pending[AUTHORS_BATCH:]  # keep the rest
+                rows["authors"][key].append(m)  # one row per group, whatever --batch-size is
+            pending = pending[AUTHORS_BATCH:]
         if args.save_vis:  # pictures of the standard protocol's prediction of the whole frame
             vis = std if "standard" in protocols else predict(model, rgb, dtype, FRAME)
             for j, gt in enumerate(gts):
                 save_picture(Path(args.save_vis) / f"{s + j:04d}.png", rgb[j], vis["depth"][j], gt)
         print(f"evaluated {min(s + args.batch_size, n)}/{n}", file=sys.stderr)
-    report(args, protocols, rows, by_scene, n, data)
 
-def report(args, protocols, rows, by_scene, n, data):
-    """A table per protocol on stdout, then one JSON line with every protocol's metrics: null, not
-    NaN, where nothing could be scored (no valid ground-truth pixel)."""
+    # a table per protocol on stdout, then every protocol's metrics as one JSON line, the last
+    scenes = [ds.scene(i) for i in range(n)]
     results = {}  # protocol -> its description and metrics
     for name in protocols:
         head = f"{name + ' protocol':<24}{'n':>5}" + "".join(f"{k:>10}" for k in data_nyu.KEYS)
-        print(head + "\n" + "-" * len(head))  # one table per protocol
-        lines = [(f"all ({OUTPUTS[key]})", ms) for key, ms in rows[name].items()]
-        for label, ms in lines + sorted(by_scene[name].items()):  # then the fused depth per scene
+        print(head + "\n" + "-" * len(head))
+        lines = [(f"all ({moa.OUTPUTS[key]})", ms) for key, ms in rows[name].items()]
+        if name != "authors":  # then the fused depth per scene (the authors' rows are groups)
+            for scene in sorted(set(scenes)):
+                ms = [m for m, at in zip(rows[name]["depth"], scenes) if at == scene]
+                lines.append((scene, ms))
+        for label, ms in lines:
+            ms = [m for m in ms if m is not None]  # None: no valid pixel in the frame (or group)
             means = data_nyu.mean_metrics(ms).values()
             print(f"{label:<24}{len(ms):>5}" + "".join(f"{v:>10.4f}" for v in means))
         results[name] = {"protocol": describe(name, args, n, data)}
-        for key, ms in rows[name].items():
-            means = data_nyu.mean_metrics(ms)
-            results[name][OUTPUTS[key]] = {k: None if np.isnan(v) else v for k, v in means.items()}
+        for key, ms in rows[name].items():  # JSON has no NaN: null where nothing could be scored
+            means = data_nyu.mean_metrics([m for m in ms if m is not None]).items()
+            results[name][moa.OUTPUTS[key]] = {k: None if np.isnan(v) else v for k, v in means}
     first = results[protocols[0]]  # the headline: the first protocol's fused depth
     print(json.dumps({"metrics": first["fused"], "n_images": n, "protocol": first["protocol"],
                       "protocols": results}, allow_nan=False))
+
 
 if __name__ == "__main__":
     try:

@@ -1,11 +1,11 @@
 """
 Train MoA-DepthCLIP on NYU Depth V2 with the paper's recipe, as one flat script read top to bottom.
+One process on one device: the paper trained on a single H100 (30 epochs x 795 frames, batch 8).
 
     python train.py                          # the paper recipe; fetches NYU and CLIP once
     python train.py --data synthetic --clip random --epochs 2 --out /tmp/smoke   # offline
     python train.py --resume                 # continue from --out/ckpt.pt
     python train.py --head similarity --use-context 0 --loss composite   # a Table 1 row
-    torchrun --nproc_per_node=4 train.py     # DDP: rank 0 logs and saves
 
 The recipe trains on all 795 train frames and keeps the last epoch: every epoch writes
 --out/ckpt.pt (the trainable parameters, AdamW's state, the config). --val-frac 0.05 holds out
@@ -18,13 +18,11 @@ import os
 import shlex
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import clip_vit
 import data_nyu
@@ -34,7 +32,8 @@ import moa
 # flags: the defaults are the paper's recipe; every choice it leaves open is a flag.
 # Each type below refuses a bad value, so argparse stops with one line before any work.
 
-def checked(kind, ok, rule):
+
+def checked(kind, ok, rule):  # an argparse type: kind(text), refused with "<text> is not <rule>"
     def convert(text):
         value = kind(text)
         if not ok(value):
@@ -43,13 +42,17 @@ def checked(kind, ok, rule):
     convert.__name__ = kind.__name__  # argparse's "invalid int value: 'x'" names the type
     return convert
 
+
 def int_list(text):  # "2,5,8,11" -> (2, 5, 8, 11); a typo reads "invalid int_list value"
     return tuple(int(x) for x in text.split(","))
 
-def typed(value):  # a default as a user types it (argparse runs a string default through the type)
+
+def typed(value):  # a default as a user types it: (2, 5, 8, 11) -> "2,5,8,11", True -> "1"
+    # argparse runs a string default through the flag's type, and --help shows it as typed
     if isinstance(value, tuple):
         return ",".join(map(str, value))
     return str(int(value)) if isinstance(value, bool) else value
+
 
 class Help(argparse.RawDescriptionHelpFormatter):  # keeps the docstring's examples; adds defaults
     def _get_help_string(self, action):
@@ -57,13 +60,16 @@ class Help(argparse.RawDescriptionHelpFormatter):  # keeps the docstring's examp
             return action.help
         return action.help + " (default: %(default)s)"
 
-count, at_least_0 = checked(int, lambda v: v >= 1, ">= 1"), checked(int, lambda v: v >= 0, ">= 0")
-positive, non_negative = checked(float, lambda v: v > 0, "> 0"), checked(float, lambda v: v >= 0, ">= 0")
+
+count = checked(int, lambda v: v >= 1, ">= 1")
+at_least_0 = checked(int, lambda v: v >= 0, ">= 0")  # where 0 means "off" or "all"
+positive = checked(float, lambda v: v > 0, "> 0")
+non_negative = checked(float, lambda v: v >= 0, ">= 0")
 boolean = checked(int, lambda v: v in (0, 1), "0 or 1")  # 0/1, the way the help prints defaults
 layers = checked(int_list, lambda v: list(v) == sorted(set(v)) and 0 <= v[0] <= v[-1] <= 11,
                  "increasing block numbers in 0..11")
 sizes = checked(int_list, lambda v: len(v) <= 2 and all(x > 0 and x % 32 == 0 for x in v),
-                "one or two multiples of 32")
+                "one or two multiples of 32")  # ViT-B/32's patches tile the input exactly
 p = argparse.ArgumentParser(description=__doc__, formatter_class=Help, allow_abbrev=False)
 add = p.add_argument
 add("--data", default=data_nyu.FILE_NAME, metavar="PATH", help="NYU Depth V2 labeled .mat, or "
@@ -80,7 +86,7 @@ either = p.add_mutually_exclusive_group().add_argument  # args.download: True, F
 either("--download", action="store_const", const=True, help="fetch a missing --data, any name")
 either("--no-download", dest="download", action="store_const", const=False, help="fetch nothing")
 add("--epochs", type=count, default=30, metavar="N", help="passes over the train frames")
-add("--batch-size", type=count, default=8, metavar="N", help="frames per step on each rank")
+add("--batch-size", type=count, default=8, metavar="N", help="frames per optimizer step")
 add("--lr", type=positive, default=1e-5, metavar="X", help="AdamW learning rate, constant")
 add("--head-lr", type=non_negative, default=0.0, metavar="X", help="learning rate of the fresh "
     "depth heads; 0 = same as --lr (the paper); 1e-4 may suit them better")
@@ -98,7 +104,7 @@ add("--log-interval", type=count, default=10, metavar="N", help="steps between l
 add("--synthetic-frames", type=count, default=48, metavar="N", help="frames of --data synthetic")
 add("--max-steps", type=at_least_0, default=0, metavar="N", help="stop after N steps; 0 = never")
 # the model's switches: one flag per moa.DepthConfig field, with the field's default
-MODEL_FLAGS = {  # field: (type, format, meaning)
+MODEL_FLAGS = {  # field: (type, format, meaning); a field not listed gets its default's type
     "num_experts": (count, "N", "experts K per MoA layer (Table 2)"),
     "top_k": (at_least_0, "N", "experts each token mixes; 0 = all experts (the paper)"),
     "bottleneck": (count, "N", "expert width d_b, channels"),
@@ -131,7 +137,7 @@ args = p.parse_args()  # a bad flag ends here: usage and one `error:` line
 if args.resume and args.overwrite:
     p.error("--resume continues the run in --out and --overwrite replaces it: give one")
 if args.top_k > args.num_experts:
-    p.error(f"--top-k {args.top_k}: more than the {args.num_experts} experts (0 = all)")
+    p.error(f"--top-k {args.top_k}: more than the {args.num_experts} experts (0 = all experts)")
 if args.min_depth >= args.max_depth:
     p.error(f"--min-depth {args.min_depth} must be below --max-depth {args.max_depth}")
 if args.clip not in (*clip_vit.MODELS, "random") and not Path(args.clip).is_file():
@@ -139,9 +145,9 @@ if args.clip not in (*clip_vit.MODELS, "random") and not Path(args.clip).is_file
 moa.MOA_IMPL = args.moa_impl  # the one switch moa.py reads
 
 # -----------------------------------------------------------------------------
-# errors: a problem the user can fix ends in one line, Ctrl-C in how to resume; bugs keep
-# their traceback
+# errors: a problem the user can fix ends in one line, Ctrl-C in how to resume, a bug in its traceback
 saved_epoch = None  # the epoch in --out/ckpt.pt, once there is one
+
 
 def on_error(kind, err, tb):
     if issubclass(kind, KeyboardInterrupt):
@@ -158,27 +164,21 @@ def on_error(kind, err, tb):
         sys.exit(1)
     sys.__excepthook__(kind, err, tb)  # a bug: the full traceback
 
-sys.excepthook = on_error  # from here on, for the rest of the run
+
+sys.excepthook = on_error  # from here on; a hook, not a try around it all, keeps the script flat
 cfg = moa.DepthConfig(**{f.name: getattr(args, f.name) for f in fields(moa.DepthConfig)})
 if len(cfg.input_size) == 1:  # one side means a square input
     cfg.input_size = cfg.input_size * 2
 
 # -----------------------------------------------------------------------------
-# distributed, device and dtype
-ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun?
-rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-if ddp and torch.cuda.is_available():  # torchrun gives each rank its own GPU
-    args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+# device and dtype
 dev, amp_dtype = moa.runtime(args.device)  # a device this machine lacks is a UserError
+# checked here, not at step 1: the kernel would fail only after the slow data decode
 if args.moa_impl == "triton" and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-    p.error("--moa-impl triton needs a CUDA device (or TRITON_INTERPRET=1, slowly)")  # not at step 1
-master = rank == 0  # the rank that logs and saves
-autocast = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    p.error("--moa-impl triton needs a CUDA device (or TRITON_INTERPRET=1, slowly)")
+autocast = torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # bf16 on CUDA
 torch.manual_seed(args.seed)  # the init of the MoA and the heads
-
-def log(msg):
-    if master:
-        print(msg, flush=True)
+sys.stdout.reconfigure(line_buffering=True)  # each log line at once, also through a pipe or tee
 
 # -----------------------------------------------------------------------------
 # the run folder: an earlier run is never replaced by accident, and --resume never mixes two models
@@ -195,7 +195,7 @@ clip_id = {"name": args.clip, "sha256": moa.clip_sha256(args.clip)}  # hashed on
 if args.resume:
     ckpt = moa.load_checkpoint(ckpt_path)
     moa.check_clip(ckpt, args.clip, clip_id["sha256"], ckpt_path)
-    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["model_config"].items()}
+    saved = ckpt["model_config"]  # asdict(DepthConfig) as it was trained
     for k, v in asdict(cfg).items():  # the loss may change between runs, the model may not
         if saved.get(k, v) != v and k not in ("loss", "silog", "w_cls", "w_reg", "w_silog"):
             raise clip_vit.UserError(f"{ckpt_path}: trained with --{k.replace('_', '-')} "
@@ -211,149 +211,140 @@ else:
     ds = data_nyu.NYUDepthV2(args.data, split="train", splits_path=args.splits,
                              raw_depth=args.train_gt == "raw", download=args.download)
 scenes = sorted({ds.scene(i) for i in range(len(ds))})
-n_val = max(1, round(args.val_frac * len(scenes))) if args.val_frac > 0 else 0
+n_val = max(1, round(args.val_frac * len(scenes))) if args.val_frac > 0 else 0  # asked: >= 1 scene
 # held out by scene, not by frame: neighbouring frames of one room would leak into validation
 val_scenes = set(np.random.default_rng(args.seed).permutation(scenes)[:n_val].tolist())
 train_items = [i for i in range(len(ds)) if ds.scene(i) not in val_scenes]
 val_items = [i for i in range(len(ds)) if ds.scene(i) in val_scenes]
-if len(train_items) // world < args.batch_size:  # every step is one full batch on every rank
+if len(train_items) < args.batch_size:  # every step is one full batch: there would be no step
     raise clip_vit.UserError(f"--batch-size {args.batch_size}: more than the "
-                             f"{len(train_items) // world} train frames per process")
+                             f"{len(train_items)} train frames")
 clip_model = clip_vit.load(args.clip)  # before the slow decode below: a bad CLIP file fails fast
-if master:  # nothing is written before every check above has passed
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for name in earlier if args.overwrite else []:
+try:  # nothing is written before every check above has passed
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.overwrite:  # no stale best.pt from the run it replaces
+        for name in earlier:
             (out_dir / name).unlink()
-        for stale in out_dir.glob(".*.pt.*.tmp"):  # a checkpoint write cut short by a kill
-            stale.unlink()
-        (out_dir / "log.jsonl").open("a" if args.resume else "w").close()  # a new run, a new log
-    except OSError as e:
-        raise clip_vit.UserError(f"{out_dir}: cannot write there ({e.strerror or e})") from None
-log(f"data: {len(train_items)} train frames, {len(val_items)} held out "
-    f"({n_val} scenes: {', '.join(sorted(val_scenes)) or 'none'})")
+    for stale in out_dir.glob(".*.pt.*.tmp"):  # a checkpoint write cut short by a kill
+        stale.unlink()
+    # a new run, a new log; line-buffered: each entry is on disk at once, even if the run is killed
+    log_file = open(out_dir / "log.jsonl", "a" if args.resume else "w", buffering=1)
+except OSError as e:
+    raise clip_vit.UserError(f"{out_dir}: cannot write there ({e.strerror or e})") from None
+print(f"data: {len(train_items)} train frames, {len(val_items)} held out "
+      f"({n_val} scenes: {', '.join(sorted(val_scenes)) or 'none'})")
 # decoded once, onto the device: a step never waits for a DataLoader
 train_batches = data_nyu.PreloadedBatches(ds, cfg.input_size, args.batch_size, dev, seed=args.seed,
-                                          augment=args.augment, rank=rank, world_size=world,
-                                          items=train_items)
-val_batches = None  # --val-frac 0: nothing held out
-if val_items:  # every held-out frame once, in order, on each rank
+                                          augment=args.augment, items=train_items)
+if val_items:  # every held-out frame once, in order
     val_batches = data_nyu.PreloadedBatches(ds, cfg.input_size, args.batch_size, dev, shuffle=False,
-                                            drop_last=False, items=val_items)
+                                            items=val_items)
 
 # -----------------------------------------------------------------------------
 # model and optimizer
 model = moa.MoADepthCLIP(clip_model, cfg).to(dev)
 del clip_model  # the text tower was used once, for the prompt embeddings
-log(moa.parameter_report(model)[1])
+print(moa.parameter_report(model)[1])  # the table of trained and frozen parameters per part
 trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 # the heads start from scratch, the rest from CLIP: --head-lr can give the heads their own rate
 backbone = [p for n, p in trainable if n.startswith(("visual.", "moa."))]
 heads = [p for n, p in trainable if not n.startswith(("visual.", "moa."))]
 head_lr = args.head_lr or args.lr
-groups = [{"params": backbone}] + ([{"params": heads, "lr": head_lr}] if heads else [])
+groups = [{"params": backbone}]
+if heads:  # the similarity head has no weights of its own
+    groups.append({"params": heads, "lr": head_lr})
 optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
 start_epoch, step, best_d1 = 0, 0, -1.0  # a fresh run
 if args.resume:
-    moa.load_trainable_state_dict(model, ckpt["model"])  # the frozen rest came from --clip
+    moa.load_trainable_state_dict(model, ckpt["model"], ckpt_path)  # the frozen rest: --clip
     optimizer.load_state_dict(ckpt["optimizer"])  # AdamW's moments: no restart bump
     start_epoch, step, best_d1 = ckpt["epoch"] + 1, ckpt["step"], ckpt["best_d1"]
     torch.set_rng_state(ckpt["rng"])  # the random stream of an uninterrupted run
-    log(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}")
-raw_model = model  # the unwrapped model: saved, validated
-if ddp:  # only now: a rank that stopped at a bad flag above leaves no other rank waiting here
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    gpu = [dev.index] if dev.type == "cuda" else None
-    model = torch.nn.parallel.DistributedDataParallel(model, device_ids=gpu)
+    print(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}")
+
 
 def save(path, epoch, with_optimizer=True):  # best.pt skips the optimizer: a third of the size
     state = optimizer.state_dict() if with_optimizer else None
-    moa.save_checkpoint(path, raw_model, clip=clip_id, optimizer=state, epoch=epoch, step=step,
+    # config: every flag of the run, so evaluate.py (and a reader) can see how it was trained
+    moa.save_checkpoint(path, model, clip=clip_id, optimizer=state, epoch=epoch, step=step,
                         best_d1=best_d1, rng=torch.get_rng_state(), config=vars(args))
 
-OUTPUTS = {"depth": "fused", "depth_cls": "binned", "depth_reg": "regressed"}  # similarity: depth
 
 @torch.no_grad()
 def validate():
     """Mean metrics of each output on the held-out scenes: {"depth": {"d1": ...}, ...}."""
-    raw_model.eval()
+    model.eval()
     rows = {}
     for b in val_batches:
         with autocast:
-            out = raw_model(b["image"])
-        for key in [k for k in OUTPUTS if k in out]:
+            out = model(b["image"])
+        for key in [k for k in moa.OUTPUTS if k in out]:  # the similarity head has "depth" only
             for pred, gt in zip(out[key][:, 0].float(), b["depth"][:, 0]):
                 metrics = data_nyu.depth_metrics(pred, gt, crop="none")  # resized frames: no crop
                 if metrics is not None:  # None: a frame with no valid pixel
                     rows.setdefault(key, []).append(metrics)
-    raw_model.train()
+    model.train()
     return {key: data_nyu.mean_metrics(r) for key, r in rows.items()}
+
 
 # -----------------------------------------------------------------------------
 # training loop
 total = args.epochs * len(train_batches)  # steps of the whole run, resumed or not
-total = min(total, args.max_steps) if args.max_steps else total
+if args.max_steps:
+    total = min(total, args.max_steps)
 lrs = f"lr {args.lr:.1e}"  # and the heads' rate where it differs: the log says what ran
 if heads and head_lr != args.lr:
     lrs += f" head lr {head_lr:.1e}"
-log(f"training {total} steps: {args.epochs} epochs x {len(train_batches)} batches of "
-    f"{args.batch_size} x {world} ranks on {dev}{' with bf16 autocast' if amp_dtype else ''}")
+print(f"training {total} steps: {args.epochs} epochs x {len(train_batches)} batches of "
+      f"{args.batch_size} on {dev}{' with bf16 autocast' if amp_dtype else ''}")
 model.train()
-t0, t_last, seen = time.time(), time.time(), 0
+t0 = t_last = time.time()  # the eta counts from t0, each log line's img/s from t_last
+seen = 0  # images since the last log line
 for epoch in range(start_epoch, args.epochs):
-    train_batches.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
+    train_batches.set_epoch(epoch)  # a new shuffle each epoch, the same after a resume
     for b in train_batches:
         with autocast:
             outputs = model(b["image"])
         loss, terms = moa.depth_loss(outputs, b["depth"], b["mask"], cfg)
-        check = loss.detach().clone()
-        if ddp:  # all ranks must agree, or one would wait forever in the next all-reduce
-            dist.all_reduce(check)
-        if not torch.isfinite(check):  # stop before the step: ckpt.pt keeps the last good epoch
-            if master:
-                print(f"error: non-finite loss ({check.item()}) at step {step}; stopped. "
-                      f"{ckpt_path} keeps the last good epoch", file=sys.stderr)
+        if not torch.isfinite(loss):  # stop before the step: ckpt.pt keeps the last good epoch
+            print(f"error: non-finite loss ({loss.item()}) at step {step}; stopped. "
+                  f"{ckpt_path} keeps the last good epoch", file=sys.stderr)
             sys.exit(1)
         optimizer.zero_grad(set_to_none=True)  # frees the grads' memory
         loss.backward()
         optimizer.step()
         step += 1
-        seen += b["image"].shape[0] * world  # over all ranks
+        seen += b["image"].shape[0]
         if step % args.log_interval == 0 or step == total:
             now = time.time()
             ips = seen / (now - t_last)  # images per second since the last line
-            done_here = step - start_epoch * len(train_batches)  # this process's steps: its pace
-            eta = (now - t0) / done_here * (total - step)
+            # the pace of this process's own steps: a resumed run did not take the first ones
+            eta = (now - t0) / (step - start_epoch * len(train_batches)) * (total - step)
             parts = " ".join(f"{k} {v:.3f}" for k, v in terms.items())
-            log(f"step {step}/{total} | loss {loss.item():.4f} ({parts}) | {lrs} | {ips:.1f} "
-                f"img/s | gate H {raw_model.gate_entropy():.3f} | eta {eta / 60:.1f} min")
-            if master:
-                with open(out_dir / "log.jsonl", "a") as f:
-                    row = {"step": step, "epoch": epoch, "loss": loss.item(), **terms, "lr": args.lr,
-                           "head_lr": head_lr, "img_s": ips, "gate_entropy": raw_model.gate_entropy()}
-                    f.write(json.dumps(row) + "\n")
+            print(f"step {step}/{total} | loss {loss.item():.4f} ({parts}) | {lrs} | {ips:.1f} "
+                  f"img/s | gate H {model.gate_entropy():.3f} | eta {eta / 60:.1f} min")
+            row = {"step": step, "epoch": epoch, "loss": loss.item(), **terms, "lr": args.lr,
+                   "head_lr": head_lr, "img_s": ips, "gate_entropy": model.gate_entropy()}
+            print(json.dumps(row), file=log_file)  # the same numbers, machine-readable, for plots
             t_last, seen = now, 0  # the next line's rate starts here
         if step >= total:
             break
-    val = validate() if val_batches is not None else {}  # on rank 0's copy
+    val = validate() if val_items else {}  # --val-frac 0: nothing held out, nothing to pick
     if val:  # each output on its own: only the losses' targets, binned and regressed, are trained
-        log(f"epoch {epoch} | val " + " | ".join(f"{OUTPUTS[k]} d1 {m['d1']:.4f} abs_rel "
-                                                f"{m['abs_rel']:.4f} rmse {m['rmse']:.4f}"
-                                                for k, m in val.items()))
-    if master:
-        if val and val["depth"]["d1"] > best_d1:  # selected on the output evaluate.py scores
-            best_d1 = val["depth"]["d1"]
-            save(out_dir / "best.pt", epoch, with_optimizer=False)
-        save(ckpt_path, epoch)  # every epoch: the last one is the result
-        saved_epoch = epoch  # what a Ctrl-C from now on reports
-        row = {"epoch": epoch, "step": step}
-        for key, metrics in val.items():  # val_d1: the fused output; val_binned_d1: the binned...
-            prefix = "val_" if key == "depth" else f"val_{OUTPUTS[key]}_"
-            row.update({prefix + k: v for k, v in metrics.items()})
-        with open(out_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-    if step >= total:
+        scores = [f"{moa.OUTPUTS[k]} d1 {m['d1']:.4f} abs_rel {m['abs_rel']:.4f} rmse {m['rmse']:.4f}"
+                  for k, m in val.items()]
+        print(f"epoch {epoch} | val " + " | ".join(scores))
+    if val and val["depth"]["d1"] > best_d1:  # selected on the output evaluate.py scores
+        best_d1 = val["depth"]["d1"]
+        save(out_dir / "best.pt", epoch, with_optimizer=False)
+    save(ckpt_path, epoch)  # every epoch: the last one is the result (the paper's model selection)
+    saved_epoch = epoch  # what a Ctrl-C from now on reports
+    row = {"epoch": epoch, "step": step}
+    for key, metrics in val.items():  # val_d1: the fused output; val_binned_d1: the binned...
+        prefix = "val_" if key == "depth" else f"val_{moa.OUTPUTS[key]}_"
+        row.update({prefix + k: v for k, v in metrics.items()})
+    print(json.dumps(row), file=log_file)
+    if step >= total:  # --max-steps ended the run inside this epoch
         break
-log(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min; checkpoint {ckpt_path}")
-if ddp:
-    dist.destroy_process_group()  # a clean exit for torchrun
+log_file.close()
+print(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min; checkpoint {ckpt_path}")

@@ -1,12 +1,15 @@
 """
-Fused Mixture-of-Adapters layer in Triton (design notes: docs/kernel.md). Per token x, E experts of rank R:
+The Mixture-of-Adapters layer of moa.py, fused in Triton (design: docs/kernel.md). Per token x, with
+E experts of rank R:
     logits = (relu(x W1^T + b1) W2^T + b2) / temperature; g = softmax over the top_k logits
     y = x + sum_e g_e * (gelu(x Wd_e^T + bd_e) Wu_e^T + bu_e)
-Forward: one launch, dense over the experts. Backward: two launches, no atomics, traffic O(|weights| + N):
-per token tile dx and the per-token factors P1, P2 of the weight gradients, then per weight tile a sum
-over all tokens in one fixed order. The weights share one dtype, x's or fp32 (cast after the load).
-`python -m kernels.fused_moa --compile-report` checks A100/H100 fitness without a GPU (report.py).
+Forward: one launch, dense over the experts. Backward: a launch per token tile (dx and the per-token
+factors P1, P2 of the weight gradients), one per weight tile and chunk of tokens (a sum in a fixed
+order, no atomics), and one sum over the chunks when there are several. The weights share one
+dtype, x's or fp32 (cast after the load). `python -m kernels.fused_moa --compile-report` checks
+A100/H100 fitness without a GPU (report.py).
 """
+import functools
 import math
 import os
 
@@ -15,13 +18,13 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once: kernels are built at import
+POISON = False  # tests set it: new buffers are NaN, so an element a kernel forgets to write shows
 NAMES = ("x", "gate_w1", "gate_b1", "gate_w2", "gate_b2", "down_w", "down_b", "up_w", "up_b")
 TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
+
 # -----------------------------------------------------------------------------
 # The kernels: a matmul helper, the forward, the backward over token tiles, over weight tiles
-
-
 @triton.jit
 def _proj(src_ptr, lds, rows, row_mask, K, w_ptr, coff, cmask, dstride, BM: tl.constexpr,
           NC: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
@@ -167,18 +170,18 @@ def _moa_bwd_tokens(  # backward 1: one program per tile of BM tokens
 
 
 @triton.jit
-def _tile(a_ptr, lda, b_ptr, ldb, M, K, N, rows, cols, BW: tl.constexpr, BD: tl.constexpr,
+def _tile(a_ptr, lda, b_ptr, ldb, M, K, t_lo, t_hi, rows, cols, BW: tl.constexpr, BD: tl.constexpr,
           BT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """Over all N tokens, BT a step, last first: A[:, rows]^T B[:, cols] and A[:, rows]'s column sums."""
+    """Over tokens t_lo..t_hi, BT a step, last first: A[:, rows]^T B[:, cols] and A[:, rows]'s column sums."""
     acc = tl.zeros((BW, BD), tl.float32)
     bias = tl.zeros((BW,), tl.float32)
-    num_t = tl.cdiv(N, BT)
+    num_t = tl.cdiv(t_hi - t_lo, BT)
     for i in range(0, num_t):
-        toks = ((num_t - 1 - i) * BT + tl.arange(0, BT)).to(tl.int64)
+        toks = (t_lo + (num_t - 1 - i) * BT + tl.arange(0, BT)).to(tl.int64)
         a = tl.load(a_ptr + toks[:, None] * lda + rows[None, :],
-                    mask=(toks < N)[:, None] & (rows < M)[None, :], other=0.0)       # (BT, BW)
+                    mask=(toks < t_hi)[:, None] & (rows < M)[None, :], other=0.0)    # (BT, BW)
         b = tl.load(b_ptr + toks[:, None] * ldb + cols[None, :],
-                    mask=(toks < N)[:, None] & (cols < K)[None, :], other=0.0)       # (BT, BD)
+                    mask=(toks < t_hi)[:, None] & (cols < K)[None, :], other=0.0)    # (BT, BD)
         acc = tl.dot(tl.trans(a.to(DOT)), b.to(DOT), acc, input_precision=PREC)
         bias += tl.sum(a.to(tl.float32), axis=0)
     return acc, bias
@@ -188,14 +191,16 @@ def _tile(a_ptr, lda, b_ptr, ldb, M, K, N, rows, cols, BW: tl.constexpr, BD: tl.
 def _moa_bwd_weights(
     x_ptr, dy_ptr, p1_ptr, p2_ptr, gates_ptr,  # x, dy (N, D), the scratch P1 and P2, the gates
     gw1_ptr, gb1_ptr, gw2_ptr, gb2_ptr, gwd_ptr, gbd_ptr, gwu_ptr, gbu_ptr,  # the 8 gradients
-    N, D, n1, n2,                              # programs: [0, n1) [dWd; dW1], then n2 dWu, dWg2
-    H: tl.constexpr, E: tl.constexpr, R: tl.constexpr, EX: tl.constexpr,
-    BW: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    N, D, n1, n2, split_stride,                # programs: [0, n1) [dWd; dW1], then n2 dWu, dWg2
+    H: tl.constexpr, E: tl.constexpr, R: tl.constexpr, EX: tl.constexpr, BW: tl.constexpr,
+    BD: tl.constexpr, BT: tl.constexpr, CHUNK: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
     GATE_PREC: tl.constexpr,
 ):
     ER: tl.constexpr = E * R
     P1W: tl.constexpr = ER + 2 * H + 16
     pid = tl.program_id(0)
+    t_lo = tl.program_id(1) * CHUNK  # this program's chunk of tokens; its sum goes to its own copy
+    t_hi = tl.minimum(N, t_lo + CHUNK)
     if pid < n1 + n2:  # [dWd_all; dW1] = [da | du]^T x (pid < n1), [dWu; dbu] = [g h | g]^T dy
         one = pid < n1
         q = tl.where(one, pid, pid - n1)
@@ -203,28 +208,30 @@ def _moa_bwd_weights(
         cols = q % tl.cdiv(D, BD) * BD + tl.arange(0, BD)
         M = tl.where(one, ER + H, ER + E)
         acc, bias = _tile(tl.where(one, p1_ptr, p2_ptr), tl.where(one, P1W, ER + 16),
-                          tl.where(one, x_ptr, dy_ptr), D, M, D, N, rows, cols, BW, BD, BT, DOT, PREC)
+                          tl.where(one, x_ptr, dy_ptr), D, M, D, t_lo, t_hi, rows, cols, BW, BD, BT, DOT, PREC)
         lo = rows < ER  # rows c = e * R + r of the experts, then the gate's or the up biases'
         out = tl.where(one, tl.where(lo, gwd_ptr + rows * D, gw1_ptr + (rows - ER) * D),
                        tl.where(lo, gwu_ptr + rows // R * D * R + rows % R, gbu_ptr + (rows - ER) * D))
         step = tl.where(lo & ~one, R, 1)  # up_w is (E, D, R): its d runs with stride R
+        out += tl.program_id(1).to(tl.int64) * split_stride  # this chunk's copy
         tl.store(out[:, None] + cols[None, :] * step[:, None], acc, mask=(rows < M)[:, None] & (cols < D)[None, :])
         bias_ptr = tl.where(lo, gbd_ptr + rows, gb1_ptr + rows - ER)  # dbd, dbg1: column sums
+        bias_ptr += tl.program_id(1).to(tl.int64) * split_stride
         tl.store(bias_ptr, bias, mask=one & (rows < M) & (q % tl.cdiv(D, BD) == 0))
     else:  # dWg2 (E, H) = dz^T v, dbg2 = column sums of dz; E <= 16 <= BW: one row block
         rows = tl.arange(0, BW)
         cols = (pid - n1 - n2) * BD + tl.arange(0, BD)
-        acc, bias = _tile(p1_ptr + ER + 2 * H, P1W, p1_ptr + ER + H, P1W, E, H, N, rows, cols,
+        acc, bias = _tile(p1_ptr + ER + 2 * H, P1W, p1_ptr + ER + H, P1W, E, H, t_lo, t_hi, rows, cols,
                           BW, BD, BT, DOT, PREC)
-        tl.store(gw2_ptr + rows[:, None] * H + cols[None, :], acc,
+        copy = tl.program_id(1).to(tl.int64) * split_stride
+        tl.store(gw2_ptr + copy + rows[:, None] * H + cols[None, :], acc,
                  mask=(rows < E)[:, None] & (cols < H)[None, :])
-        tl.store(gb2_ptr + rows, bias, mask=(rows < E) & (pid == n1 + n2))
+        tl.store(gb2_ptr + copy + rows, bias, mask=(rows < E) & (pid == n1 + n2))
 
 
 # -----------------------------------------------------------------------------
 # Launch parameters, validation, autograd
-
-
+@functools.lru_cache(maxsize=None)  # called on every forward and backward: pure, so computed once per shape
 def launch_params(arch, dot, xdt, wdt, D, H, E, R):
     """{kernel: (constexprs, num_warps, num_stages)}; arch 80 (A100), 90 (H100) or None (interpreter); dot:
     the matmul dtype; xdt, wdt: x's and the weights'. Chosen with the compile report (docs/kernel.md)."""
@@ -240,18 +247,22 @@ def launch_params(arch, dot, xdt, wdt, D, H, E, R):
     else:
         fwd = dict(c, BM=16, BK=32, BN=16)
     sm90 = arch is not None and arch >= 90  # (the interpreter ignores warps and stages)
-    stages = 3 if sm90 and EPR <= 512 and dot != torch.float32 else 2
-    tok = dict(c, BM=16, BK=64 if EPR * wide <= 1024 else 32, KC=64, NS=max(1, EPR // 256))
-    wts = dict(c, BW=64, BD=64, BT=64 if wide == 2 else 32)
-    return {"fwd": (fwd, 8, stages), "bwd_tokens": (tok, 8, 2), "bwd_weights": (wts, 4, 4 if sm90 else 3)}
+    half = dot != torch.float32
+    stages = 3 if sm90 and EPR <= 512 and half else 2
+    few = half and EPR <= 256  # 16-bit, E R <= 256: expert splits of 64 columns (or one expert), 4 warps
+    tok = dict(c, BM=16, BK=64 if EPR * wide <= 1024 else 32, KC=64, NS=max(1, EPR // (max(R, 64) if few else 256)))
+    # weight tiles sum over chunks of 4096 tokens (then one sum over the chunks): programs for every SM
+    wts = dict(c, BW=64, BD=64, BT=64 if wide == 2 or half else 32, CHUNK=4096)
+    return {"fwd": (fwd, 8, stages), "bwd_tokens": (tok, 4 if few else 8, 2), "bwd_weights": (wts, 4, 4 if sm90 else 3)}
 
 
-def _arch(x):  # the launch parameters' arch: compute capability, None for the interpreter
-    return torch.cuda.get_device_capability(x.device)[0] * 10 if x.is_cuda else None
+@functools.lru_cache(maxsize=None)
+def _arch(device):  # the launch parameters' arch: compute capability, None for the interpreter
+    return torch.cuda.get_device_capability(device)[0] * 10 if device.type == "cuda" else None
 
 
 def _new(shape, like, dtype=None):  # an output buffer
-    if os.environ.get("MOA_KERNEL_POISON", "0") == "1":  # tests: NaN, so elements a kernel forgets show
+    if POISON:
         return torch.full(shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
     return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
 
@@ -268,10 +279,10 @@ class FusedMoA(torch.autograd.Function):
         ctx.dot = x.dtype if x.is_cuda else torch.float32  # the matmul dtype: the interpreter's is fp32
         if x.is_cuda and x.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
             ctx.dot = torch.get_autocast_dtype("cuda")  # (autocast is off in backward: keep it in ctx)
-        meta, warps, stages = launch_params(_arch(x), ctx.dot, x.dtype, w1.dtype, D, H, E, R)["fwd"]
+        meta, warps, stages = launch_params(_arch(x.device), ctx.dot, x.dtype, w1.dtype, D, H, E, R)["fwd"]
         if N > 0:
-            _moa_fwd_kernel[(triton.cdiv(N, meta["BM"]),)](x2, *weights, y, gates, N, D, float(temperature),
-                                                           TOP_K=top_k, num_warps=warps, num_stages=stages, **meta)
+            _moa_fwd_kernel[(math.ceil(N / meta["BM"]),)](x2, *weights, y, gates, N, D, float(temperature),
+                                                          TOP_K=top_k, num_warps=warps, num_stages=stages, **meta)
         ctx.save_for_backward(x2, gates, *weights)
         ctx.temperature, ctx.x_shape = temperature, x.shape
         ctx.set_materialize_grads(False)  # an unused output's gradient is None: no zeros launch
@@ -279,25 +290,31 @@ class FusedMoA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dgates):  # dgates is None unless the gates were used
-        x, gates, w1, b1, w2, b2, wd, bd, wu, bu = ctx.saved_tensors
+        x, gates, *weights = ctx.saved_tensors
+        w1, b1, w2, b2, wd, bd, wu, bu = weights
         (N, D), H, E, R = x.shape, w1.shape[0], w2.shape[0], wd.shape[1]
-        grads = [_new((N, D), x)] + [_new(t.shape, x, t.dtype) for t in (w1, b1, w2, b2, wd, bd, wu, bu)]
+        dx = _new((N, D), x)
         if N == 0:
-            return (grads[0].zero_().reshape(ctx.x_shape), *[g.zero_() for g in grads[1:]], None, None)
+            return (dx.reshape(ctx.x_shape), *[torch.zeros_like(t) for t in weights], None, None)
         dy = torch.zeros_like(x) if dy is None else dy.reshape(N, D).contiguous()
-        params = launch_params(_arch(x), ctx.dot, x.dtype, w1.dtype, D, H, E, R)
+        params = launch_params(_arch(x.device), ctx.dot, x.dtype, w1.dtype, D, H, E, R)
         p1 = torch.empty((N, E * R + 2 * H + 16), dtype=ctx.dot, device=x.device)  # [da | du | v | dz]
         p2 = torch.empty((N, E * R + 16), dtype=ctx.dot, device=x.device)          # [g h | g]
         meta, warps, stages = params["bwd_tokens"]
         dgx = gates if dgates is None else dgates.reshape(N, E).contiguous()  # a dummy when unused
-        _moa_bwd_tokens[(triton.cdiv(N, meta["BM"]),)](
-            x, dy, gates, dgx, w1, b1, w2, wd, bd, wu, bu, grads[0], p1, p2, N, D, float(ctx.temperature),
+        _moa_bwd_tokens[(math.ceil(N / meta["BM"]),)](
+            x, dy, gates, dgx, w1, b1, w2, wd, bd, wu, bu, dx, p1, p2, N, D, float(ctx.temperature),
             HAS_DG=dgates is not None, num_warps=warps, num_stages=stages, **meta)
         meta, warps, stages = params["bwd_weights"]
         n1, n2, n3 = weight_grid(meta, D, H, E, R)
-        _moa_bwd_weights[(n1 + n2 + n3,)](x, dy, p1, p2, gates, *grads[1:], N, D, n1, n2,
-                                          num_warps=warps, num_stages=stages, **meta)
-        return (grads[0].reshape(ctx.x_shape), *grads[1:], None, None)
+        chunks, sizes = math.ceil(N / meta["CHUNK"]), [t.numel() for t in weights]
+        flat = _new((chunks, sum(sizes)), x, torch.float32)  # an fp32 copy of the gradients per chunk
+        _moa_bwd_weights[(n1 + n2 + n3, chunks)](x, dy, p1, p2, gates, *flat[0].split(sizes), N, D, n1, n2,
+                                                 sum(sizes), num_warps=warps, num_stages=stages, **meta)
+        if chunks > 1 or w1.dtype != torch.float32:  # a fixed-order sum (no atomics): reproducible
+            flat = flat.sum(0, keepdim=True).to(w1.dtype)
+        return (dx.reshape(ctx.x_shape), *[p.view(t.shape) for p, t in zip(flat[0].split(sizes), weights)],
+                None, None)
 
 
 def fused_moa(x, gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b, top_k, temperature):
@@ -329,8 +346,8 @@ def fused_moa(x, gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b,
 
 def weight_grid(meta, D, H, E, R):
     """Programs of _moa_bwd_weights: [dWd_all; dW1] tiles, [dWu; dbu] tiles, dWg2 tiles."""
-    n1 = triton.cdiv(E * R + H, meta["BW"]) * triton.cdiv(D, meta["BD"])
-    return n1, triton.cdiv(E * R + E, meta["BW"]) * triton.cdiv(D, meta["BD"]), triton.cdiv(H, meta["BD"])
+    n1 = math.ceil((E * R + H) / meta["BW"]) * math.ceil(D / meta["BD"])
+    return n1, math.ceil((E * R + E) / meta["BW"]) * math.ceil(D / meta["BD"]), math.ceil(H / meta["BD"])
 
 
 if __name__ == "__main__":

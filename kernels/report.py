@@ -7,6 +7,7 @@ x, weights fp32 as moa.MoA passes them; --dtype: the matmuls'), then the modelle
 import argparse
 import itertools
 import json
+import math
 import os
 import re
 import subprocess
@@ -22,6 +23,7 @@ from kernels.fused_moa import TL, _moa_bwd_tokens, _moa_bwd_weights, _moa_fwd_ke
 SMEM_LIMIT = {80: 166912, 90: 232448}  # opt-in shared memory per block: A100, H100
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KERNELS = {"fwd": _moa_fwd_kernel, "bwd_tokens": _moa_bwd_tokens, "bwd_weights": _moa_bwd_weights}
+EXPERTS = {str(e) for e in range(1, 17)}
 D, R, H = 768, 64, 128
 
 
@@ -62,20 +64,22 @@ def compile_one(kernel, arch, dot, E, top_k, xdt=torch.float32):
 def print_traffic(E=4, sw=4, sd=2):
     """Modelled HBM MB: a kernel moves each of its tensors once; sw, sd: bytes per weight, per scratch value."""
     W = (H * D + H + E * H + E + 2 * E * R * D + E * R + E * D) * sw
+    chunk = launch_params(90, torch.bfloat16, torch.float32, torch.float32, D, H, E, R)["bwd_weights"][0]["CHUNK"]
     for sx in (2, 4):  # bf16 activations; the fp32 stream that moa.MoA passes under autocast
         print(f"\n# traffic (MB): x, y, dy, dx {8 * sx}-bit, bf16 matmuls, fp32 weights, E = top_k = {E}. Floor:"
-              " x, y, weights (+ dy, dx, gradients). Launches: forward 1, backward 2.\n#      N   fwd floor"
-              " ratio  fwd+bwd  floor  ratio  ratio if kernel 2 finds 25 MB of its re-reads in L2")
+              f" x, y, weights (+ dy, dx, gradients). Kernel 2 sums tokens in chunks of {chunk} into fp32 copies"
+              " of the gradients, then one sum.\n#      N   fwd floor ratio  fwd+bwd  floor  ratio  launches")
         for N in (400, 3200, 25600):
             act, gates, scratch = N * D * sx, N * E * 4, N * (2 * E * R + 2 * H + 32) * sd
+            copies = math.ceil(N / chunk)
             fwd = 2 * act + W + gates                 # read x, weights; write y, gates
             k1 = 3 * act + W + gates + scratch         # read x, dy, weights, gates; write dx, P1, P2
-            k2 = 2 * act + scratch + W                 # read x, dy, P1, P2; write the gradients
-            both, floor = fwd + k1 + k2, 4 * act + 2 * W
+            k2 = 2 * act + scratch + copies * W        # read x, dy, P1, P2; write the gradients (copies)
+            both, floor = fwd + k1 + k2 + (copies * W + W if copies > 1 else 0), 4 * act + 2 * W
             print(f"# {N:6} {fwd / 1e6:6.2f} {(2 * act + W) / 1e6:6.2f} {fwd / (2 * act + W):5.2f} "
-                  f"{both / 1e6:7.2f} {floor / 1e6:6.2f} {both / floor:6.2f} {(both - min(k2 - W, 25e6)) / floor:6.2f}")
+                  f"{both / 1e6:7.2f} {floor / 1e6:6.2f} {both / floor:6.2f} {3 + (copies > 1):9}")
     p = launch_params(90, torch.bfloat16, torch.float32, torch.float32, D, H, E, R)
-    progs = [triton.cdiv(400, p[k][0]["BM"]) for k in ("fwd", "bwd_tokens")]
+    progs = [math.ceil(400 / p[k][0]["BM"]) for k in ("fwd", "bwd_tokens")]
     progs.append(sum(weight_grid(p["bwd_weights"][0], D, H, E, R)))
     up = (E * D * R + E * D) * sw / 1e6
     print(f"# N = 400, 132 SMs: {' / '.join(f'{n / 132:.2f}' for n in progs)} programs per SM (fwd / bwd tokens /"
@@ -90,18 +94,15 @@ def main(argv=None):
     p.add_argument("--dtype", default="bf16,fp16,fp32", help="matmul dtypes (x and the weights: fp32)")
     p.add_argument("--experts", default="1,2,4,8,16", help="expert counts E; top_k is 1 and E")
     args = p.parse_args(argv)
-    try:
-        archs, experts = [int(a) for a in args.arch.split(",")], [int(e) for e in args.experts.split(",")]
-        dtypes = [DTYPES[d] for d in args.dtype.split(",")]
-    except (KeyError, ValueError) as err:
-        p.error(f"bad list: {err}")
-    if not args.compile_report or not set(archs) <= set(SMEM_LIMIT) or not all(1 <= e <= 16 for e in experts):
-        p.error(f"need --compile-report, --arch from {sorted(SMEM_LIMIT)} and --experts from 1..16")
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        p.error("unset TRITON_INTERPRET: the report compiles GPU code")
+    archs, dtypes, experts = args.arch.split(","), args.dtype.split(","), args.experts.split(",")
+    if not set(archs) <= {"80", "90"} or not set(dtypes) <= set(DTYPES) or not set(experts) <= EXPERTS:
+        p.error("--arch from 80,90; --dtype from bf16,fp16,fp32; --experts from 1..16 (comma-separated)")
+    if not args.compile_report or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        p.error("need --compile-report, and TRITON_INTERPRET unset: the report compiles GPU code")
     print(f"# triton {triton.__version__}, torch {torch.__version__}, D = {D}, R = {R}, H = {H}")
     results = {}
-    for arch, dot, E in itertools.product(archs, dtypes, experts):
+    configs = itertools.product(map(int, archs), [DTYPES[d] for d in dtypes], map(int, experts))
+    for arch, dot, E in configs:
         for top_k, kernel in itertools.product(sorted({1, E}), KERNELS):
             key = (kernel, arch, dot, E, top_k if kernel == "fwd" else E)  # the backward: any top_k
             if key not in results:

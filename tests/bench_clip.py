@@ -23,6 +23,7 @@ def median_times(fns, reps):
     runs = [[t.timeit(1).median for t in timers] for _ in range(reps)]
     return [sorted(col)[len(col) // 2] for col in zip(*runs)]
 
+
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ dtype "autocast": fp32 x and fp32 weights under bf16 autocast, the way train.py 
 A benchmark, not a test (pytest does not collect it); GPU timings use triton.testing.do_bench (median).
 
     python tests/bench_moa.py [--sizes 400,3200,25600] [--dtypes autocast,bf16,fp32] [--top-k 4,1] [--no-compile]
+    python tests/bench_moa.py --sweep [--budget 150]   # GPU: launch-parameter candidates, checked and timed
     TRITON_INTERPRET=1 python tests/bench_moa.py --smoke      # tiny CPU run through the interpreter (< 1 min)
 """
 import argparse
@@ -116,6 +117,72 @@ def time_one(fn, x, dy, ws, top_k, tau, mode, name, on_gpu):
         return float("nan")
 
 
+SWEEP = {  # per kernel: candidate overrides of launch_params' choice (tile sizes, warps, stages)
+    "fwd": [dict(BM=bm, BN=bn, warps=w, stages=st) for bm, w in ((128, 8), (64, 4), (64, 8), (32, 4))
+            for bn in (64, 128) for st in (2, 3)],
+    "bwd_tokens": [dict(BM=bm, NS=ns, warps=w) for bm in (64, 32, 16) for ns in (2, 4, 1) for w in (8, 4)
+                   if bm * 256 // ns <= 8192],
+    "bwd_weights": [dict(BW=bw, BD=bd, BT=bt, CHUNK=chunk, warps=w) for chunk in (4096, 0)
+                    for bw, bd in ((128, 128), (128, 64), (64, 64)) for bt in (64, 32) for w in (8, 4)],
+}
+
+
+def sweep(sizes, budget, D=768, limit=None):
+    """Each kernel's candidates (the other two kernels at launch_params' choice): fp32 x and weights under bf16
+    autocast (fp32 without a GPU), E = top_k = 4. A candidate is checked against moa_reference (relative error
+    of y, dx and d down_w at N = 512), then timed: the forward alone for "fwd", forward + backward otherwise."""
+    import kernels.fused_moa as fm
+    base, on_gpu = fm.launch_params, torch.cuda.is_available()
+    dev = "cuda" if on_gpu else "cpu"
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else nullcontext()
+    E, R, H, tau = 4, 64, 128, 2.0
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(H, D), (H,), (E, H), (E,), (E, R, D), (E, R), (E, D, R), (E, D)]
+    ws = [(torch.randn(sh, generator=gen) * (sh[-1] ** -0.5 if len(sh) > 1 else 0.1)).to(dev) for sh in shapes]
+    check_n = 512 if on_gpu else sizes[0]
+    xs = {N: torch.randn(N, D, generator=gen).to(dev) for N in [check_n] + sizes}
+    dys = {N: torch.randn(N, D, generator=gen).to(dev) for N in xs}
+
+    def call(fn, N, grad=True):
+        leaves = [t.detach().requires_grad_(grad) for t in [xs[N]] + ws]
+        with amp, torch.set_grad_enabled(grad):
+            y, _ = fn(*leaves, E, tau)
+        if grad:
+            torch.autograd.backward(y, dys[N])
+            return [y.detach().float(), leaves[0].grad, leaves[5].grad]
+
+    want = call(moa.moa_reference, check_n)
+    arch = torch.cuda.get_device_capability()[0] * 10 if on_gpu else None
+    print(f"{torch.cuda.get_device_name() if on_gpu else 'CPU (interpreter)'}, triton {triton.__version__}; "
+          f"launch_params today: {base(arch, torch.bfloat16, torch.float32, torch.float32, D, H, E, R)}")
+    for kernel, candidates in SWEEP.items():
+        mode = "fwd" if kernel == "fwd" else "fwd+bwd"
+        print(f"\n# {kernel}: {mode} us per call at N = {sizes}; err: relative error against the reference")
+        t_end = time.perf_counter() + budget / len(SWEEP)  # each kernel gets its share of the budget
+        for over in ([{}] + candidates)[:limit]:
+            if time.perf_counter() > t_end:
+                print("# this kernel's share of --budget is spent")
+                break
+            meta_over = {k: v for k, v in over.items() if k not in ("warps", "stages")}
+
+            def patched(*args, over=over, meta_over=meta_over, kernel=kernel):
+                p = dict(base(*args))
+                meta, warps, stages = p[kernel]
+                p[kernel] = ({**meta, **meta_over}, over.get("warps", warps), over.get("stages", stages))
+                return p
+            fm.launch_params = patched
+            try:
+                got = call(fused_moa, check_n)
+                err = max(float((g - w).norm() / w.norm()) for g, w in zip(got, want))
+                us = [seconds(lambda N=N: call(fused_moa, N, mode != "fwd"), on_gpu) * 1e6 for N in sizes]
+                name = json.dumps(over) if over else "today's"
+                print(f"{name:<60} err {err:.1e} us " + " ".join(f"{u:8.1f}" for u in us), flush=True)
+            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: report it, go on
+                print(f"{json.dumps(over):<60} failed: {type(e).__name__}: {' '.join(str(e).split())[:120]}")
+            finally:
+                fm.launch_params = base
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     p.add_argument("--sizes", default="400,3200,25600", help="token counts N, comma-separated")
@@ -124,6 +191,8 @@ if __name__ == "__main__":
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (its first calls compile)")
     p.add_argument("--json", action="store_true", help="also print one JSON line per row")
     p.add_argument("--smoke", action="store_true", help="N=64, D=64, fp32, no torch.compile: a CPU check")
+    p.add_argument("--sweep", action="store_true", help="GPU: time launch-parameter candidates per kernel")
+    p.add_argument("--budget", type=float, default=150, help="seconds for --sweep")
     args = p.parse_args()
     try:
         sizes = [int(n) for n in args.sizes.split(",")]
@@ -135,7 +204,12 @@ if __name__ == "__main__":
         p.error(f"--dtypes from {list(DTYPES)}, --top-k from 1..4, --sizes >= 1")
     if not torch.cuda.is_available() and not args.smoke:
         p.error("no GPU: run TRITON_INTERPRET=1 python tests/bench_moa.py --smoke")
-    if args.smoke:
+    if args.sweep and args.smoke:
+        torch.set_num_threads(1)
+        sweep([64], args.budget, D=64, limit=2)
+    elif args.sweep:
+        sweep(sizes, args.budget)
+    elif args.smoke:
         torch.set_num_threads(1)  # the interpreter's numpy and torch's thread pool otherwise fight over the cores
         run([64], ["fp32"], [4], 64, False, args.json)
     else:

@@ -28,7 +28,7 @@ def images_per_second(model, batches, steps, dev, dtype, sync):
         if step == 2:
             sync()
             t0 = time.perf_counter()
-        b = {k: v.to(dev) for k, v in next(it).items() if k != "index"}
+        b = {k: v.to(dev) for k, v in next(it).items()}
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
             out = model(b["image"])
         loss, _ = moa.depth_loss(out, b["depth"], b["mask"], model.cfg)
@@ -47,8 +47,7 @@ if __name__ == "__main__":
     args = p.parse_args()
     dev, dtype = moa.runtime(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    model = moa.MoADepthCLIP(clip_vit.build_model(clip_vit.random_state_dict()), moa.DepthConfig(),
-                             context=torch.randn(512)).to(dev)
+    model = moa.MoADepthCLIP(clip_vit.build_model(clip_vit.random_state_dict()), moa.DepthConfig()).to(dev)
     ds = data_nyu.SyntheticDepth(n=8 * (args.steps + 2))
     t0 = time.perf_counter()
     fast_batches = data_nyu.PreloadedBatches(ds, size=224, batch_size=8, device=dev)

@@ -132,9 +132,9 @@ SMALL = ["--input-size", "64", "--bottleneck", "16", "--gate-hidden", "16", "--n
          "--synthetic-frames", "12", "--batch-size", "4", "--log-interval", "1"]
 
 
-def _run(script, *args, ok=True, timeout=300, launcher=None):
+def _run(script, *args, ok=True, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = (launcher or [sys.executable]) + [str(ROOT / script), *map(str, args)]
+    cmd = [sys.executable, str(ROOT / script), *map(str, args)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # its own process group: a hung run is killed whole
     try:

@@ -7,7 +7,8 @@ uint8, depths (N, 480, 640) float32.
 - write_v5: the same frames through scipy.io.savemat (MATLAB v5), a format data_nyu refuses.
 - write_splits: a splits.mat with 1-based trainNdxs/testNdxs.
 - asymmetric_frames: frames whose pixels encode (row, col, frame), so any transpose or flip shows.
-- frames_to_tensors / NYUTorchDataset: one frame at a time through data_nyu's resize, for a plain DataLoader.
+- frames_to_tensors / NYUTorchDataset: one frame at a time through data_nyu's resize, for a plain DataLoader:
+  the per-sample reference PreloadedBatches is tested and benchmarked against.
 """
 import time
 
@@ -18,20 +19,22 @@ import data_nyu
 
 
 def write_v73(path, images, depths, raw_depths=None, scene_types=None):
+    """scene_types: one name per frame (default: all "kitchen"), stored as MATLAB strings like the real file."""
     import h5py
     images, depths = np.asarray(images, np.uint8), np.asarray(depths, np.float32)
     assert images.ndim == 4 and images.shape[3] == 3 and depths.shape == images.shape[:3]
+    if scene_types is None:
+        scene_types = ["kitchen"] * len(images)
     with h5py.File(path, "w", userblock_size=512) as f:
         f["images"] = images.transpose(0, 3, 2, 1)  # (N, H, W, 3) -> (N, 3, W, H)
         f["depths"] = depths.transpose(0, 2, 1)  # (N, H, W) -> (N, W, H)
         if raw_depths is not None:
             f["rawDepths"] = np.asarray(raw_depths, np.float32).transpose(0, 2, 1)
-        if scene_types is not None:
-            refs = f.create_group("#refs#")
-            sceneTypes = f.create_dataset("sceneTypes", (1, len(scene_types)), dtype=h5py.ref_dtype)
-            for i, s in enumerate(scene_types):  # MATLAB char arrays: uint16 codes, shape (L, 1)
-                d = refs.create_dataset(f"s{i}", data=np.array([[ord(c)] for c in s], np.uint16))
-                sceneTypes[0, i] = d.ref
+        refs = f.create_group("#refs#")
+        sceneTypes = f.create_dataset("sceneTypes", (1, len(scene_types)), dtype=h5py.ref_dtype)
+        for i, s in enumerate(scene_types):  # MATLAB char arrays: uint16 codes, shape (L, 1)
+            d = refs.create_dataset(f"s{i}", data=np.array([[ord(c)] for c in s], np.uint16))
+            sceneTypes[0, i] = d.ref
     text = ("MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: "
             + time.strftime("%a %b %d %H:%M:%S %Y") + " HDF5 schema 1.00 .").ljust(116).encode()
     header = text + b"\x00" * 8 + b"\x00\x02" + b"IM"  # 116 text, 8 subsys offset, version 0x0200, endian
@@ -85,8 +88,9 @@ def frames_to_tensors(rgb, depth, size):
 
 
 class NYUTorchDataset(torch.utils.data.Dataset):
-    """Per-sample training dicts for a plain DataLoader (the naive baseline). The resized image is rounded
-    to uint8 as PreloadedBatches stores it, so both give the same numbers."""
+    """Per-sample training dicts {"image", "depth", "mask"} for a plain DataLoader (the naive baseline), built
+    here independently of PreloadedBatches. The resized image is rounded to uint8 as PreloadedBatches stores it,
+    so both give the same numbers."""
 
     def __init__(self, dataset, size):
         self.dataset, self.size = dataset, size
@@ -96,5 +100,6 @@ class NYUTorchDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         img, depth = frames_to_tensors(*self.dataset[i], self.size)
-        batch = data_nyu.make_batch((img[None] * 255).round() / 255, depth[None])
-        return {k: v[0] for k, v in batch.items()}
+        img = (img * 255).round() / 255  # (3, h, w), through uint8
+        mask = (depth > data_nyu.MIN_DEPTH) & (depth < data_nyu.MAX_DEPTH)  # (1, h, w)
+        return {"image": data_nyu.normalize(img[None])[0], "depth": depth, "mask": mask}

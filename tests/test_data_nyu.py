@@ -5,7 +5,6 @@ server; and the metrics. CPU only, a few seconds.
     python -m pytest -q tests/test_data_nyu.py
 """
 import hashlib
-import pickle
 
 import h5py
 import numpy as np
@@ -17,7 +16,7 @@ import clip_vit
 import data_nyu
 from clip_vit import UserError
 from data_nyu import depth_metrics, NYUDepthV2, PreloadedBatches
-from nyu_fixtures import NYUTorchDataset, asymmetric_frames, frames_to_tensors, write_v5, write_v73, write_splits
+from nyu_fixtures import NYUTorchDataset, asymmetric_frames, frames_to_tensors, write_splits, write_v5, write_v73
 
 SCENES = ["kitchen", "office", "living_room", "bathroom"]
 
@@ -74,15 +73,24 @@ def test_split_selection_order(tmp_path, v73, frames):
             assert ds.scene(k) == SCENES[j]
 
 
-def test_read_splits_rejects_overlap_and_zero(tmp_path):
+def test_read_splits_rejects_overlap_zero_and_missing(tmp_path):
     bad = tmp_path / "overlap.mat"
     write_splits(bad, [1, 2], [2, 3])
     with pytest.raises(UserError, match="overlap"):
         data_nyu.read_splits(bad)
     zero = tmp_path / "zero.mat"
     write_splits(zero, [0, 1], [2, 3])  # 0 cannot appear in a 1-based file
-    with pytest.raises(UserError, match="1-based"):
+    with pytest.raises(UserError, match="'trainNdxs' .*1-based"):
         data_nyu.read_splits(zero)
+    missing = tmp_path / "missing.mat"
+    scipy.io.savemat(missing, {"trainNdxs": np.array([[1], [2]], np.uint16)})
+    with pytest.raises(UserError, match="'testNdxs' missing"):
+        data_nyu.read_splits(missing)
+    text = tmp_path / "notes.mat"
+    text.write_text("not a MAT-file\n")
+    with pytest.raises(UserError, match="cannot read as a MATLAB v5 MAT-file") as e:
+        data_nyu.read_splits(text)
+    assert str(e.value).startswith(f"{text}: ") and "\n" not in str(e.value)
 
 
 # -----------------------------------------------------------------------------
@@ -127,12 +135,20 @@ def _bad_random_bytes(tmp_path, frames):
     return p, "not a MATLAB"
 
 
-def _bad_no_images(tmp_path, frames):
-    p = tmp_path / "no_images.mat"
-    write_v73(p, *frames)
-    with h5py.File(p, "r+") as f:
-        del f["images"]
-    return p, "missing dataset 'images'"
+def _bad_without(key, message):
+    """A labeled file with the variable `key` deleted, and the error expected for it."""
+    def make(tmp_path, frames):
+        p = tmp_path / f"no_{key}.mat"
+        write_v73(p, *frames)
+        with h5py.File(p, "r+") as f:
+            del f[key]
+        return p, message
+    return make
+
+
+_bad_no_images = _bad_without("images", "not NYU's labeled file: images, depths, sceneTypes are None, "
+                                        "(4, 640, 480), (1, 4)")
+_bad_no_scene_types = _bad_without("sceneTypes", "sceneTypes are (4, 3, 640, 480), (4, 640, 480), None, not")
 
 
 def _bad_frame_counts(tmp_path, frames):
@@ -142,7 +158,7 @@ def _bad_frame_counts(tmp_path, frames):
         d = f["depths"][:3]
         del f["depths"]
         f["depths"] = d
-    return p, "are not (N, 3, W, H) and (N, W, H)"
+    return p, "(4, 3, 640, 480), (3, 640, 480), (1, 4), not (N, 3, W, H), (N, W, H), (1, N)"
 
 
 def _bad_v5(tmp_path, frames):
@@ -157,10 +173,11 @@ def _bad_truncated(tmp_path, frames):
     p = tmp_path / "truncated.mat"
     data = good.read_bytes()
     p.write_bytes(data[:len(data) // 2])
-    return p, "HDF5"
+    return p, "truncated (HDF5: "
 
 
-@pytest.mark.parametrize("make", [_bad_random_bytes, _bad_no_images, _bad_frame_counts, _bad_truncated, _bad_v5])
+@pytest.mark.parametrize("make", [_bad_random_bytes, _bad_no_images, _bad_no_scene_types, _bad_frame_counts,
+                                  _bad_truncated, _bad_v5])
 def test_bad_files(tmp_path, frames, make):
     path, problem = make(tmp_path, frames)
     with pytest.raises(UserError) as e:
@@ -196,12 +213,15 @@ def test_missing_file_downloads_only_when_meant(tmp_path, monkeypatch, http_serv
 @pytest.mark.parametrize("name,download", [(data_nyu.FILE_NAME, None), ("my_copy.mat", True)])
 def test_missing_data_file_downloads_resumably(tmp_path, monkeypatch, http_server, frames, name, download):
     """The official name, or any name with download=True, is fetched from data_nyu.URL; a cut transfer
-    resumes with Range."""
+    fails with one line, and the next run resumes it with Range."""
     write_v73(tmp_path / "served.mat", *frames, scene_types=SCENES)
     blob = (tmp_path / "served.mat").read_bytes()
     http_server.routes["/labeled.mat"] = {"data": blob, "cut_after": len(blob) // 3}
     monkeypatch.setattr(data_nyu, "URL", http_server.url + "/labeled.mat")
     (tmp_path / "data").mkdir()
+    with pytest.raises(UserError, match="run again to resume") as e:
+        NYUDepthV2(tmp_path / "data" / name, split="all", download=download)
+    assert str(e.value).startswith(f"{tmp_path / 'data' / name}: ") and "\n" not in str(e.value)
     ds = NYUDepthV2(tmp_path / "data" / name, split="all", download=download)
     assert (tmp_path / "data" / name).read_bytes() == blob
     assert [r for _, r in http_server.requests] == [None, f"bytes={len(blob) // 3}-"]
@@ -317,18 +337,14 @@ class Frames:
 
 def _numbered(n, h=24, w=32):
     # frame i has constant depth 1 + 0.5 i, so a batch's depth tells which frame it came from
-    rgbs = [np.full((h, w, 3), 10 * i, np.uint8) for i in range(n)]
+    rgbs = [np.full((h, w, 3), 10 * i % 256, np.uint8) for i in range(n)]
     depths = [np.full((h, w), 1 + 0.5 * i, np.float32) for i in range(n)]
     return Frames(rgbs, depths)
 
 
 def _order(pb):
-    out = []
-    for b in pb:
-        frame = ((b["depth"][:, 0, 0, 0] - 1) / 0.5).round().long()
-        assert frame.tolist() == b["index"].tolist()  # "index" names the frame whose pixels we got
-        out += frame.tolist()
-    return out
+    """The frames pb served, batch by batch (frame i has constant depth 1 + 0.5 i)."""
+    return [((b["depth"][:, 0, 0, 0] - 1) / 0.5).round().long().tolist() for b in pb]
 
 
 def test_preloaded_shapes_and_mask():
@@ -337,10 +353,11 @@ def test_preloaded_shapes_and_mask():
     for d in depths:
         d[::4, ::4] = 0  # holes, and values beyond 10 m, are both invalid
     ds = Frames([rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(6)], depths)
-    pb = PreloadedBatches(ds, size=(48, 64), batch_size=4, shuffle=False, drop_last=True)
+    pb = PreloadedBatches(ds, size=(48, 64), batch_size=4, shuffle=False)
     assert pb.images.dtype == torch.uint8 and pb.images.shape == (6, 3, 48, 64)
-    assert len(pb) == 1
-    (b,) = list(pb)
+    assert len(pb) == 2
+    b, last = list(pb)
+    assert last["depth"].shape == (2, 1, 48, 64)  # in order, the last batch may be short
     assert b["image"].shape == (4, 3, 48, 64) and b["image"].dtype == torch.float32
     assert b["depth"].shape == (4, 1, 48, 64) and b["depth"].dtype == torch.float32
     assert b["mask"].shape == (4, 1, 48, 64) and b["mask"].dtype == torch.bool
@@ -363,46 +380,42 @@ def test_preloaded_matches_per_sample_dataset():
             assert torch.allclose(b[key][k].float(), ref[k][key].float(), atol=1.01 / 255 / 0.26), key
 
 
-def test_preloaded_epochs_cover_and_shuffle():
+def test_preloaded_in_order_serves_every_frame_once():
+    ds = _numbered(37)  # more frames than one decoding chunk (32)
+    pb = PreloadedBatches(ds, size=(24, 32), batch_size=8, shuffle=False)
+    assert len(pb) == 5
+    for epoch in (0, 5):  # the epoch changes nothing without shuffling
+        pb.set_epoch(epoch)
+        batches = _order(pb)
+        assert [len(b) for b in batches] == [8, 8, 8, 8, 5] and sum(batches, []) == list(range(37))
+    items = PreloadedBatches(ds, size=(24, 32), batch_size=2, shuffle=False, items=[5, 1, 3])
+    assert _order(items) == [[5, 1], [3]]  # the chosen frames, in the order given
+
+
+def test_preloaded_shuffle_full_batches_new_order_each_epoch():
     ds = _numbered(10)
-    pb = PreloadedBatches(ds, size=(24, 32), batch_size=4, seed=0, drop_last=False)
-    assert len(pb) == 3
+    pb = PreloadedBatches(ds, size=(24, 32), batch_size=4, seed=0)
+    assert len(pb) == 2  # 10 frames: two full batches, the 2 frames left over wait for another epoch
     orders = []
     for epoch in range(3):
         pb.set_epoch(epoch)
-        orders.append(_order(pb))
-        assert sorted(orders[-1]) == list(range(10))  # every frame exactly once per epoch
+        batches = _order(pb)
+        assert [len(b) for b in batches] == [4, 4]
+        flat = sum(batches, [])
+        assert len(set(flat)) == 8 and set(flat) <= set(range(10))  # no frame twice in an epoch
+        orders.append(flat)
     assert len({tuple(o) for o in orders}) == 3  # a new order each epoch
-    again = PreloadedBatches(ds, size=(24, 32), batch_size=4, seed=0, drop_last=False)
+    again = PreloadedBatches(ds, size=(24, 32), batch_size=4, seed=0)
     again.set_epoch(1)
-    assert _order(again) == orders[1]  # deterministic for a fixed seed
-    other = PreloadedBatches(ds, size=(24, 32), batch_size=4, seed=1, drop_last=False)
+    assert sum(_order(again), []) == orders[1]  # the same (seed, epoch), the same order: resumable
+    other = PreloadedBatches(ds, size=(24, 32), batch_size=4, seed=1)
     other.set_epoch(1)
-    assert _order(other) != orders[1]
-    assert _order(PreloadedBatches(ds, size=(24, 32), batch_size=4, shuffle=False, drop_last=False)) == list(range(10))
-    dropped = PreloadedBatches(ds, size=(24, 32), batch_size=4, drop_last=True)
-    assert len(dropped) == 2 and len(_order(dropped)) == 8
-
-
-def test_preloaded_items():
-    ds = _numbered(6)
-    pb = PreloadedBatches(ds, size=(24, 32), batch_size=2, shuffle=False, items=[5, 1, 3])
-    assert _order(pb) == [5, 1]  # drop_last drops the last, incomplete batch
-
-
-def test_preloaded_ddp_shards():
-    ds = _numbered(12)
-    shards = []
-    for rank in range(3):
-        pb = PreloadedBatches(ds, size=(24, 32), batch_size=2, seed=3, rank=rank, world_size=3, drop_last=False)
-        pb.set_epoch(5)
-        assert len(pb) == 2
-        shards.append(_order(pb))
-    assert sorted(sum(shards, [])) == list(range(12))  # disjoint and covering
-    # uneven: 10 frames over 3 ranks, every rank still gets the same number of batches
-    lens = [len(list(PreloadedBatches(_numbered(10), size=(24, 32), batch_size=2, rank=r, world_size=3,
-                                      drop_last=dl))) for r in range(3) for dl in (True, False)]
-    assert lens[0::2] == [1, 1, 1] and lens[1::2] == [2, 2, 2]
+    assert sum(_order(other), []) != orders[1]
+    chosen = PreloadedBatches(ds, size=(24, 32), batch_size=2, seed=0, items=[9, 7, 5, 3, 1])
+    for epoch in range(4):
+        chosen.set_epoch(epoch)
+        flat = sum(_order(chosen), [])
+        assert len(flat) == 4 and len(set(flat)) == 4 and set(flat) <= {9, 7, 5, 3, 1}
 
 
 def test_preloaded_augment_flips_together():
@@ -429,30 +442,7 @@ def test_preloaded_augment_flips_together():
 
 
 # -----------------------------------------------------------------------------
-# lazy h5py handle: safe for DataLoader workers
-
-
-def test_lazy_open_and_pickle(v73, frames):
-    ds = NYUDepthV2(v73, split="all", download=False)
-    assert ds._h5 is None  # nothing open until the first frame is read
-    ds[1]
-    h = ds._h5
-    assert h is not None and ds._vars() is h  # reused within a process
-    clone = pickle.loads(pickle.dumps(ds))  # would fail on an open h5py handle
-    assert clone._h5 is None
-    np.testing.assert_array_equal(clone[2][0], frames[0][2])
-    ds._pid = -1  # as if we were a forked worker that inherited the parent's handle
-    assert ds._vars() is not h
-    np.testing.assert_array_equal(ds[3][1], frames[1][3])
-
-
-def test_dataloader_workers_read_v73(v73, frames):
-    ds = NYUDepthV2(v73, split="all", download=False)
-    ds[0]  # the parent holds an open handle before the workers fork
-    dl = torch.utils.data.DataLoader(NYUTorchDataset(ds, (48, 64)), batch_size=2, num_workers=2)
-    got = torch.cat([b["depth"] for b in dl])
-    want = torch.stack([frames_to_tensors(*ds[i], (48, 64))[1] for i in range(len(ds))])
-    assert torch.equal(got, want)
+# the synthetic rooms
 
 
 def test_synthetic_depth():
@@ -461,12 +451,20 @@ def test_synthetic_depth():
     assert rgb.shape == (48, 64, 3) and rgb.dtype == np.uint8
     assert depth.shape == (48, 64) and depth.dtype == np.float32
     assert 0.5 <= depth.min() and depth.max() <= 9.5 and depth.std() > 0.3
+    assert not np.array_equal(ds[2][1], depth)  # every frame its own room
+    with pytest.raises(IndexError):
+        ds[3]
     assert np.array_equal(ds[1][0], rgb) and np.array_equal(ds[1][1], depth)  # deterministic
     assert not np.array_equal(data_nyu.SyntheticDepth(n=3, seed=8, height=48, width=64)[1][1], depth)
-    assert isinstance(ds.scene(1), str) and len(ds) == 3
-    # brightness carries a depth cue: darker where farther
-    lum = rgb.astype(np.float32).mean(-1).ravel()
-    assert np.corrcoef(lum, depth.ravel())[0, 1] < -0.2
+    assert ds.scene(1) in data_nyu.SyntheticDepth.SCENES and len(ds) == 3
+    # colour carries a depth cue, so the smoke runs have something to learn: darker where farther
+    rooms = data_nyu.SyntheticDepth(n=10, seed=3, height=48, width=64)
+    corr = []
+    for i in range(len(rooms)):
+        rgb, depth = rooms[i]
+        corr.append(np.corrcoef(rgb.astype(np.float32).mean(-1).ravel(), depth.ravel())[0, 1])
+    assert np.mean(corr) < -0.4, corr
+
 
 # -----------------------------------------------------------------------------
 # the one metrics function

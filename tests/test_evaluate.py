@@ -89,7 +89,8 @@ def test_no_valid_pixel_gives_null_not_nan(trained, tmp_path, run_script):
     from nyu_fixtures import asymmetric_frames, write_splits, write_v73
     images, depths, _ = asymmetric_frames(2)
     holes = np.zeros_like(depths)  # raw depth that is all holes
-    write_v73(tmp_path / "nyu.mat", images, depths, raw_depths=holes, scene_types=["bath", "office"])
+    write_v73(tmp_path / "nyu.mat", images, depths, raw_depths=holes,
+              scene_types=["bath", "office"])
     write_splits(tmp_path / "splits.mat", [1], [2])
     r = run_script("evaluate.py", trained, "--data", tmp_path / "nyu.mat", "--no-download",
                    "--protocol", "all")
@@ -192,7 +193,9 @@ def test_authors_protocol_crop_bounds():
     """Garg crop rows int(0.40810811 * 480) : int(0.99189189 * 480), cols int(0.03594771 * 640)
     : int(0.96405229 * 640) = 195:476, 23:616. A prediction right exactly there (and wildly wrong
     one pixel outside) scores perfectly."""
-    assert evaluate.GARG_BOX == (195, 476, 23, 616)
+    H, W = 480, 640  # the fractions as the authors' script has them
+    assert evaluate.GARG_BOX == (int(0.40810811 * H), int(0.99189189 * H),
+                                 int(0.03594771 * W), int(0.96405229 * W)) == (195, 476, 23, 616)
     gt = np.full((480, 640), 4.0, np.float32)
     pred = np.full((480, 640), 9.0, np.float32)
     pred[195:476, 23:616] = 2.0  # half the ground truth: one median scale of 2 fixes it

@@ -4,7 +4,7 @@ Tests of kernels/ (the fused MoA forward, its two-kernel backward, the compile r
 On CPU the Triton kernels run in the interpreter (conftest.py sets TRITON_INTERPRET=1 when there is no CUDA). The
 oracle is the plain-PyTorch reference run in float64 on the same inputs; the kernel runs in fp32 (or bf16/fp16).
 Errors are "max |kernel - reference| / max |reference|" per tensor. Every run fills the kernel's output buffers
-with NaN first (MOA_KERNEL_POISON=1), so an element a kernel forgets to write fails the comparison. With CUDA the
+with NaN first (fm.POISON), so an element a kernel forgets to write fails the comparison. With CUDA the
 kernels are compiled and TestCUDA runs (tests/gpu_check.py runs this file on a GPU).
 Run: python -m pytest -q tests/test_fused_moa.py
 """
@@ -29,7 +29,7 @@ cpu_only = pytest.mark.skipif(not fm.INTERPRET, reason="needs TRITON_INTERPRET=1
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    monkeypatch.setenv("MOA_KERNEL_POISON", "1")
+    monkeypatch.setattr(fm, "POISON", True)
 
 
 def make_inputs(lead, D, H, E, R, top_k, temperature, seed=0, gap=1e-4, kink=1e-5, dtype=torch.float64,
@@ -156,6 +156,34 @@ def test_backward_is_bitwise_reproducible():
         leaves = [t.clone().requires_grad_() for t in ins]
         y, _ = fused_moa(*leaves, 2, 2.0)
         y.backward(dy)
+        runs.append([t.grad for t in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def chunked(monkeypatch, chunk):
+    """Make the weight-gradient kernel sum tokens in chunks of `chunk` (one fp32 copy each, then one sum)."""
+    base = fm.launch_params
+
+    def patched(*args):
+        params = dict(base(*args))
+        meta, warps, stages = params["bwd_weights"]
+        params["bwd_weights"] = (dict(meta, CHUNK=chunk), warps, stages)
+        return params
+    monkeypatch.setattr(fm, "launch_params", patched)
+
+
+@cpu_only
+def test_weight_gradients_summed_in_token_chunks(monkeypatch):
+    """70 tokens in chunks of 32: three partial sums, then one fixed-order sum; exact to fp32 and bitwise
+    reproducible, like the single pass."""
+    chunked(monkeypatch, 32)
+    ins = make_inputs((70,), 32, 16, 4, 16, 2, 2.0)
+    assert_close(run_both(ins, 2, 2.0, torch.float32), 1e-4, 1e-4, 1e-4, torch.float32, torch.float32)
+    dy = torch.randn(70, 32, generator=torch.Generator().manual_seed(5))
+    runs = []
+    for _ in range(2):
+        leaves = [t.detach().float().requires_grad_() for t in ins]
+        fused_moa(*leaves, 2, 2.0)[0].backward(dy)
         runs.append([t.grad for t in leaves])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
@@ -313,6 +341,12 @@ class TestCUDA:
             fused_moa(*leaves, 4, 2.0)[0].backward(dy)
             runs.append([t.grad for t in leaves])
         assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+    def test_weight_gradients_in_token_chunks(self, monkeypatch):
+        chunked(monkeypatch, 1024)  # 3 chunks for 3000 tokens
+        ins = make_inputs((3000,), 768, 128, 4, 64, 4, 2.0, gap=2e-2, kink=2e-3, dtype=torch.float32)
+        assert_close(run_both(ins, 4, 2.0, torch.float32, device="cuda"), 1e-2, 1e-2, 2e-2, torch.float32,
+                     torch.float32)
 
     def test_autocast_fp32_stream_runs_bf16_matmuls(self):
         """Under autocast an fp32 x with fp32 weights computes in bf16 (like F.linear) and returns fp32."""

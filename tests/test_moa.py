@@ -1,7 +1,7 @@
 """
 moa.py: the MoA layer against a per-token loop, parameter counts, gradient flow, the fp32
 residual stream, shapes, the similarity head and the zero-shot model, both losses on hand-computed
-values, the scene context, runtime(), and a learning test on a small random CLIP.
+values, the scene context, runtime(), checkpoints, and a learning test on a small random CLIP.
 Run: python -m pytest -q tests/test_moa.py
 """
 import math
@@ -20,6 +20,14 @@ def rand_weights(D=16, H=8, E=4, R=6, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     shapes = [(H, D), (H,), (E, H), (E,), (E, R, D), (E, R), (E, D, R), (E, D)]
     return [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+
+
+def paper_moa(**kw):
+    """A MoA layer with the paper's sizes (DepthConfig's defaults), kw overriding them."""
+    cfg = moa.DepthConfig()
+    sizes = dict(dim=768, num_experts=cfg.num_experts, bottleneck=cfg.bottleneck,
+                 gate_hidden=cfg.gate_hidden, top_k=cfg.top_k, temperature=cfg.temperature)
+    return moa.MoA(**{**sizes, **kw})
 
 
 def per_token_loop(x, w1, b1, w2, b2, dw, db, uw, ub, top_k, temperature):
@@ -66,10 +74,10 @@ def test_top_k_ties_go_to_lower_index():
 
 
 def test_moa_parameter_counts_identity_init_and_top_k_zero_means_all():
-    assert sum(p.numel() for p in moa.MoA().parameters()) == 495_492  # paper notes §1
+    assert sum(p.numel() for p in paper_moa().parameters()) == 495_492  # paper notes §1
     for k, total in [(1, 790_788), (2, 1_187_848), (4, 1_981_968), (8, 3_570_208), (16, 6_746_688)]:
-        assert 4 * sum(p.numel() for p in moa.MoA(num_experts=k).parameters()) == total
-    layer = moa.MoA(dim=32, bottleneck=8, gate_hidden=16, top_k=0)
+        assert 4 * sum(p.numel() for p in paper_moa(num_experts=k).parameters()) == total
+    layer = paper_moa(dim=32, bottleneck=8, gate_hidden=16, top_k=0)
     x = torch.randn(2, 5, 32)
     assert torch.equal(layer(x), x)  # zero-initialised up-projection: identity at insertion
     assert 0 < layer.last_entropy <= math.log(4) + 1e-6
@@ -91,7 +99,7 @@ def test_a_failing_triton_kernel_names_the_way_out(monkeypatch):
     expected = (r"^--moa-impl triton: .*RuntimeError: no kernel image is available for this device"
                 r".*--moa-impl torch$")
     with pytest.raises(clip_vit.UserError, match=expected):
-        moa.MoA(dim=16, bottleneck=4, gate_hidden=8)(torch.randn(1, 3, 16))
+        paper_moa(dim=16, bottleneck=4, gate_hidden=8)(torch.randn(1, 3, 16))
 
 
 # -----------------------------------------------------------------------------
@@ -119,8 +127,8 @@ def fake_tokenize(texts):
 
 def test_gradients_reach_exactly_the_trainable_parts():
     clip = tiny_clip()
+    model = moa.MoADepthCLIP(clip, small_cfg(num_bins=16))
     clip.encode_text = None  # the text tower must never run in a training step
-    model = moa.MoADepthCLIP(clip, small_cfg(num_bins=16), context=torch.randn(32))
     with torch.no_grad():
         for m in model.moa:  # move off the identity init so every adapter weight gets a gradient
             m.up_w.normal_(0, 0.1)
@@ -141,7 +149,7 @@ def test_gradients_reach_exactly_the_trainable_parts():
 
 def test_residual_stream_stays_fp32_under_bf16_autocast():
     """Every block and MoA sees and returns an fp32 stream, while the matmuls inside run in bf16."""
-    model = moa.MoADepthCLIP(tiny_clip(), small_cfg(num_bins=16), context=torch.randn(32))
+    model = moa.MoADepthCLIP(tiny_clip(), small_cfg(num_bins=16))
     seen = []
     blocks = model.visual.transformer.resblocks
 
@@ -159,16 +167,16 @@ def test_residual_stream_stays_fp32_under_bf16_autocast():
     assert f.dtype == torch.float32
 
 
-def test_default_model_parameters_and_large_input():
+def test_default_model_parameters_and_large_input(monkeypatch):
+    monkeypatch.setattr(moa, "scene_context", lambda clip: torch.randn(512))  # skip the text tower
     clip = clip_vit.build_model(clip_vit.random_state_dict())
-    model = moa.MoADepthCLIP(clip, moa.DepthConfig(), context=torch.randn(512))
-    rows, table = moa.parameter_report(model)
-    got = {name: (t, f) for name, t, f in rows}
-    tower = got["CLIP image tower (blocks 8-11 trained)"]
-    assert tower == (4 * 7_087_872, 87_849_216 - 4 * 7_087_872)  # paper notes §1: the image tower
-    assert got["MoA modules"] == (1_981_968, 0)
-    assert got["depth heads"] == (165_249, 0)  # 1x1 heads 1280 -> 128 and 1280 -> 1
-    assert got["total"][0] == 28_351_488 + 1_981_968 + 165_249 and "30,498,705" in table
+    model = moa.MoADepthCLIP(clip, moa.DepthConfig())
+    got, table = moa.parameter_report(model)
+    assert got["visual"] == [4 * 7_087_872, 87_849_216 - 4 * 7_087_872]  # paper notes §1
+    assert got["moa"] == [1_981_968, 0]
+    assert got["cls_head"] == [1280 * 128 + 128, 0] and got["reg_head"] == [1280 + 1, 0]
+    assert got["total"] == [28_351_488 + 1_981_968 + 165_249, 87_849_216 - 4 * 7_087_872]
+    assert "30,498,705" in table and len(table.splitlines()) == 5
     with torch.no_grad():
         out = model(torch.randn(1, 3, 448, 576))  # a 14x18 grid: positional embedding interpolated
     assert out["depth"].shape == (1, 1, 448, 576) and out["logits"].shape == (1, 128, 448, 576)
@@ -229,16 +237,14 @@ def test_similarity_head_is_depthclip_on_clips_own_tokens(monkeypatch):
     assert trainable == {n for n, _ in model.named_parameters() if n.startswith("moa.")}
     image = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
-        out = model(image, out_size=(20, 30))
+        out = model(image)
         tokens = clip.visual.transformer(clip.visual.embed(image))[:, 1:]   # (2, 2*3, 64)
         emb = F.normalize(clip.visual.ln_post(tokens) @ clip.visual.proj, dim=-1)
         text = F.normalize(clip.encode_text(fake_tokenize(["x"] * 7)), dim=-1)
         probs = (100 * emb @ text.T / 0.1).softmax(-1)                      # (2, 6, 7)
         grid = (probs @ torch.tensor([1.0, 1.5, 2.0, 2.25, 2.5, 2.75, 3.0])).view(2, 1, 2, 3)
-    assert out["depth"].shape == (2, 1, 20, 30) and out["probs"].shape == (2, 7, 2, 3)
-    torch.testing.assert_close(out["probs"].sum(1), torch.ones(2, 2, 3))
-    torch.testing.assert_close(out["probs"].flatten(2).transpose(1, 2), probs, rtol=1e-4, atol=1e-5)
-    ref = F.interpolate(grid, size=(20, 30), mode="bilinear", align_corners=False)
+    assert set(out) == {"depth"} and out["depth"].shape == (2, 1, 64, 96)
+    ref = F.interpolate(grid, size=(64, 96), mode="bilinear", align_corners=False)
     torch.testing.assert_close(out["depth"], ref, rtol=1e-4, atol=1e-4)
     assert (out["depth"] > 1.0 - 1e-5).all() and (out["depth"] < 3.0 + 1e-5).all()  # bins: 1-3 m
     _, model10 = zero_shot_model(monkeypatch, sim_bins=10)
@@ -258,7 +264,7 @@ def test_similarity_head_trains_its_adapters_with_either_loss(monkeypatch):
         total.backward()
         assert model.moa[0].up_w.grad.abs().sum() > 0
         assert model.visual.transformer.resblocks[11].mlp.c_fc.weight.grad.abs().sum() > 0
-        assert not hasattr(model, "cls_head") and moa.parameter_report(model)[0][-1][1] > 0
+        assert not hasattr(model, "cls_head") and moa.parameter_report(model)[0]["total"][0] > 0
     with pytest.raises(clip_vit.UserError, match="--head similarity: .*--use-context 0"):
         moa.DepthConfig(head="similarity")
 
@@ -269,8 +275,9 @@ def test_ablation_switches_change_the_model():
     assert all(not m.gated and m.down_w.shape[0] == 1 for m in base.moa)
     assert base.cls_head.in_channels == 64
     assert base(torch.randn(1, 3, 64, 64))["logits"].shape == (1, 10, 64, 64)
-    k8 = moa.MoADepthCLIP(tiny_clip(), small_cfg(num_experts=8, top_k=2), context=torch.randn(32))
+    k8 = moa.MoADepthCLIP(tiny_clip(), small_cfg(num_experts=8, top_k=2))
     assert k8.moa[0].down_w.shape[0] == 8 and k8.moa[0].top_k == 2 and k8.cls_head.in_channels == 96
+
 
 # -----------------------------------------------------------------------------
 # the losses
@@ -309,9 +316,11 @@ def test_composite_loss_hand_computed():
     gt_holes[..., 0, :] = 0
     _, terms = moa.composite_loss(torch.ones(1, 1, 3, 3), gt_holes)
     assert terms["l1"] == 0 and terms["silog"] < 1e-3
+    # an all-hole batch: a zero that backpropagates, no terms (depth_loss checks before either loss)
     pred = torch.ones(1, 1, 3, 3, requires_grad=True)
-    zero, _ = moa.composite_loss(pred, torch.zeros(1, 1, 3, 3))
-    assert zero.item() == 0 and zero.requires_grad
+    holes = torch.zeros(1, 1, 3, 3)
+    zero, terms = moa.depth_loss({"depth": pred}, holes, holes > 0, small_cfg(loss="composite"))
+    assert zero.item() == 0 and zero.requires_grad and terms == {}
 
 
 def test_loss_holes_empty_mask_and_perfect_prediction():
@@ -343,20 +352,60 @@ def test_loss_holes_empty_mask_and_perfect_prediction():
 def test_model_learns_a_tiny_batch():
     torch.manual_seed(0)
     cfg = small_cfg(num_bins=16, moa_layers=(0, 1, 2, 3), trainable_blocks=2)
-    model = moa.MoADepthCLIP(tiny_clip(layers=4), cfg, context=torch.randn(32))
+    model = moa.MoADepthCLIP(tiny_clip(layers=4), cfg)
     centres = moa.bin_centres(model.cfg)
     images = torch.randn(4, 3, 64, 64)
-    depth = centres[[2, 5, 9, 13]].view(4, 1, 1, 1).expand(4, 1, 16, 16).clone()  # one per image
+    depth = centres[[2, 5, 9, 13]].view(4, 1, 1, 1).expand(4, 1, 64, 64).clone()  # one per image
     mask = torch.ones_like(depth, dtype=torch.bool)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = []
     for _ in range(100):
-        loss, _ = moa.depth_loss(model(images, out_size=(16, 16)), depth, mask, model.cfg)
+        loss, _ = moa.depth_loss(model(images), depth, mask, model.cfg)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 5, (losses[0], losses[-1])
+
+
+# -----------------------------------------------------------------------------
+# checkpoints and the runtime
+
+
+def test_checkpoint_round_trip_and_what_does_not_fit(tmp_path):
+    """save -> load -> from_checkpoint rebuilds the same model from its CLIP file; a file or a
+    config that cannot work is one UserError naming it."""
+    clip_file = str(tmp_path / "clip.pt")
+    torch.save(tiny_clip().state_dict(), clip_file)
+    model = moa.MoADepthCLIP(clip_vit.load(clip_file), small_cfg(num_bins=16)).eval()
+    with torch.no_grad():
+        for m in model.moa:  # a trained part that differs from a fresh one
+            m.up_w.normal_(0, 0.1)
+    path = tmp_path / "ckpt.pt"
+    clip_id = {"name": clip_file, "sha256": moa.clip_sha256(clip_file)}
+    moa.save_checkpoint(path, model, clip=clip_id)
+    ckpt = moa.load_checkpoint(path)
+    image = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(moa.from_checkpoint(ckpt)(image)["depth"], model(image)["depth"])
+    config = ckpt["model_config"]
+    bad = [({**ckpt, "model_config": {**config, "num_bins": 32}},  # another model
+            r"^x\.pt: tensors \['cls_head.bias', 'cls_head.weight'\] do not fit"),
+           ({**ckpt, "model_config": {**config, "future": 1}},  # a newer version's checkpoint
+            r"^x\.pt: model_config fields .* \['future'\]$"),
+           ({**ckpt, "clip": {**clip_id, "sha256": "0" * 64}},  # other CLIP weights
+            r"^x\.pt: trained on CLIP weights 000000000000\.\.\., but ")]
+    for broken, expected in bad:
+        with pytest.raises(clip_vit.UserError, match=expected):
+            moa.from_checkpoint(broken, where="x.pt")
+    junk, other = tmp_path / "junk.pt", tmp_path / "other.pt"
+    junk.write_bytes(b"\x00junk" * 100)
+    torch.save({"model": {}}, other)
+    for file, problem in [(tmp_path / "nope.pt", "no such checkpoint file"),
+                          (junk, "not a readable checkpoint"),
+                          (other, "not a MoA-DepthCLIP checkpoint")]:
+        with pytest.raises(clip_vit.UserError, match=f"{file.name}: {problem}"):
+            moa.load_checkpoint(file)
 
 
 def test_runtime_decides_device_and_dtype():

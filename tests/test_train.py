@@ -1,7 +1,7 @@
 """
 train.py as a user runs it (subprocesses on a tiny random CLIP and synthetic rooms): an end-to-end run,
-resume, kill-and-resume equivalence, Ctrl-C, the non-finite-loss stop, DDP with two gloo processes, the
-paper recipe's frame count, what training moves, and every user mistake ending in one `error:` line.
+resume, kill-and-resume equivalence, Ctrl-C, the non-finite-loss stop, the paper recipe's frame count,
+what training moves, and every user mistake ending in one `error:` line.
 Run: python -m pytest -q tests/test_train.py
 """
 import json
@@ -123,7 +123,7 @@ def test_training_moves_exactly_what_it_should(small_clip, tmp_path, monkeypatch
     monkeypatch.setattr(sys, "argv", ["train.py", "--data", "synthetic", "--clip", str(small_clip),
                                       "--out", str(tmp_path / "run"), *SMALL, "--max-steps", "3"])
     run = runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
-    model, optimizer = run["raw_model"], run["optimizer"]
+    model, optimizer = run["model"], run["optimizer"]
     assert run["step"] == 3 and len(start_values) == 1
 
     def should_train(name):
@@ -234,13 +234,6 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(small_clip, tmp_path, tr
     fails(r, "non-finite loss")
     assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
 
-
-def test_ddp_two_gloo_processes(small_clip, tmp_path, train_small):
-    r = train_small(tmp_path / "ddp", "--epochs", "1",
-                    launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])
-    assert "x 2 ranks" in r.stdout and r.stdout.count("training ") == 1  # rank 0 logs alone
-    ckpt = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 1  # 12 train frames / 2 ranks / batch 4 = 1 step per epoch
 
 # -----------------------------------------------------------------------------
 # user mistakes: one `error:` line naming the flag or file, no traceback, nothing created or fetched
