@@ -1,16 +1,12 @@
 """
-The Mixture-of-Adapters layer of moa.py, fused in Triton (design: docs/kernel.md). Per token x, with
-E experts of rank R:
+The Mixture-of-Adapters layer of moa.py fused in Triton (design: docs/kernel.md). Per token x:
     logits = (relu(x W1^T + b1) W2^T + b2) / temperature; g = softmax over the top_k logits
-    y = x + sum_e g_e * (gelu(x Wd_e^T + bd_e) Wu_e^T + bu_e)
-Forward: one launch, dense over the experts. Backward: a launch per token tile (dx and the per-token
-factors P1, P2 of the weight gradients), one per weight tile and chunk of tokens (a sum in a fixed
-order, no atomics), and one sum over the chunks when there are several. The weights share one
-dtype, x's or fp32 (cast after the load). `python -m kernels.fused_moa --compile-report` checks
-A100/H100 fitness without a GPU (report.py).
+    y = x + sum_e g_e * (gelu(x Wd_e^T + bd_e) Wu_e^T + bu_e)       (E experts e of rank R)
+Forward: one launch. Backward: one over token tiles, one over weight tiles (fixed-order sums, no
+atomics) and, above 4096 tokens, one sum. The weights share one dtype, x's or fp32. Without a GPU,
+`python -m kernels.fused_moa --compile-report` (report.py) checks the A100/H100 fit of every kernel.
 """
 import functools
-import math
 import os
 
 import torch
@@ -21,12 +17,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once: kernels
 POISON = False  # tests set it: new buffers are NaN, so an element a kernel forgets to write shows
 NAMES = ("x", "gate_w1", "gate_b1", "gate_w2", "gate_b2", "down_w", "down_b", "up_w", "up_b")
 TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_capability = functools.lru_cache(maxsize=None)(torch.cuda.get_device_capability)  # once per GPU
 
 
 # -----------------------------------------------------------------------------
 # The kernels: a matmul helper, the forward, the backward over token tiles, over weight tiles
 @triton.jit
-def _proj(src_ptr, lds, rows, row_mask, K, w_ptr, coff, cmask, dstride, BM: tl.constexpr,
+def _proj(src_ptr, lds, rows, rmask, K, w_ptr, coff, cmask, dstride, BM: tl.constexpr,
           NC: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """(BM, NC) fp32 = src[rows, :K] @ W^T, BK columns a step; src rows are lds apart and element
     (k, c) of W^T is at w_ptr + coff[c] + k * dstride (reads W1, Wd and up_w (E, D, R) alike)."""
@@ -35,7 +32,7 @@ def _proj(src_ptr, lds, rows, row_mask, K, w_ptr, coff, cmask, dstride, BM: tl.c
         offs_k = k0 + tl.arange(0, BK)
         kmask = offs_k < K
         s = tl.load(src_ptr + rows[:, None] * lds + offs_k[None, :],
-                    mask=row_mask[:, None] & kmask[None, :], other=0.0)          # (BM, BK)
+                    mask=rmask[:, None] & kmask[None, :], other=0.0)             # (BM, BK)
         w = tl.load(w_ptr + coff[None, :] + offs_k[:, None] * dstride,
                     mask=kmask[:, None] & cmask[None, :], other=0.0)             # (BK, NC)
         acc = tl.dot(s.to(DOT), w.to(DOT), acc, input_precision=PREC)
@@ -45,8 +42,8 @@ def _proj(src_ptr, lds, rows, row_mask, K, w_ptr, coff, cmask, dstride, BM: tl.c
 @triton.jit
 def _moa_fwd_kernel(  # one program per tile of BM tokens, dense over the experts
     x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,  # x (N, D); W1 (H, D), b1 (H,), W2 (E, H), b2 (E,)
-    wd_ptr, bd_ptr, wu_ptr, bu_ptr,         # Wd (E, R, D) = (E*R, D), bd (E, R), Wu (E, D, R), bu (E, D)
-    y_ptr, gates_ptr,                       # out: y (N, D) in x's dtype, gates (N, E) fp32
+    wd_ptr, bd_ptr, wu_ptr, bu_ptr,  # Wd (E, R, D) = (E*R, D), bd (E, R), Wu (E, D, R), bu (E, D)
+    y_ptr, gates_ptr,                # out: y (N, D) in x's dtype, gates (N, E) fp32
     N, D, temperature,
     H: tl.constexpr, E: tl.constexpr, R: tl.constexpr, EX: tl.constexpr,  # EX: E to a power of 2
     TOP_K: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
@@ -54,21 +51,22 @@ def _moa_fwd_kernel(  # one program per tile of BM tokens, dense over the expert
 ):
     EPR: tl.constexpr = EX * R       # packed expert columns c = e * R + r; c >= E * R is padding
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
-    row_mask = rows < N
+    rmask = rows < N
     offs_h = tl.arange(0, H)
     offs_c = tl.arange(0, EPR)
     cmask = offs_c < E * R
     cols = tl.arange(0, 16)          # gate columns: E <= 16, padded to 16 for tl.dot
+    gmask = cols < E
     # 1. gate MLP and top-k. Two passes over the X tile (the second from L2) keep u and a apart.
-    u = _proj(x_ptr, D, rows, row_mask, D, w1_ptr, offs_h * D, offs_h < H, 1, BM, H, BK, DOT, GATE_PREC)
+    u = _proj(x_ptr, D, rows, rmask, D, w1_ptr, offs_h * D, offs_h < H, 1, BM, H, BK, DOT, GATE_PREC)
     v = tl.maximum(u + tl.load(b1_ptr + offs_h).to(tl.float32)[None, :], 0.0)          # (BM, H)
-    w2 = tl.load(w2_ptr + cols[None, :] * H + offs_h[:, None], mask=(cols < E)[None, :], other=0.0)
-    logits = tl.dot(v.to(DOT), w2.to(DOT), input_precision=GATE_PREC)                  # (BM, 16)
-    logits = (logits + tl.load(b2_ptr + cols, mask=cols < E, other=0.0).to(tl.float32)[None, :]) / temperature
-    keep = (cols < E)[None, :]
+    w2 = tl.load(w2_ptr + cols[None, :] * H + offs_h[:, None], mask=gmask[None, :], other=0.0)
+    z = tl.dot(v.to(DOT), w2.to(DOT), input_precision=GATE_PREC)                       # (BM, 16)
+    logits = (z + tl.load(b2_ptr + cols, mask=gmask, other=0.0).to(tl.float32)[None, :]) / temperature
+    keep = gmask[None, :]
     if TOP_K < E:  # TOP_K rounds of "row max, lowest column holding it": ties to the lower expert
+        work = tl.where(keep, logits, float("-inf"))
         keep = cols[None, :] < 0
-        work = tl.where((cols < E)[None, :], logits, float("-inf"))
         for _ in tl.static_range(TOP_K):
             top = tl.where(work == tl.max(work, axis=1)[:, None], cols[None, :], 16)
             hit = cols[None, :] == tl.min(top, axis=1)[:, None]
@@ -76,19 +74,19 @@ def _moa_fwd_kernel(  # one program per tile of BM tokens, dense over the expert
             work = tl.where(hit, float("-inf"), work)
     kept = tl.where(keep, logits, float("-inf"))
     p = tl.exp(kept - tl.max(kept, axis=1)[:, None])                                  # 0 if dropped
-    g = tl.where(row_mask[:, None], p / tl.sum(p, axis=1)[:, None], 0.0)               # (BM, 16)
-    tl.store(gates_ptr + rows[:, None] * E + cols[None, :], g, mask=row_mask[:, None] & (cols < E)[None, :])
+    g = tl.where(rmask[:, None], p / tl.sum(p, axis=1)[:, None], 0.0)               # (BM, 16)
+    tl.store(gates_ptr + rows[:, None] * E + cols[None, :], g, mask=rmask[:, None] & gmask[None, :])
     # 2. all experts' down-projections in one product, exact GELU, expert e's columns times g_e
-    a = _proj(x_ptr, D, rows, row_mask, D, wd_ptr, offs_c * D, cmask, 1, BM, EPR, BK, DOT, PREC)
+    a = _proj(x_ptr, D, rows, rmask, D, wd_ptr, offs_c * D, cmask, 1, BM, EPR, BK, DOT, PREC)
     a += tl.load(bd_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    hid = 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))                          # exact GELU
+    hid = 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))                      # exact GELU
     gcol = tl.zeros((BM, EPR), tl.float32)
     for e in tl.static_range(E):  # selects: a reshape to (BM, E, R) would spill registers
         ge = tl.sum(tl.where(cols[None, :] == e, g, 0.0), axis=1)
         gcol = tl.where((offs_c // R)[None, :] == e, ge[:, None], gcol)
     hg = (hid * gcol).to(DOT)                                                           # (BM, EPR)
-    # 3. up-projection of all experts at once (K = E*R), gated up biases, residual; BN columns a step
-    wu_col = (offs_c // R) * D * R + offs_c % R                                         # Wu[e, 0, r]
+    # 3. all experts' up-projections at once (K = E*R), gated up biases, residual; BN columns a step
+    wu_col = (offs_c // R) * D * R + offs_c % R                                      # Wu[e, 0, r]
     for n0 in range(0, D, BN):
         offs_n = n0 + tl.arange(0, BN)
         nmask = offs_n < D
@@ -96,9 +94,9 @@ def _moa_fwd_kernel(  # one program per tile of BM tokens, dense over the expert
                      mask=cmask[:, None] & nmask[None, :], other=0.0)                 # (EPR, BN)
         acc = tl.dot(hg, wu.to(DOT), input_precision=PREC)
         bu = tl.load(bu_ptr + cols[:, None] * D + offs_n[None, :],
-                     mask=(cols < E)[:, None] & nmask[None, :], other=0.0)            # (16, BN)
+                     mask=gmask[:, None] & nmask[None, :], other=0.0)                 # (16, BN)
         acc = tl.dot(g.to(DOT), bu.to(DOT), acc, input_precision=PREC)
-        ymask = row_mask[:, None] & nmask[None, :]
+        ymask = rmask[:, None] & nmask[None, :]
         xt = tl.load(x_ptr + rows[:, None] * D + offs_n[None, :], mask=ymask, other=0.0)
         tl.store(y_ptr + rows[:, None] * D + offs_n[None, :], xt.to(tl.float32) + acc, mask=ymask)
 
@@ -116,55 +114,55 @@ def _moa_bwd_tokens(  # backward 1: one program per tile of BM tokens
     EPS: tl.constexpr = EX * R // NS  # expert columns c = e * R + r per split; c >= E * R: padding
     ER: tl.constexpr = E * R
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
-    row_mask = rows < N
+    rmask = rows < N
     offs_h = tl.arange(0, H)
     cols = tl.arange(0, 16)           # gate columns: E <= 16, padded to 16 for tl.dot
-    emask = row_mask[:, None] & (cols[None, :] < E)
+    emask = rmask[:, None] & (cols[None, :] < E)
     P1W: tl.constexpr = ER + 2 * H + 16
     prow = p1_ptr + rows[:, None] * P1W
     g = tl.load(gates_ptr + rows[:, None] * E + cols[None, :], mask=emask, other=0.0)  # (BM, 16)
-    tl.store(p2_ptr + rows[:, None] * (ER + 16) + ER + cols[None, :], g, mask=row_mask[:, None])
-    # experts in NS column splits: a = x Wd^T + bd, T = dy Wu_all; da = g T gelu'(a), g h; dg = <T h>
+    tl.store(p2_ptr + rows[:, None] * (ER + 16) + ER + cols[None, :], g, mask=rmask[:, None])
+    # the expert columns in NS splits: a = x Wd^T + bd, T = dy Wu_all; da = g T gelu'(a), g h, dg
     dg = tl.zeros((BM, 16), tl.float32)
     for s in tl.static_range(NS):
         offs_c = s * EPS + tl.arange(0, EPS)
         cmask = offs_c < ER
         ecol = offs_c // R
-        a = _proj(x_ptr, D, rows, row_mask, D, wd_ptr, offs_c * D, cmask, 1, BM, EPS, BK, DOT, PREC)
+        a = _proj(x_ptr, D, rows, rmask, D, wd_ptr, offs_c * D, cmask, 1, BM, EPS, BK, DOT, PREC)
         a += tl.load(bd_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)[None, :]
         cdf = 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476))
         hid, dgelu = a * cdf, cdf + a * tl.exp(-0.5 * a * a) * 0.3989422804014327  # GELU, its slope
-        T = _proj(dy_ptr, D, rows, row_mask, D, wu_ptr, ecol * D * R + offs_c % R, cmask, R, BM, EPS,
+        T = _proj(dy_ptr, D, rows, rmask, D, wu_ptr, ecol * D * R + offs_c % R, cmask, R, BM, EPS,
                   BK, DOT, PREC)                                                    # dy Wu_all
         th = T * hid
         gcol = tl.zeros((BM, EPS), tl.float32)
-        for e in tl.static_range(s * EPS // R, (s + 1) * EPS // R):  # selects, not reshapes: no spills
+        for e in tl.static_range(s * EPS // R, (s + 1) * EPS // R):  # selects: reshapes spill
             the = tl.sum(tl.where(ecol[None, :] == e, th, 0.0), axis=1)             # <T_e, h_e>
             dg += tl.where(cols[None, :] == e, the[:, None], 0.0)
             ge = tl.sum(tl.where(cols[None, :] == e, g, 0.0), axis=1)
-            gcol = tl.where(ecol[None, :] == e, ge[:, None], gcol)                  # g_e on e's columns
-        smask = row_mask[:, None] & cmask[None, :]
-        tl.store(prow + offs_c[None, :], gcol * T * dgelu, mask=smask)                        # da
-        tl.store(p2_ptr + rows[:, None] * (ER + 16) + offs_c[None, :], gcol * hid, mask=smask)  # g h
-    dg += _proj(dy_ptr, D, rows, row_mask, D, bu_ptr, cols * D, cols < E, 1, BM, 16, BK, DOT, PREC)
+            gcol = tl.where(ecol[None, :] == e, ge[:, None], gcol)        # g_e on e's columns
+        smask = rmask[:, None] & cmask[None, :]  # P1 gets da, P2 gets g h
+        tl.store(prow + offs_c[None, :], gcol * T * dgelu, mask=smask)
+        tl.store(p2_ptr + rows[:, None] * (ER + 16) + offs_c[None, :], gcol * hid, mask=smask)
+    dg += _proj(dy_ptr, D, rows, rmask, D, bu_ptr, cols * D, cols < E, 1, BM, 16, BK, DOT, PREC)
     # softmax over the kept experts (dz = 0 off the top_k), temperature, gate layer 2, the ReLU
     if HAS_DG:
         dg += tl.load(dgates_ptr + rows[:, None] * E + cols[None, :], mask=emask, other=0.0)
     dz = g * (dg - tl.sum(g * dg, axis=1)[:, None]) / temperature
-    u = _proj(x_ptr, D, rows, row_mask, D, w1_ptr, offs_h * D, offs_h < H, 1, BM, H, BK, DOT, GATE_PREC)
+    u = _proj(x_ptr, D, rows, rmask, D, w1_ptr, offs_h * D, offs_h < H, 1, BM, H, BK, DOT, GATE_PREC)
     u += tl.load(b1_ptr + offs_h).to(tl.float32)[None, :]
     w2 = tl.load(w2_ptr + cols[:, None] * H + offs_h[None, :], mask=(cols < E)[:, None], other=0.0)
     dv = tl.dot(dz.to(DOT), w2.to(DOT), input_precision=PREC)                     # (BM, H)
-    tl.store(prow + ER + offs_h[None, :], tl.where(u > 0, dv, 0.0), mask=row_mask[:, None])  # du
-    tl.store(prow + ER + H + offs_h[None, :], tl.maximum(u, 0.0), mask=row_mask[:, None])    # v
-    tl.store(prow + ER + 2 * H + cols[None, :], dz, mask=row_mask[:, None])
-    # dx = dy + [da | du] [Wd_all; W1], [da | du] read back from P1 (L2) KC columns at a time: no spills
+    tl.store(prow + ER + offs_h[None, :], tl.where(u > 0, dv, 0.0), mask=rmask[:, None])  # du
+    tl.store(prow + ER + H + offs_h[None, :], tl.maximum(u, 0.0), mask=rmask[:, None])    # v
+    tl.store(prow + ER + 2 * H + cols[None, :], dz, mask=rmask[:, None])
+    # dx = dy + [da | du] [Wd_all; W1], [da | du] read back from P1 (L2): holding it would spill
     tl.debug_barrier()  # other threads of this program stored those
     for k0 in range(0, D, BK):
         offs_k = k0 + tl.arange(0, BK)
-        m2 = row_mask[:, None] & (offs_k < D)[None, :]
-        dx = _proj(p1_ptr, P1W, rows, row_mask, ER, wd_ptr, offs_k, offs_k < D, D, BM, BK, KC, DOT, PREC)
-        dx += _proj(p1_ptr + ER, P1W, rows, row_mask, H, w1_ptr, offs_k, offs_k < D, D, BM, BK, KC, DOT, PREC)
+        m2 = rmask[:, None] & (offs_k < D)[None, :]
+        dx = _proj(p1_ptr, P1W, rows, rmask, ER, wd_ptr, offs_k, offs_k < D, D, BM, BK, KC, DOT, PREC)
+        dx += _proj(p1_ptr + ER, P1W, rows, rmask, H, w1_ptr, offs_k, offs_k < D, D, BM, BK, KC, DOT, PREC)
         dyt = tl.load(dy_ptr + rows[:, None] * D + offs_k[None, :], mask=m2, other=0.0)
         tl.store(dx_ptr + rows[:, None] * D + offs_k[None, :], dyt.to(tl.float32) + dx, mask=m2)
 
@@ -172,7 +170,7 @@ def _moa_bwd_tokens(  # backward 1: one program per tile of BM tokens
 @triton.jit
 def _tile(a_ptr, lda, b_ptr, ldb, M, K, t_lo, t_hi, rows, cols, BW: tl.constexpr, BD: tl.constexpr,
           BT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """Over tokens t_lo..t_hi, BT a step, last first: A[:, rows]^T B[:, cols] and A[:, rows]'s column sums."""
+    """A[:, rows]^T B[:, cols] and A[:, rows]'s column sums over tokens t_lo..t_hi, last first."""
     acc = tl.zeros((BW, BD), tl.float32)
     bias = tl.zeros((BW,), tl.float32)
     num_t = tl.cdiv(t_hi - t_lo, BT)
@@ -189,7 +187,7 @@ def _tile(a_ptr, lda, b_ptr, ldb, M, K, t_lo, t_hi, rows, cols, BW: tl.constexpr
 
 @triton.jit
 def _moa_bwd_weights(
-    x_ptr, dy_ptr, p1_ptr, p2_ptr, gates_ptr,  # x, dy (N, D), the scratch P1 and P2, the gates
+    x_ptr, dy_ptr, p1_ptr, p2_ptr,  # x, dy (N, D); scratch P1 (N, E*R + 2H + 16), P2 (N, E*R + 16)
     gw1_ptr, gb1_ptr, gw2_ptr, gb2_ptr, gwd_ptr, gbd_ptr, gwu_ptr, gbu_ptr,  # the 8 gradients
     N, D, n1, n2, split_stride,                # programs: [0, n1) [dWd; dW1], then n2 dWu, dWg2
     H: tl.constexpr, E: tl.constexpr, R: tl.constexpr, EX: tl.constexpr, BW: tl.constexpr,
@@ -199,8 +197,9 @@ def _moa_bwd_weights(
     ER: tl.constexpr = E * R
     P1W: tl.constexpr = ER + 2 * H + 16
     pid = tl.program_id(0)
-    t_lo = tl.program_id(1) * CHUNK  # this program's chunk of tokens; its sum goes to its own copy
+    t_lo = tl.program_id(1) * CHUNK  # this program's chunk of tokens, summed into its own copy
     t_hi = tl.minimum(N, t_lo + CHUNK)
+    copy = tl.program_id(1).to(tl.int64) * split_stride  # where this chunk's copy starts
     if pid < n1 + n2:  # [dWd_all; dW1] = [da | du]^T x (pid < n1), [dWu; dbu] = [g h | g]^T dy
         one = pid < n1
         q = tl.where(one, pid, pid - n1)
@@ -213,17 +212,15 @@ def _moa_bwd_weights(
         out = tl.where(one, tl.where(lo, gwd_ptr + rows * D, gw1_ptr + (rows - ER) * D),
                        tl.where(lo, gwu_ptr + rows // R * D * R + rows % R, gbu_ptr + (rows - ER) * D))
         step = tl.where(lo & ~one, R, 1)  # up_w is (E, D, R): its d runs with stride R
-        out += tl.program_id(1).to(tl.int64) * split_stride  # this chunk's copy
-        tl.store(out[:, None] + cols[None, :] * step[:, None], acc, mask=(rows < M)[:, None] & (cols < D)[None, :])
+        tl.store((out + copy)[:, None] + cols[None, :] * step[:, None], acc,
+                 mask=(rows < M)[:, None] & (cols < D)[None, :])
         bias_ptr = tl.where(lo, gbd_ptr + rows, gb1_ptr + rows - ER)  # dbd, dbg1: column sums
-        bias_ptr += tl.program_id(1).to(tl.int64) * split_stride
-        tl.store(bias_ptr, bias, mask=one & (rows < M) & (q % tl.cdiv(D, BD) == 0))
+        tl.store(bias_ptr + copy, bias, mask=one & (rows < M) & (q % tl.cdiv(D, BD) == 0))
     else:  # dWg2 (E, H) = dz^T v, dbg2 = column sums of dz; E <= 16 <= BW: one row block
         rows = tl.arange(0, BW)
         cols = (pid - n1 - n2) * BD + tl.arange(0, BD)
         acc, bias = _tile(p1_ptr + ER + 2 * H, P1W, p1_ptr + ER + H, P1W, E, H, t_lo, t_hi, rows, cols,
                           BW, BD, BT, DOT, PREC)
-        copy = tl.program_id(1).to(tl.int64) * split_stride
         tl.store(gw2_ptr + copy + rows[:, None] * H + cols[None, :], acc,
                  mask=(rows < E)[:, None] & (cols < H)[None, :])
         tl.store(gb2_ptr + copy + rows, bias, mask=(rows < E) & (pid == n1 + n2))
@@ -231,40 +228,33 @@ def _moa_bwd_weights(
 
 # -----------------------------------------------------------------------------
 # Launch parameters, validation, autograd
-@functools.lru_cache(maxsize=None)  # called on every forward and backward: pure, so computed once per shape
+@functools.lru_cache(maxsize=None)  # called on every forward: pure, so computed once per shape
 def launch_params(arch, dot, xdt, wdt, D, H, E, R):
-    """{kernel: (constexprs, num_warps, num_stages)}; arch 80 (A100), 90 (H100) or None (interpreter); dot:
-    the matmul dtype; xdt, wdt: x's and the weights'. Chosen with the compile report (docs/kernel.md)."""
+    """{kernel: (constexprs, num_warps, num_stages)}. arch: 80 (A100), 90 (H100) or None (the
+    interpreter); dot: the matmul dtype; xdt, wdt: x's and the weights'. See docs/kernel.md."""
     EX = triton.next_power_of_2(E)
     EPR = EX * R
-    prec = "tf32" if arch is not None and dot == torch.float32 else "ieee"
+    half = dot != torch.float32
+    sm90 = arch is not None and arch >= 90  # (the interpreter ignores warps and stages)
+    prec = "tf32" if arch is not None and not half else "ieee"
     c = dict(H=H, E=E, R=R, EX=EX, DOT=TL[dot], PREC=prec, GATE_PREC="tf32x3" if prec == "tf32" else prec)
     wide = max(torch.finfo(xdt).bits, torch.finfo(wdt).bits) // 8  # bytes per loaded element
-    if EPR <= 256 and dot != torch.float32:
+    if EPR <= 256 and half:
         fwd = dict(c, BM=64, BK=64, BN=64 if EPR * wide <= 512 else 32)
     elif EPR <= 512:
         fwd = dict(c, BM=32, BK=64 if wide == 2 or EPR <= 256 else 32, BN=32)
     else:
         fwd = dict(c, BM=16, BK=32, BN=16)
-    sm90 = arch is not None and arch >= 90  # (the interpreter ignores warps and stages)
-    half = dot != torch.float32
-    stages = 3 if sm90 and EPR <= 512 and half else 2
-    few = half and EPR <= 256  # 16-bit, E R <= 256: expert splits of 64 columns (or one expert), 4 warps
-    tok = dict(c, BM=16, BK=64 if EPR * wide <= 1024 else 32, KC=64, NS=max(1, EPR // (max(R, 64) if few else 256)))
-    # weight tiles sum over chunks of 4096 tokens (then one sum over the chunks): programs for every SM
-    wts = dict(c, BW=64, BD=64, BT=64 if wide == 2 or half else 32, CHUNK=4096)
-    return {"fwd": (fwd, 8, stages), "bwd_tokens": (tok, 4 if few else 8, 2), "bwd_weights": (wts, 4, 4 if sm90 else 3)}
+    few = half and EPR <= 256  # 16-bit, E R <= 256: 4 warps, splits of 64 columns (or one expert)
+    tok = dict(c, BM=16, BK=64 if EPR * wide <= 1024 else 32, KC=64, NS=triton.cdiv(EPR, max(R, 64) if few else 256))
+    wts = dict(c, BW=64, BD=64, BT=64 if wide == 2 or half else 32, CHUNK=4096)  # see weight_grid
+    return {"fwd": (fwd, 8, 3 if sm90 and EPR <= 512 and half else 2),
+            "bwd_tokens": (tok, 4 if few else 8, 2), "bwd_weights": (wts, 4, 4 if sm90 else 3)}
 
 
-@functools.lru_cache(maxsize=None)
-def _arch(device):  # the launch parameters' arch: compute capability, None for the interpreter
-    return torch.cuda.get_device_capability(device)[0] * 10 if device.type == "cuda" else None
-
-
-def _new(shape, like, dtype=None):  # an output buffer
-    if POISON:
-        return torch.full(shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+def _new(shape, like, dtype=None):  # an output buffer, NaN when the tests set POISON
+    out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+    return out.fill_(float("nan")) if POISON else out
 
 
 class FusedMoA(torch.autograd.Function):
@@ -276,13 +266,15 @@ class FusedMoA(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()                                   # (N, D)
         (N, D), H, E, R = x2.shape, w1.shape[0], w2.shape[0], wd.shape[1]
         y, gates = _new((N, D), x2), _new((N, E), x2, torch.float32)
-        ctx.dot = x.dtype if x.is_cuda else torch.float32  # the matmul dtype: the interpreter's is fp32
+        ctx.dot = x.dtype if x.is_cuda else torch.float32  # the matmul dtype; interpreter: fp32
         if x.is_cuda and x.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
-            ctx.dot = torch.get_autocast_dtype("cuda")  # (autocast is off in backward: keep it in ctx)
-        meta, warps, stages = launch_params(_arch(x.device), ctx.dot, x.dtype, w1.dtype, D, H, E, R)["fwd"]
-        if N > 0:
-            _moa_fwd_kernel[(math.ceil(N / meta["BM"]),)](x2, *weights, y, gates, N, D, float(temperature),
-                                                          TOP_K=top_k, num_warps=warps, num_stages=stages, **meta)
+            ctx.dot = torch.get_autocast_dtype("cuda")  # (autocast is off in backward: keep it)
+        arch = _capability(x.device)[0] * 10 if x.is_cuda else None  # None: the interpreter
+        ctx.params = launch_params(arch, ctx.dot, x.dtype, w1.dtype, D, H, E, R)
+        meta, warps, stages = ctx.params["fwd"]
+        _moa_fwd_kernel[(triton.cdiv(N, meta["BM"]),)](  # (a grid of 0 programs launches nothing)
+            x2, *weights, y, gates, N, D, float(temperature), TOP_K=top_k, num_warps=warps,
+            num_stages=stages, **meta)
         ctx.save_for_backward(x2, gates, *weights)
         ctx.temperature, ctx.x_shape = temperature, x.shape
         ctx.set_materialize_grads(False)  # an unused output's gradient is None: no zeros launch
@@ -294,40 +286,36 @@ class FusedMoA(torch.autograd.Function):
         w1, b1, w2, b2, wd, bd, wu, bu = weights
         (N, D), H, E, R = x.shape, w1.shape[0], w2.shape[0], wd.shape[1]
         dx = _new((N, D), x)
-        if N == 0:
-            return (dx.reshape(ctx.x_shape), *[torch.zeros_like(t) for t in weights], None, None)
         dy = torch.zeros_like(x) if dy is None else dy.reshape(N, D).contiguous()
-        params = launch_params(_arch(x.device), ctx.dot, x.dtype, w1.dtype, D, H, E, R)
-        p1 = torch.empty((N, E * R + 2 * H + 16), dtype=ctx.dot, device=x.device)  # [da | du | v | dz]
-        p2 = torch.empty((N, E * R + 16), dtype=ctx.dot, device=x.device)          # [g h | g]
-        meta, warps, stages = params["bwd_tokens"]
+        p1 = _new((N, E * R + 2 * H + 16), x, ctx.dot)  # [da | du | v | dz] in the matmul dtype
+        p2 = _new((N, E * R + 16), x, ctx.dot)          # [g h | g]
+        meta, warps, stages = ctx.params["bwd_tokens"]
         dgx = gates if dgates is None else dgates.reshape(N, E).contiguous()  # a dummy when unused
-        _moa_bwd_tokens[(math.ceil(N / meta["BM"]),)](
+        _moa_bwd_tokens[(triton.cdiv(N, meta["BM"]),)](
             x, dy, gates, dgx, w1, b1, w2, wd, bd, wu, bu, dx, p1, p2, N, D, float(ctx.temperature),
             HAS_DG=dgates is not None, num_warps=warps, num_stages=stages, **meta)
-        meta, warps, stages = params["bwd_weights"]
+        meta, warps, stages = ctx.params["bwd_weights"]
         n1, n2, n3 = weight_grid(meta, D, H, E, R)
-        chunks, sizes = math.ceil(N / meta["CHUNK"]), [t.numel() for t in weights]
-        flat = _new((chunks, sum(sizes)), x, torch.float32)  # an fp32 copy of the gradients per chunk
-        _moa_bwd_weights[(n1 + n2 + n3, chunks)](x, dy, p1, p2, gates, *flat[0].split(sizes), N, D, n1, n2,
-                                                 sum(sizes), num_warps=warps, num_stages=stages, **meta)
+        chunks, sizes = max(1, triton.cdiv(N, meta["CHUNK"])), [t.numel() for t in weights]
+        flat = _new((chunks, sum(sizes)), x, torch.float32)  # fp32 gradients, a copy per chunk
+        _moa_bwd_weights[(n1 + n2 + n3, chunks)](x, dy, p1, p2, *flat[0].split(sizes), N, D, n1, n2, sum(sizes),
+                                                 num_warps=warps, num_stages=stages, **meta)
         if chunks > 1 or w1.dtype != torch.float32:  # a fixed-order sum (no atomics): reproducible
             flat = flat.sum(0, keepdim=True).to(w1.dtype)
-        return (dx.reshape(ctx.x_shape), *[p.view(t.shape) for p, t in zip(flat[0].split(sizes), weights)],
-                None, None)
+        grads = [p.view(t.shape) for p, t in zip(flat[0].split(sizes), weights)]
+        return dx.reshape(ctx.x_shape), *grads, None, None
 
 
 def fused_moa(x, gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b, top_k, temperature):
-    """Same signature and semantics as moa.moa_reference, differentiable in x and the 8 weights.
-    Returns (y like x, gates (..., E) fp32); weight gradients come in the weights' dtype. Raises a
-    ValueError that names the first bad argument."""
+    """moa.moa_reference's signature and semantics, differentiable in x and the 8 weights: returns
+    (y like x, gates (..., E) fp32). A ValueError names the first bad argument."""
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.dtype not in TL:
         raise ValueError(f"x must be a float32/float16/bfloat16 tensor (..., D), got {x!r:.60}")
-    D, H, E, R = x.shape[-1], gate_w1.shape[0], gate_w2.shape[0], down_w.shape[1] if down_w.dim() == 3 else 0
-    if D == 0 or D % 16 or H not in (16, 32, 64, 128) or R not in (16, 32, 64, 128) or not 1 <= E <= 16 \
-            or triton.next_power_of_2(E) * R > 1024:  # beyond, the forward's up-projection outgrows smem
-        raise ValueError(f"need D a multiple of 16, H and R in (16, 32, 64, 128), 1 <= E <= 16, E R <= 1024; "
-                         f"got D={D}, H={H}, R={R}, E={E}")
+    D, H, E, R = x.shape[-1], len(gate_w1), len(gate_w2), down_w.shape[1] if down_w.dim() == 3 else 0
+    if D == 0 or D % 16 or not {H, R} <= {16, 32, 64, 128} or not 1 <= E <= 16 \
+            or triton.next_power_of_2(E) * R > 1024:  # beyond, the up-projection outgrows smem
+        raise ValueError("need D a multiple of 16, H and R in (16, 32, 64, 128), 1 <= E <= 16, "
+                         f"E R <= 1024; got D={D}, H={H}, R={R}, E={E}")
     shapes = ((H, D), (H,), (E, H), (E,), (E, R, D), (E, R), (E, D, R), (E, D))
     weights = (gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b)
     for name, t, shape in zip(NAMES[1:], weights, shapes):
@@ -337,17 +325,17 @@ def fused_moa(x, gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b,
             raise ValueError(f"{name}.dtype is {t.dtype}: the weights need one dtype, x's or fp32")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
         raise ValueError(f"top_k must be an int in [1, E={E}], got {top_k!r}")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+    if not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if x.device.type != "cuda" and not INTERPRET:
         raise ValueError("CPU tensors need TRITON_INTERPRET=1 set before importing kernels/")
-    return FusedMoA.apply(x, gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b, top_k, temperature)
+    return FusedMoA.apply(x, *weights, top_k, temperature)
 
 
 def weight_grid(meta, D, H, E, R):
     """Programs of _moa_bwd_weights: [dWd_all; dW1] tiles, [dWu; dbu] tiles, dWg2 tiles."""
-    n1 = math.ceil((E * R + H) / meta["BW"]) * math.ceil(D / meta["BD"])
-    return n1, math.ceil((E * R + E) / meta["BW"]) * math.ceil(D / meta["BD"]), math.ceil(H / meta["BD"])
+    n1 = triton.cdiv(E * R + H, meta["BW"]) * triton.cdiv(D, meta["BD"])
+    return n1, triton.cdiv(E * R + E, meta["BW"]) * triton.cdiv(D, meta["BD"]), triton.cdiv(H, meta["BD"])
 
 
 if __name__ == "__main__":

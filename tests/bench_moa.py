@@ -122,7 +122,8 @@ SWEEP = {  # per kernel: candidate overrides of launch_params' choice (tile size
             for bn in (64, 128) for st in (2, 3)],
     "bwd_tokens": [dict(BM=bm, NS=ns, warps=w) for bm in (64, 32, 16) for ns in (2, 4, 1) for w in (8, 4)
                    if bm * 256 // ns <= 8192],
-    "bwd_weights": [dict(BW=bw, BD=bd, BT=bt, CHUNK=chunk, warps=w) for chunk in (4096, 0)
+    # CHUNK 1 << 30: all tokens in one chunk, each weight tile's program loops over all of them
+    "bwd_weights": [dict(BW=bw, BD=bd, BT=bt, CHUNK=chunk, warps=w) for chunk in (4096, 1 << 30)
                     for bw, bd in ((128, 128), (128, 64), (64, 64)) for bt in (64, 32) for w in (8, 4)],
 }
 

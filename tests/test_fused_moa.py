@@ -189,6 +189,17 @@ def test_weight_gradients_summed_in_token_chunks(monkeypatch):
 
 
 @cpu_only
+def test_empty_batch_gives_zero_weight_gradients():
+    """No tokens: the token grids have no programs, the weight kernel sums zero tokens (into NaN buffers)."""
+    ws = [t.float().requires_grad_() for t in make_inputs((1,), 32, 16, 4, 16, 2, 1.0)[1:]]
+    x = torch.zeros(2, 0, 32, requires_grad=True)
+    y, gates = fused_moa(x, *ws, 2, 1.0)
+    assert y.shape == (2, 0, 32) and gates.shape == (2, 0, 4)
+    (y.sum() + gates.sum()).backward()
+    assert x.grad.shape == x.shape and all(torch.equal(w.grad, torch.zeros_like(w)) for w in ws)
+
+
+@cpu_only
 def test_poison_buffers_are_nan():
     """The NaN poisoning that the other tests rely on is really on."""
     assert torch.isnan(fm._new((3, 4), torch.zeros(1))).all()
