@@ -63,7 +63,7 @@ def real_clip_cache():
     return REAL_CLIP_CACHE
 
 
-# ----------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # a tiny HTTP server on 127.0.0.1 for download tests
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -125,7 +125,7 @@ def http_server():
     srv.server_close()
 
 
-# ----------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # train.py / evaluate.py as a user runs them: subprocesses on a tiny random CLIP and synthetic rooms
 
 SMALL = ["--input-size", "64", "--bottleneck", "16", "--gate-hidden", "16", "--num-bins", "16",
