@@ -210,12 +210,13 @@ else:
     args.data = str(Path(args.data).resolve())  # absolute, so evaluate.py finds it from anywhere
     ds = data_nyu.NYUDepthV2(args.data, split="train", splits_path=args.splits,
                              raw_depth=args.train_gt == "raw", download=args.download)
-scenes = sorted({ds.scene(i) for i in range(len(ds))})
+frame_scenes = [ds.scene(i) for i in range(len(ds))]  # read once: an HDF5 lookup per frame
+scenes = sorted(set(frame_scenes))
 n_val = max(1, round(args.val_frac * len(scenes))) if args.val_frac > 0 else 0  # asked: >= 1 scene
 # held out by scene, not by frame: neighbouring frames of one room would leak into validation
 val_scenes = set(np.random.default_rng(args.seed).permutation(scenes)[:n_val].tolist())
-train_items = [i for i in range(len(ds)) if ds.scene(i) not in val_scenes]
-val_items = [i for i in range(len(ds)) if ds.scene(i) in val_scenes]
+train_items = [i for i, scene in enumerate(frame_scenes) if scene not in val_scenes]
+val_items = [i for i, scene in enumerate(frame_scenes) if scene in val_scenes]
 if len(train_items) < args.batch_size:  # every step is one full batch: there would be no step
     raise clip_vit.UserError(f"--batch-size {args.batch_size}: more than the "
                              f"{len(train_items)} train frames")
@@ -290,8 +291,7 @@ def validate():
 # -----------------------------------------------------------------------------
 # training loop
 total = args.epochs * len(train_batches)  # steps of the whole run, resumed or not
-if args.max_steps:
-    total = min(total, args.max_steps)
+total = min(total, args.max_steps or total)  # --max-steps 0: no cap
 lrs = f"lr {args.lr:.1e}"  # and the heads' rate where it differs: the log says what ran
 if heads and head_lr != args.lr:
     lrs += f" head lr {head_lr:.1e}"
@@ -320,11 +320,11 @@ for epoch in range(start_epoch, args.epochs):
             ips = seen / (now - t_last)  # images per second since the last line
             # the pace of this process's own steps: a resumed run did not take the first ones
             eta = (now - t0) / (step - start_epoch * len(train_batches)) * (total - step)
-            parts = " ".join(f"{k} {v:.3f}" for k, v in terms.items())
-            print(f"step {step}/{total} | loss {loss.item():.4f} ({parts}) | {lrs} | {ips:.1f} "
-                  f"img/s | gate H {model.gate_entropy():.3f} | eta {eta / 60:.1f} min")
             row = {"step": step, "epoch": epoch, "loss": loss.item(), **terms, "lr": args.lr,
                    "head_lr": head_lr, "img_s": ips, "gate_entropy": model.gate_entropy()}
+            parts = " ".join(f"{k} {v:.3f}" for k, v in terms.items())
+            print(f"step {step}/{total} | loss {row['loss']:.4f} ({parts}) | {lrs} | {ips:.1f} "
+                  f"img/s | gate H {row['gate_entropy']:.3f} | eta {eta / 60:.1f} min")
             print(json.dumps(row), file=log_file)  # the same numbers, machine-readable, for plots
             t_last, seen = now, 0  # the next line's rate starts here
         if step >= total:

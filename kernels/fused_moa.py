@@ -2,11 +2,11 @@
 The Mixture-of-Adapters layer of moa.py fused in Triton (design: docs/kernel.md). Per token x:
     logits = (relu(x W1^T + b1) W2^T + b2) / temperature; g = softmax over the top_k logits
     y = x + sum_e g_e * (gelu(x Wd_e^T + bd_e) Wu_e^T + bu_e)       (E experts e of rank R)
-Forward: one launch. Backward: one over token tiles, one over weight tiles (fixed-order sums, no
-atomics) and, above 4096 tokens, one sum. The weights share one dtype, x's or fp32. Without a GPU,
-`python -m kernels.fused_moa --compile-report` (report.py) checks the A100/H100 fit of every kernel.
+Launches: forward 1; backward 2 (token tiles; weight tiles, fixed-order sums, no atomics), 3 above
+4096 tokens (a sum). `python -m kernels.fused_moa --compile-report` checks A100/H100 fit, no GPU.
 """
 import functools
+import math  # host-side grids: math.ceil, as triton.cdiv costs microseconds per call in Python
 import os
 
 import torch
@@ -272,7 +272,7 @@ class FusedMoA(torch.autograd.Function):
         arch = _capability(x.device)[0] * 10 if x.is_cuda else None  # None: the interpreter
         ctx.params = launch_params(arch, ctx.dot, x.dtype, w1.dtype, D, H, E, R)
         meta, warps, stages = ctx.params["fwd"]
-        _moa_fwd_kernel[(triton.cdiv(N, meta["BM"]),)](  # (a grid of 0 programs launches nothing)
+        _moa_fwd_kernel[(math.ceil(N / meta["BM"]),)](  # (a grid of 0 programs launches nothing)
             x2, *weights, y, gates, N, D, float(temperature), TOP_K=top_k, num_warps=warps,
             num_stages=stages, **meta)
         ctx.save_for_backward(x2, gates, *weights)
@@ -291,12 +291,12 @@ class FusedMoA(torch.autograd.Function):
         p2 = _new((N, E * R + 16), x, ctx.dot)          # [g h | g]
         meta, warps, stages = ctx.params["bwd_tokens"]
         dgx = gates if dgates is None else dgates.reshape(N, E).contiguous()  # a dummy when unused
-        _moa_bwd_tokens[(triton.cdiv(N, meta["BM"]),)](
+        _moa_bwd_tokens[(math.ceil(N / meta["BM"]),)](
             x, dy, gates, dgx, w1, b1, w2, wd, bd, wu, bu, dx, p1, p2, N, D, float(ctx.temperature),
             HAS_DG=dgates is not None, num_warps=warps, num_stages=stages, **meta)
         meta, warps, stages = ctx.params["bwd_weights"]
         n1, n2, n3 = weight_grid(meta, D, H, E, R)
-        chunks, sizes = max(1, triton.cdiv(N, meta["CHUNK"])), [t.numel() for t in weights]
+        chunks, sizes = max(1, math.ceil(N / meta["CHUNK"])), [t.numel() for t in weights]
         flat = _new((chunks, sum(sizes)), x, torch.float32)  # fp32 gradients, a copy per chunk
         _moa_bwd_weights[(n1 + n2 + n3, chunks)](x, dy, p1, p2, *flat[0].split(sizes), N, D, n1, n2, sum(sizes),
                                                  num_warps=warps, num_stages=stages, **meta)
@@ -334,8 +334,8 @@ def fused_moa(x, gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b,
 
 def weight_grid(meta, D, H, E, R):
     """Programs of _moa_bwd_weights: [dWd_all; dW1] tiles, [dWu; dbu] tiles, dWg2 tiles."""
-    n1 = triton.cdiv(E * R + H, meta["BW"]) * triton.cdiv(D, meta["BD"])
-    return n1, triton.cdiv(E * R + E, meta["BW"]) * triton.cdiv(D, meta["BD"]), triton.cdiv(H, meta["BD"])
+    n1 = math.ceil((E * R + H) / meta["BW"]) * math.ceil(D / meta["BD"])
+    return n1, math.ceil((E * R + E) / meta["BW"]) * math.ceil(D / meta["BD"]), math.ceil(H / meta["BD"])
 
 
 if __name__ == "__main__":
