@@ -197,7 +197,7 @@ def _moa_bwd_weights(
     ER: tl.constexpr = E * R
     P1W: tl.constexpr = ER + 2 * H + 16
     pid = tl.program_id(0)
-    t_lo = tl.program_id(1) * CHUNK  # this program's chunk of tokens, summed into its own copy
+    t_lo = (tl.num_programs(1) - 1 - tl.program_id(1)) * CHUNK  # last first: kernel 1 ended there (L2)
     t_hi = tl.minimum(N, t_lo + CHUNK)
     copy = tl.program_id(1).to(tl.int64) * split_stride  # where this chunk's copy starts
     if pid < n1 + n2:  # [dWd_all; dW1] = [da | du]^T x (pid < n1), [dWu; dbu] = [g h | g]^T dy

@@ -9,6 +9,7 @@ A benchmark, not a test (pytest does not collect it); GPU timings use triton.tes
 
     python tests/bench_moa.py [--sizes 400,3200,25600] [--dtypes autocast,bf16,fp32] [--top-k 4,1] [--no-compile]
     python tests/bench_moa.py --sweep [--budget 150]   # GPU: launch-parameter candidates, checked and timed
+    ncu --profile-from-start off ... python tests/bench_moa.py --profile   # GPU: DRAM bytes (docs/kernel.md)
     TRITON_INTERPRET=1 python tests/bench_moa.py --smoke      # tiny CPU run through the interpreter (< 1 min)
 """
 import argparse
@@ -184,6 +185,70 @@ def sweep(sizes, budget, D=768, limit=None):
                 fm.launch_params = base
 
 
+def profile(sizes, dtypes, D=768):
+    """For ncu (docs/kernel.md): the fused forward, then the backward, once per dtype and N, each alone between
+    cudaProfilerStart and Stop with L2 flushed before it (in training, other layers run in between). fp32
+    weights, as the traffic model of kernels/report.py: "bf16" is bf16 x with them, "autocast" fp32 x."""
+    E, R, H, tau = 4, 64, 128, 2.0
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(H, D), (H,), (E, H), (E,), (E, R, D), (E, R), (E, D, R), (E, D)]
+    ws = [torch.randn(sh, generator=gen).cuda().requires_grad_() for sh in shapes]
+    flush = torch.empty(2 ** 28, dtype=torch.uint8, device="cuda")  # 256 MB, well over any L2
+
+    def region(fn, profiled):  # run fn alone, after an L2 flush; profiled: under ncu
+        flush.zero_()
+        torch.cuda.synchronize()
+        if profiled:
+            torch.cuda.profiler.start()
+        out = fn()
+        torch.cuda.synchronize()
+        if profiled:
+            torch.cuda.profiler.stop()
+        return out
+    for name in dtypes:
+        amp = torch.autocast("cuda", torch.bfloat16, enabled=name == "autocast")
+        for N in sizes:
+            x = torch.randn(N, D, generator=gen).to("cuda", DTYPES[name]).requires_grad_()
+            dy = torch.randn(N, D, generator=gen).to("cuda", DTYPES[name])
+            for profiled in (False, True):  # the first call compiles the kernels
+                with amp:
+                    y = region(lambda: fused_moa(x, *ws, E, tau)[0], profiled)
+                for t in [x] + ws:
+                    t.grad = None  # else the second backward adds into .grad: 9 more kernels
+                region(lambda: torch.autograd.backward(y, dy), profiled)
+            print(f"profiled: {name} N={N} (forward, then backward)", flush=True)
+
+
+def summarize_ncu(path, sizes, dtypes, D=768):
+    """Read the ncu CSV of --profile (--csv --print-units base) and print, per dtype and N, the DRAM bytes and
+    the kernels' GPU time of the forward and of forward + backward, against the floor of kernels/report.py."""
+    import csv
+    lines = Path(path).read_text().splitlines()
+    rows = list(csv.DictReader(lines[next(i for i, line in enumerate(lines) if line.startswith('"ID"')):]))
+    kernels = {}  # ID -> {"name", metric: value}
+    for r in rows:
+        k = kernels.setdefault(int(r["ID"]), {"name": r["Kernel Name"]})
+        k[r["Metric Name"]] = float(r["Metric Value"].replace(",", ""))
+    runs = []  # one list of kernels per dtype and N: each starts with the forward kernel
+    for _, k in sorted(kernels.items()):
+        if "_moa_fwd_kernel" in k["name"]:
+            runs.append([])
+        runs[-1].append(k)
+    configs = [(name, N) for name in dtypes for N in sizes]
+    if len(runs) != len(configs):
+        sys.exit(f"{path}: {len(runs)} forward kernels for {len(configs)} configurations")
+    E, R, H = 4, 64, 128
+    wbytes = 4 * (H * D + H + E * H + E + 2 * E * R * D + E * R + E * D)  # fp32 weights
+    print("dtype       N  fwd MB  floor  ratio  fwd+bwd MB  floor  ratio  launches  fwd us  bwd us")
+    for (name, N), ks in zip(configs, runs):
+        act = N * D * (2 if name == "bf16" else 4)
+        mb = [(k["dram__bytes_read.sum"] + k["dram__bytes_write.sum"]) / 1e6 for k in ks]
+        us = [k["gpu__time_duration.sum"] / 1e3 for k in ks]  # ns
+        fwd_floor, floor = (2 * act + wbytes) / 1e6, (4 * act + 2 * wbytes) / 1e6
+        print(f"{name:>8} {N:6} {mb[0]:7.2f} {fwd_floor:6.2f} {mb[0] / fwd_floor:6.2f} {sum(mb):11.2f} "
+              f"{floor:6.2f} {sum(mb) / floor:6.2f} {len(ks):9} {us[0]:7.1f} {sum(us[1:]):7.1f}")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     p.add_argument("--sizes", default="400,3200,25600", help="token counts N, comma-separated")
@@ -194,6 +259,8 @@ if __name__ == "__main__":
     p.add_argument("--smoke", action="store_true", help="N=64, D=64, fp32, no torch.compile: a CPU check")
     p.add_argument("--sweep", action="store_true", help="GPU: time launch-parameter candidates per kernel")
     p.add_argument("--budget", type=float, default=150, help="seconds for --sweep")
+    p.add_argument("--profile", action="store_true", help="GPU, under ncu: one fused fwd and bwd per dtype and N")
+    p.add_argument("--ncu-csv", help="summarize the ncu CSV of --profile (same --sizes and --dtypes)")
     args = p.parse_args()
     try:
         sizes = [int(n) for n in args.sizes.split(",")]
@@ -203,13 +270,17 @@ if __name__ == "__main__":
         p.error(f"bad list: {err}")
     if not set(dtypes) <= set(DTYPES) or not all(1 <= k <= 4 for k in top_ks) or min(sizes) < 1:
         p.error(f"--dtypes from {list(DTYPES)}, --top-k from 1..4, --sizes >= 1")
-    if not torch.cuda.is_available() and not args.smoke:
+    if args.ncu_csv:
+        summarize_ncu(args.ncu_csv, sizes, dtypes)
+    elif not torch.cuda.is_available() and not args.smoke:
         p.error("no GPU: run TRITON_INTERPRET=1 python tests/bench_moa.py --smoke")
-    if args.sweep and args.smoke:
+    elif args.sweep and args.smoke:
         torch.set_num_threads(1)
         sweep([64], args.budget, D=64, limit=2)
     elif args.sweep:
         sweep(sizes, args.budget)
+    elif args.profile:
+        profile(sizes, dtypes)
     elif args.smoke:
         torch.set_num_threads(1)  # the interpreter's numpy and torch's thread pool otherwise fight over the cores
         run([64], ["fp32"], [4], 64, False, args.json)

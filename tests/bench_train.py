@@ -2,9 +2,11 @@
 Training-step throughput, measured side by side in one run: the path train.py uses (PreloadedBatches on the device,
 the MoA layer's default implementation: the Triton kernel on CUDA, the PyTorch reference on CPU) against a naive path
 (a per-sample DataLoader and an eager per-expert MoA loop, the authors' style). Random ViT-B/32 weights, synthetic
-480x640 frames, the paper's batch 8 at 224. A benchmark, not a test: pytest does not collect it.
+480x640 frames, the paper's batch 8 at 224. On CUDA also the train.py path with the PyTorch MoA (--moa-impl
+torch), and with --profile the torch profiler's top GPU and CPU ops of each. A benchmark, not a test: pytest does not
+collect it.
 
-    python tests/bench_train.py [--steps 10] [--device auto]
+    python tests/bench_train.py [--steps 10] [--device auto] [--batch-size 8] [--profile]
 """
 import argparse
 import sys
@@ -40,20 +42,45 @@ def images_per_second(model, batches, steps, dev, dtype, sync):
     return n / (time.perf_counter() - t0)
 
 
+def profiled(model, batches, steps, dev, dtype, sync, title):
+    """images_per_second under the torch profiler; prints its top ops by GPU time and by CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        ips = images_per_second(model, batches, steps, dev, dtype, sync)
+    print(f"\n# profile: {title}, {steps + 2} steps")
+    for key in ("self_cuda_time_total", "self_cpu_time_total"):
+        print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=50))
+    return ips
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--profile", action="store_true", help="also print the torch profiler's top ops (CUDA)")
     args = p.parse_args()
     dev, dtype = moa.runtime(args.device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    bs, on_gpu = args.batch_size, dev.type == "cuda"
+    if args.profile and not on_gpu:
+        p.error("--profile needs a CUDA device")
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     model = moa.MoADepthCLIP(clip_vit.build_model(clip_vit.random_state_dict()), moa.DepthConfig()).to(dev)
-    ds = data_nyu.SyntheticDepth(n=8 * (args.steps + 2))
+    ds = data_nyu.SyntheticDepth(n=bs * (args.steps + 2))
     t0 = time.perf_counter()
-    fast_batches = data_nyu.PreloadedBatches(ds, size=224, batch_size=8, device=dev)
+    fast_batches = data_nyu.PreloadedBatches(ds, size=224, batch_size=bs, device=dev)
     t_preload = time.perf_counter() - t0
     fast = images_per_second(model, fast_batches, args.steps, dev, dtype, sync)
-    naive_batches = torch.utils.data.DataLoader(NYUTorchDataset(ds, 224), batch_size=8, shuffle=True,
+    if on_gpu:  # the same path with the PyTorch MoA, then each again under the profiler
+        moa.MOA_IMPL = "torch"
+        fast_torch = images_per_second(model, fast_batches, args.steps, dev, dtype, sync)
+        moa.MOA_IMPL = "auto"
+        if args.profile:
+            for impl in ("auto", "torch"):
+                moa.MOA_IMPL = impl
+                profiled(model, fast_batches, args.steps, dev, dtype, sync, f"MoA {impl}, batch {bs}")
+            moa.MOA_IMPL = "auto"
+    naive_batches = torch.utils.data.DataLoader(NYUTorchDataset(ds, 224), batch_size=bs, shuffle=True,
                                                 num_workers=2, drop_last=True)
     moa.MOA_IMPL, moa_reference = "torch", moa.moa_reference
     moa.moa_reference = moa_loop  # the eager per-expert loop in place of the dense reference
@@ -61,9 +88,11 @@ if __name__ == "__main__":
         naive = images_per_second(model, naive_batches, args.steps, dev, dtype, sync)
     finally:
         moa.MOA_IMPL, moa.moa_reference = "auto", moa_reference
-    name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{name}, torch {torch.__version__}, batch 8 at 224, {args.steps} timed steps, random ViT-B/32")
+    name = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{name}, torch {torch.__version__}, batch {bs} at 224, {args.steps} timed steps, random ViT-B/32")
     print(f"preload of {len(ds)} frames: {t_preload:.1f} s")
     print(f"naive (DataLoader + eager per-expert loop): {naive:7.2f} img/s")
     print(f"train.py path (preloaded + default MoA)   : {fast:7.2f} img/s   ({fast / naive:.2f}x)")
+    if on_gpu:
+        print(f"train.py path, --moa-impl torch           : {fast_torch:7.2f} img/s   ({fast_torch / naive:.2f}x)")
     print(f"projected 30-epoch recipe (23,850 samples): {23850 / fast / 60:.1f} min")

@@ -296,6 +296,26 @@ def test_benchmark_smoke_prints_ratios():
         assert r["us"]["fused"] > 0 and r["vs_fused"]["loop"] == pytest.approx(r["us"]["loop"] / r["us"]["fused"])
 
 
+def test_ncu_summary_counts_bytes_and_kernels(tmp_path):
+    """bench_moa.py --ncu-csv on a hand-made ncu CSV: N = 400 bf16, each part moving twice its floor."""
+    act, w = 400 * 768 * 2, 4 * (128 * 768 + 128 + 4 * 128 + 4 + 2 * 4 * 64 * 768 + 4 * 64 + 4 * 768)
+    parts = [("_moa_fwd_kernel", 2 * (2 * act + w), 5000), ("_moa_bwd_tokens", 2 * (2 * act), 7000),
+             ("_moa_bwd_weights", 2 * w, 3000)]  # (name, bytes, ns): fwd floor, then the rest of it
+    lines = ["==PROF== Connected to process 1", '"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"']
+    for i, (name, nbytes, ns) in enumerate(parts):
+        lines += [f'"{i}","{name}","dram__bytes_read.sum","byte","{nbytes // 2:,}"',
+                  f'"{i}","{name}","dram__bytes_write.sum","byte","{nbytes - nbytes // 2}"',
+                  f'"{i}","{name}","gpu__time_duration.sum","nsecond","{ns}"']
+    (tmp_path / "ncu.csv").write_text("\n".join(lines) + "\n")
+    proc = subprocess.run([sys.executable, "tests/bench_moa.py", "--ncu-csv", str(tmp_path / "ncu.csv"),
+                           "--sizes", "400", "--dtypes", "bf16"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fields = proc.stdout.splitlines()[-1].split()
+    assert fields[:2] == ["bf16", "400"] and fields[4] == fields[7] == "2.00", proc.stdout
+    assert fields[8:] == ["3", "5.0", "10.0"], proc.stdout  # launches, forward us, backward us
+
+
 def compile_report(*flags):
     env = dict(os.environ, TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES="")
     return subprocess.run([sys.executable, "-m", "kernels.fused_moa", "--compile-report", *flags], cwd=ROOT,
