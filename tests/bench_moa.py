@@ -118,14 +118,17 @@ def time_one(fn, x, dy, ws, top_k, tau, mode, name, on_gpu):
         return float("nan")
 
 
-SWEEP = {  # per kernel: candidate overrides of launch_params' choice (tile sizes, warps, stages)
-    "fwd": [dict(BM=bm, BN=bn, warps=w, stages=st) for bm, w in ((128, 8), (64, 4), (64, 8), (32, 4))
-            for bn in (64, 128) for st in (2, 3)],
-    "bwd_tokens": [dict(BM=bm, NS=ns, warps=w) for bm in (64, 32, 16) for ns in (2, 4, 1) for w in (8, 4)
-                   if bm * 256 // ns <= 8192],
+SWEEP = {  # per kernel: candidate overrides of launch_params' choice (tile sizes, warps, stages). Each list
+    # starts with today's tiles at other stages: ncu found the forward at 1 block per SM and the weight kernel
+    # at 2, bounded by registers and by shared memory (docs/kernel.md, "What bounds each kernel")
+    "fwd": [dict(stages=2)] + [dict(BM=bm, BN=bn, warps=w, stages=st)
+                               for bm, w in ((128, 8), (64, 4), (64, 8), (32, 4)) for bn in (64, 128) for st in (2, 3)],
+    "bwd_tokens": [dict(stages=3)] + [dict(BM=bm, NS=ns, warps=w) for bm in (64, 32, 16) for ns in (2, 4, 1)
+                                      for w in (8, 4) if bm * 256 // ns <= 8192],
     # CHUNK 1 << 30: all tokens in one chunk, each weight tile's program loops over all of them
-    "bwd_weights": [dict(BW=bw, BD=bd, BT=bt, CHUNK=chunk, warps=w) for chunk in (4096, 1 << 30)
-                    for bw, bd in ((128, 128), (128, 64), (64, 64)) for bt in (64, 32) for w in (8, 4)],
+    "bwd_weights": [dict(stages=3), dict(stages=2)] + [
+        dict(BW=bw, BD=bd, BT=bt, CHUNK=chunk, warps=w) for chunk in (4096, 1 << 30)
+        for bw, bd in ((128, 128), (128, 64), (64, 64)) for bt in (64, 32) for w in (8, 4)],
 }
 
 
