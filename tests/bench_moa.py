@@ -31,6 +31,11 @@ from kernels.fused_moa import fused_moa  # noqa: E402
 DTYPES = {"autocast": torch.float32, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+def weight_shapes(D, E=4, R=64, H=128):
+    """fused_moa's eight weights, in its argument order: gate W1, b1, W2, b2; down_w, down_b, up_w, up_b."""
+    return [(H, D), (H,), (E, H), (E,), (E, R, D), (E, R), (E, D, R), (E, D)]
+
+
 def moa_loop(x, gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b, top_k, temperature):
     """The authors' style baseline: route, then one small MLP per expert, added with its gate."""
     logits = F.linear(F.relu(F.linear(x, gate_w1, gate_b1)), gate_w2, gate_b2) / temperature
@@ -67,7 +72,7 @@ def run(sizes, dtypes, top_ks, D, use_compile, as_json):
         providers["compiled"] = torch.compile(moa.moa_reference, dynamic=True)
     providers["fused"] = fused_moa
     gen = torch.Generator().manual_seed(0)
-    shapes = [(H, D), (H,), (E, H), (E,), (E, R, D), (E, R), (E, D, R), (E, D)]
+    shapes = weight_shapes(D, E, R, H)
     src = torch.empty(2 ** (28 if on_gpu else 22), dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
     copy_bw = 2 * src.numel() / seconds(lambda: dst.copy_(src), on_gpu)  # bytes/s, read + write
@@ -142,7 +147,7 @@ def sweep(sizes, budget, D=768, limit=None):
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else nullcontext()
     E, R, H, tau = 4, 64, 128, 2.0
     gen = torch.Generator().manual_seed(0)
-    shapes = [(H, D), (H,), (E, H), (E,), (E, R, D), (E, R), (E, D, R), (E, D)]
+    shapes = weight_shapes(D, E, R, H)
     ws = [(torch.randn(sh, generator=gen) * (sh[-1] ** -0.5 if len(sh) > 1 else 0.1)).to(dev) for sh in shapes]
     check_n = 512 if on_gpu else sizes[0]
     xs = {N: torch.randn(N, D, generator=gen).to(dev) for N in [check_n] + sizes}
@@ -194,7 +199,7 @@ def profile(sizes, dtypes, D=768):
     weights, as the traffic model of kernels/report.py: "bf16" is bf16 x with them, "autocast" fp32 x."""
     E, R, H, tau = 4, 64, 128, 2.0
     gen = torch.Generator().manual_seed(0)
-    shapes = [(H, D), (H,), (E, H), (E,), (E, R, D), (E, R), (E, D, R), (E, D)]
+    shapes = weight_shapes(D, E, R, H)
     ws = [torch.randn(sh, generator=gen).cuda().requires_grad_() for sh in shapes]
     flush = torch.empty(2 ** 28, dtype=torch.uint8, device="cuda")  # 256 MB, well over any L2
 
@@ -227,11 +232,16 @@ def summarize_ncu(path, sizes, dtypes, D=768):
     the kernels' GPU time of the forward and of forward + backward, against the floor of kernels/report.py."""
     import csv
     lines = Path(path).read_text().splitlines()
-    rows = list(csv.DictReader(lines[next(i for i, line in enumerate(lines) if line.startswith('"ID"')):]))
+    head = [i for i, line in enumerate(lines) if line.startswith('"ID"')]
+    if not head:
+        sys.exit(f"{path}: no ncu CSV header (\"ID\",...): run ncu with --csv --print-units base")
     kernels = {}  # ID -> {"name", metric: value}
-    for r in rows:
+    for r in csv.DictReader(lines[head[0]:]):
         k = kernels.setdefault(int(r["ID"]), {"name": r["Kernel Name"]})
         k[r["Metric Name"]] = float(r["Metric Value"].replace(",", ""))
+    metrics = ("dram__bytes_read.sum", "dram__bytes_write.sum", "gpu__time_duration.sum")
+    if any(m not in k for k in kernels.values() for m in metrics):
+        sys.exit(f"{path}: each kernel needs the metrics {', '.join(metrics)}")
     runs = []  # one list of kernels per dtype and N: each starts with the forward kernel
     for _, k in sorted(kernels.items()):
         if "_moa_fwd_kernel" in k["name"]:
@@ -240,8 +250,7 @@ def summarize_ncu(path, sizes, dtypes, D=768):
     configs = [(name, N) for name in dtypes for N in sizes]
     if len(runs) != len(configs):
         sys.exit(f"{path}: {len(runs)} forward kernels for {len(configs)} configurations")
-    E, R, H = 4, 64, 128
-    wbytes = 4 * (H * D + H + E * H + E + 2 * E * R * D + E * R + E * D)  # fp32 weights
+    wbytes = 4 * sum(math.prod(sh) for sh in weight_shapes(D))  # fp32 weights
     print("dtype       N  fwd MB  floor  ratio  fwd+bwd MB  floor  ratio  launches  fwd us  bwd us")
     for (name, N), ks in zip(configs, runs):
         act = N * D * (2 if name == "bf16" else 4)

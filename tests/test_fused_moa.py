@@ -314,6 +314,10 @@ def test_ncu_summary_counts_bytes_and_kernels(tmp_path):
     fields = proc.stdout.splitlines()[-1].split()
     assert fields[:2] == ["bf16", "400"] and fields[4] == fields[7] == "2.00", proc.stdout
     assert fields[8:] == ["3", "5.0", "10.0"], proc.stdout  # launches, forward us, backward us
+    (tmp_path / "log.txt").write_text("==PROF== Connected to process 1\n")  # ncu run without --csv
+    proc = subprocess.run([sys.executable, "tests/bench_moa.py", "--ncu-csv", str(tmp_path / "log.txt")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip().endswith("run ncu with --csv --print-units base"), proc.stderr
 
 
 def compile_report(*flags):
