@@ -300,8 +300,8 @@ class FusedMoA(torch.autograd.Function):
         flat = _new((chunks, sum(sizes)), x, torch.float32)  # fp32 gradients, a copy per chunk
         _moa_bwd_weights[(n1 + n2 + n3, chunks)](x, dy, p1, p2, *flat[0].split(sizes), N, D, n1, n2, sum(sizes),
                                                  num_warps=warps, num_stages=stages, **meta)
-        if chunks > 1 or w1.dtype != torch.float32:  # a fixed-order sum (no atomics): reproducible
-            flat = flat.sum(0, keepdim=True).to(w1.dtype)
+        # the chunks' copies summed in a fixed order (no atomics): reproducible; fp32 weights, one chunk: no op
+        flat = (flat.sum(0, keepdim=True) if chunks > 1 else flat).to(w1.dtype)
         grads = [p.view(t.shape) for p, t in zip(flat[0].split(sizes), weights)]
         return dx.reshape(ctx.x_shape), *grads, None, None
 

@@ -43,14 +43,13 @@ def images_per_second(model, batches, steps, dev, dtype, sync):
 
 
 def profiled(model, batches, steps, dev, dtype, sync, title):
-    """images_per_second under the torch profiler; prints its top ops by GPU time and by CPU time."""
+    """Steps of images_per_second under the torch profiler; prints its top ops by GPU and by CPU time."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        ips = images_per_second(model, batches, steps, dev, dtype, sync)
+        images_per_second(model, batches, steps, dev, dtype, sync)
     print(f"\n# profile: {title}, {steps + 2} steps")
     for key in ("self_cuda_time_total", "self_cpu_time_total"):
         print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=50))
-    return ips
 
 
 if __name__ == "__main__":
@@ -74,12 +73,10 @@ if __name__ == "__main__":
     if on_gpu:  # the same path with the PyTorch MoA, then each again under the profiler
         moa.MOA_IMPL = "torch"
         fast_torch = images_per_second(model, fast_batches, args.steps, dev, dtype, sync)
+        for impl in ("auto", "torch") if args.profile else ():
+            moa.MOA_IMPL = impl
+            profiled(model, fast_batches, args.steps, dev, dtype, sync, f"MoA {impl}, batch {bs}")
         moa.MOA_IMPL = "auto"
-        if args.profile:
-            for impl in ("auto", "torch"):
-                moa.MOA_IMPL = impl
-                profiled(model, fast_batches, args.steps, dev, dtype, sync, f"MoA {impl}, batch {bs}")
-            moa.MOA_IMPL = "auto"
     naive_batches = torch.utils.data.DataLoader(NYUTorchDataset(ds, 224), batch_size=bs, shuffle=True,
                                                 num_workers=2, drop_last=True)
     moa.MOA_IMPL, moa_reference = "torch", moa.moa_reference
