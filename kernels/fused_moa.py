@@ -234,8 +234,7 @@ def launch_params(arch, dot, xdt, wdt, D, H, E, R):
     interpreter); dot: the matmul dtype; xdt, wdt: x's and the weights'. See docs/kernel.md."""
     EX = triton.next_power_of_2(E)
     EPR = EX * R
-    half = dot != torch.float32
-    sm90 = arch is not None and arch >= 90  # (the interpreter ignores warps and stages)
+    half, sm90 = dot != torch.float32, arch is not None and arch >= 90  # (the interpreter: no warps, stages)
     prec = "tf32" if arch is not None and not half else "ieee"
     c = dict(H=H, E=E, R=R, EX=EX, DOT=TL[dot], PREC=prec, GATE_PREC="tf32x3" if prec == "tf32" else prec)
     wide = max(torch.finfo(xdt).bits, torch.finfo(wdt).bits) // 8  # bytes per loaded element
@@ -244,7 +243,7 @@ def launch_params(arch, dot, xdt, wdt, D, H, E, R):
     elif EPR <= 512:
         fwd = dict(c, BM=32, BK=64 if wide == 2 or EPR <= 256 else 32, BN=32)
     else:
-        fwd = dict(c, BM=16, BK=32, BN=16)
+        fwd = dict(c, BM=16, BK=16, BN=16)  # (BK 32 spilled 24 bytes on sm_80 under triton 3.8)
     few = half and EPR <= 256  # 16-bit, E R <= 256: 4 warps, splits of 64 columns (or one expert)
     tok = dict(c, BM=16, BK=64 if EPR * wide <= 1024 else 32, KC=64, NS=triton.cdiv(EPR, max(R, 64) if few else 256))
     wts = dict(c, BW=64, BD=64, BT=64 if wide == 2 or half else 32, CHUNK=4096)  # see weight_grid

@@ -1,8 +1,8 @@
 """
 Proof without a GPU that every kernel fits an A100 and an H100: `python -m kernels.fused_moa
 --compile-report` (TRITON_INTERPRET unset; 8 minutes on 2 cores) compiles each kernel for each
-target at the wrapper's launch parameters, prints triton's `ptxas -v` registers and spills and the
-shared memory (one JSON line per kernel and configuration), then the modelled HBM traffic.
+target at the wrapper's launch parameters (x, weights fp32 as moa.MoA passes them; --x matmul: in
+the matmul dtype), prints `ptxas -v` registers, spills and shared memory (JSON lines), then traffic.
 """
 import argparse
 import functools
@@ -28,26 +28,25 @@ D, R, H = 768, 64, 128
 
 
 @functools.lru_cache(maxsize=None)  # the backward does not depend on top_k: compiled once per E
-def compile_one(kernel, arch, dot, E, top_k):
-    """A kernel compiled for sm_<arch>: its registers, spills, shared memory, launch parameters."""
+def compile_one(kernel, arch, dot, E, top_k, xw=torch.float32):
+    """A kernel compiled for sm_<arch>, x and the weights in dtype xw: registers, spills, smem, tiles."""
     fn = KERNELS[kernel]
-    meta, warps, stages = fm.launch_params(arch, dot, torch.float32, torch.float32, D, H, E, R)[kernel]
+    meta, warps, stages = fm.launch_params(arch, dot, xw, xw, D, H, E, R)[kernel]
     consts = dict(meta, TOP_K=top_k, HAS_DG=False)
     sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
             sig[name] = "constexpr"
             constexprs[(i,)] = consts[name]
-        elif name.endswith("_ptr"):  # 16-byte aligned, as the launcher specialises them
-            sig[name] = f"*{fm.TL[dot]}" if name in ("p1_ptr", "p2_ptr") else "*fp32"  # P1, P2: dot
+        elif name.endswith("_ptr"):  # 16-byte aligned as launched; P1, P2: matmul dtype; g...: fp32; else xw
+            sig[name] = f"*{fm.TL[dot if name in ('p1_ptr', 'p2_ptr') else torch.float32 if name[0] == 'g' else xw]}"
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:  # D is a multiple of 16 too
             sig[name] = "fp32" if name == "temperature" else "i32"
             attrs[(i,)] = [["tt.divisibility", 16]] if name == "D" else []
-    # compiled anew (not from triton's cache), with triton's own ptxas run printing its -v log
     with knobs.compilation.scope(), knobs.nvidia.scope(), redirect_stdout(io.StringIO()) as log:
-        knobs.compilation.always_compile = True
-        knobs.nvidia.dump_ptxas_log = True
+        knobs.compilation.always_compile = True  # compiled anew, not taken from triton's cache
+        knobs.nvidia.dump_ptxas_log = True  # triton's own ptxas run prints its -v log
         binary = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
                                 options=dict(num_warps=warps, num_stages=stages))
     spill = re.search(r"(\d+) bytes spill stores", log.getvalue())
@@ -89,7 +88,8 @@ def main(argv=None):
     p = argparse.ArgumentParser("python -m kernels.fused_moa", description=__doc__.split(":")[0])
     p.add_argument("--compile-report", action="store_true", help="compile each kernel, report it")
     p.add_argument("--arch", default="80,90", help="compute capabilities (80 = A100, 90 = H100)")
-    p.add_argument("--dtype", default="bf16,fp16,fp32", help="matmul dtypes (x, weights: fp32)")
+    p.add_argument("--dtype", default="bf16,fp16,fp32", help="matmul dtypes")
+    p.add_argument("--x", choices=("fp32", "matmul"), default="fp32", help="x, weights: fp32 or matmul dtype")
     p.add_argument("--experts", default="1,2,4,8,16", help="expert counts E; top_k is 1 and E")
     args = p.parse_args(argv)
     archs, dtypes, experts = args.arch.split(","), args.dtype.split(","), args.experts.split(",")
@@ -99,8 +99,9 @@ def main(argv=None):
         p.error("need --compile-report, and TRITON_INTERPRET unset: the report compiles GPU code")
     print(f"# triton {triton.__version__}, torch {torch.__version__}, D = {D}, R = {R}, H = {H}")
     for arch, dtype, E in itertools.product(map(int, archs), dtypes, map(int, experts)):
+        xw = DTYPES[dtype if args.x == "matmul" else "fp32"]
         for top_k, kernel in itertools.product(sorted({1, E}), KERNELS):
-            row = compile_one(kernel, arch, DTYPES[dtype], E, top_k if kernel == "fwd" else E)
-            print(json.dumps(dict(kernel=kernel, arch=arch, dtype=dtype, E=E, top_k=top_k, **row,
+            row = compile_one(kernel, arch, DTYPES[dtype], E, top_k if kernel == "fwd" else E, xw)
+            print(json.dumps(dict(kernel=kernel, arch=arch, dtype=dtype, x=args.x, E=E, top_k=top_k, **row,
                                   smem_limit=SMEM_LIMIT[arch])), flush=True)
     print_traffic()

@@ -340,9 +340,22 @@ def test_compile_report_paper_and_fp32_configs_fit_a100_and_h100():
     assert "triton" in proc.stdout and "fwd+bwd" in proc.stdout  # the version line and the traffic table
 
 
+def test_compile_report_x_in_the_matmul_dtype():
+    """--x matmul: bf16 x and weights, as a direct fused_moa caller passes them, get their own (wider) tiles."""
+    proc = compile_report("--arch", "90", "--dtype", "bf16", "--experts", "4", "--x", "matmul")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    rows = {(r["kernel"], r["top_k"]): r for r in rows if r["x"] == "matmul"}
+    assert len(rows) == 6 and all(r["spill_bytes"] == 0 < r["smem_bytes"] <= r["smem_limit"] for r in rows.values())
+    want = fm.launch_params(90, torch.bfloat16, torch.bfloat16, torch.bfloat16, 768, 128, 4, 64)["fwd"][0]["BN"]
+    assert rows["fwd", 4]["BN"] == want != fm.launch_params(90, torch.bfloat16, torch.float32, torch.float32,
+                                                            768, 128, 4, 64)["fwd"][0]["BN"]
+
+
 def test_compile_report_refuses_the_interpreter_and_bad_flags():
     """One error line, no traceback; under TRITON_INTERPRET=1 the kernels still import (interpreter mode)."""
-    cases = [(["--compile-report"], "1"), (["--compile-report", "--arch", "75"], "0"), ([], "0")]
+    cases = [(["--compile-report"], "1"), (["--compile-report", "--arch", "75"], "0"), ([], "0"),
+             (["--compile-report", "--x", "fp8"], "0")]
     for flags, interpret in cases:
         proc = subprocess.run([sys.executable, "-m", "kernels.fused_moa", *flags], cwd=ROOT, text=True,
                               env=dict(os.environ, TRITON_INTERPRET=interpret), capture_output=True, timeout=60)
