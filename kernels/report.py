@@ -38,8 +38,8 @@ def compile_one(kernel, arch, dot, E, top_k, xw=torch.float32):
         if name in consts:
             sig[name] = "constexpr"
             constexprs[(i,)] = consts[name]
-        elif name.endswith("_ptr"):  # 16-byte aligned as launched; p*: matmul dtype, [d]gates, g*: fp32, else xw
-            sig[name] = f"*{fm.TL[dot if name[0] == 'p' else torch.float32 if 'g' in name[:2] else xw]}"
+        elif name.endswith("_ptr"):  # 16-byte aligned as launched; P1, P2: matmul dtype; gates, grads: fp32
+            sig[name] = f"*{fm.TL[dot if name[0] == 'p' else torch.float32 if name.startswith(('g', 'dg')) else xw]}"
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:  # D is a multiple of 16 too
             sig[name] = "fp32" if name == "temperature" else "i32"
