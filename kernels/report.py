@@ -6,25 +6,44 @@ the matmul dtype), prints `ptxas -v` registers, spills and shared memory (JSON l
 """
 import argparse
 import functools
-import io
 import itertools
 import json
+import pathlib
 import re
-from contextlib import redirect_stdout
+import subprocess
+import tempfile
 
 import torch
 import triton
-from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from kernels import fused_moa as fm
 
 SMEM_LIMIT = {80: 166912, 90: 232448}  # opt-in shared memory per block: A100, H100
+BIN = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"  # ptxas, cuobjdump
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KERNELS = {"fwd": fm._moa_fwd_kernel, "bwd_tokens": fm._moa_bwd_tokens, "bwd_weights": fm._moa_bwd_weights}
 TILES = ("BM", "BK", "BN", "KC", "NS", "BW", "BD", "BT")  # the launch parameters in the JSON lines
 D, R, H = 768, 64, 128
+
+
+def ptxas_v(ptx, cubin, arch):
+    """(registers, spill bytes): `ptxas -v` on triton's PTX as triton runs it, checked against the registers and
+    stack frame that cuobjdump reads from triton's own binary (the triton wheel ships both tools)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, binary = pathlib.Path(tmp, "kernel.ptx"), pathlib.Path(tmp, "triton.cubin")
+        src.write_text(ptx)
+        binary.write_bytes(cubin)
+        sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"  # the target names triton gives ptxas
+        log = subprocess.run([BIN / "ptxas", "-lineinfo", "-v", f"--gpu-name={sm}", src, "-o", f"{src}.o"],
+                             capture_output=True, text=True, check=True).stderr
+        usage = subprocess.check_output([BIN / "cuobjdump", "-res-usage", binary], text=True)
+    regs, stack, spill = (int(re.search(rf"(\d+) {what}", log).group(1))
+                          for what in ("registers", "bytes stack frame", "bytes spill stores"))
+    if f"REG:{regs} STACK:{stack} " not in usage:
+        raise RuntimeError(f"ptxas -v and triton {triton.__version__}'s sm_{arch} binary disagree: {usage}")
+    return regs, spill
 
 
 @functools.lru_cache(maxsize=None)  # the backward does not depend on top_k: compiled once per E
@@ -44,14 +63,10 @@ def compile_one(kernel, arch, dot, E, top_k, xw=torch.float32):
         else:  # D is a multiple of 16 too
             sig[name] = "fp32" if name == "temperature" else "i32"
             attrs[(i,)] = [["tt.divisibility", 16]] if name == "D" else []
-    with knobs.compilation.scope(), knobs.nvidia.scope(), redirect_stdout(io.StringIO()) as log:
-        knobs.compilation.always_compile = True  # compiled anew, not taken from triton's cache
-        knobs.nvidia.dump_ptxas_log = True  # triton's own ptxas run prints its -v log
-        binary = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
-                                options=dict(num_warps=warps, num_stages=stages))
-    spill = re.search(r"(\d+) bytes spill stores", log.getvalue())
-    return dict(regs=int(re.search(r"Used (\d+) registers", log.getvalue()).group(1)),
-                spill_bytes=int(spill.group(1)) if spill else 0, smem_bytes=binary.metadata.shared,
+    binary = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                            options=dict(num_warps=warps, num_stages=stages))
+    regs, spill = ptxas_v(binary.asm["ptx"], binary.asm["cubin"], arch)
+    return dict(regs=regs, spill_bytes=spill, smem_bytes=binary.metadata.shared,
                 warps=warps, stages=stages, **{k: v for k, v in meta.items() if k in TILES})
 
 

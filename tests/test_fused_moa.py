@@ -352,6 +352,22 @@ def test_compile_report_x_in_the_matmul_dtype():
                                                             768, 128, 4, 64)["fwd"][0]["BN"]
 
 
+def test_compile_report_checks_its_ptxas_log_against_tritons_binary():
+    """The report reruns ptxas on triton's PTX; a log that describes another binary (here another kernel's) is
+    refused, so the registers and spills reported are those of the binary triton would launch."""
+    code = ("import torch, triton; from kernels import report as rp\n"
+            "out, compile = [], triton.compile\n"
+            "triton.compile = lambda *a, **k: out.append(compile(*a, **k)) or out[-1]\n"
+            "rp.compile_one('fwd', 80, torch.bfloat16, 1, 1); rp.compile_one('fwd', 80, torch.float32, 1, 1)\n"
+            "print(rp.ptxas_v(out[0].asm['ptx'], out[0].asm['cubin'], 80))\n"
+            "rp.ptxas_v(out[0].asm['ptx'], out[1].asm['cubin'], 80)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES=""))
+    regs, spill = map(int, proc.stdout.strip("()\n").split(","))
+    assert 0 < regs <= 255 and spill == 0, proc.stdout
+    assert proc.returncode == 1 and "RuntimeError: ptxas -v and triton" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_compile_report_refuses_the_interpreter_and_bad_flags():
     """One error line, no traceback; under TRITON_INTERPRET=1 the kernels still import (interpreter mode)."""
     cases = [(["--compile-report"], "1"), (["--compile-report", "--arch", "75"], "0"), ([], "0"),
