@@ -320,10 +320,13 @@ def test_ncu_summary_counts_bytes_and_kernels(tmp_path):
     assert proc.returncode == 1 and proc.stderr.strip().endswith("run ncu with --csv --print-units base"), proc.stderr
 
 
+def compiling(*args):  # python *args with triton compiling GPU code, not interpreting (no GPU needed)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES=""))
+
+
 def compile_report(*flags):
-    env = dict(os.environ, TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES="")
-    return subprocess.run([sys.executable, "-m", "kernels.fused_moa", "--compile-report", *flags], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return compiling("-m", "kernels.fused_moa", "--compile-report", *flags)
 
 
 def test_compile_report_paper_and_fp32_configs_fit_a100_and_h100():
@@ -361,8 +364,7 @@ def test_compile_report_checks_its_ptxas_log_against_tritons_binary():
             "rp.compile_one('fwd', 80, torch.bfloat16, 1, 1); rp.compile_one('fwd', 80, torch.float32, 1, 1)\n"
             "print(rp.ptxas_v(out[0].asm['ptx'], out[0].asm['cubin'], 80))\n"
             "rp.ptxas_v(out[0].asm['ptx'], out[1].asm['cubin'], 80)\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES=""))
+    proc = compiling("-c", code)
     regs, spill = map(int, proc.stdout.strip("()\n").split(","))
     assert 0 < regs <= 255 and spill == 0, proc.stdout
     assert proc.returncode == 1 and "RuntimeError: ptxas -v and triton" in proc.stderr, proc.stderr[-2000:]
