@@ -5,6 +5,7 @@ and the zero-shot command line.
 Run: python -m pytest -q tests/test_clip_vit.py
 """
 import hashlib
+import importlib.util
 import io
 import os
 import pickle
@@ -30,46 +31,47 @@ def rel_err(a, b):
 
 
 @pytest.fixture(scope="module")
-def hf_and_archive(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.CLIPConfig(
-        text_config=dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8, num_hidden_layers=12,
-                         max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", eos_token_id=49407),
-        vision_config=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                           image_size=224, patch_size=32, hidden_act="quick_gelu"),
-        projection_dim=512)
-    torch.manual_seed(0)
-    hf = transformers.CLIPModel(cfg).eval()
-    with torch.no_grad():  # give every tensor a visible scale, then round HF's copy like the official file
-        for k, p in hf.state_dict().items():
-            p.add_(0.02 * torch.randn_like(p))
-            fp32 = any(s in k for s in ("norm", "layrnorm", "class_embedding", "position_embedding",
-                                        "token_embedding", "logit_scale"))
-            p.copy_(p if fp32 else p.half().float())
-        sd = official_dtypes(hf_to_openai(hf.state_dict()))
-    assert all(torch.equal(v.float(), hf_to_openai(hf.state_dict())[k]) for k, v in sd.items() if v.is_floating_point())
-    path = write_torchscript_archive(sd, tmp_path_factory.mktemp("clip") / "ViT-B-32.pt")
-    return hf, path
+def hf_reference(tmp_path_factory):
+    """Hugging Face's CLIP run by tests/hf_reference.py in its own process (`python -I`, another folder), so
+    that this repository's `kernels/` cannot shadow the `kernels` package transformers >= 5 imports."""
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is not installed (pip install -r requirements-dev.txt)")
+    tmp = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(1)
+    inputs = {"images": torch.randn(2, 3, 224, 224), "text": clip_vit.tokenize(["a diagram", "a photo of a chair."])}
+    torch.save(inputs, tmp / "inputs.pt")
+    script = Path(__file__).with_name("hf_reference.py")
+    run = subprocess.run([sys.executable, "-I", str(script), "inputs.pt", "outputs.pt"], cwd=tmp,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    outputs = torch.load(tmp / "outputs.pt", weights_only=True)
+    sd = official_dtypes(hf_to_openai(outputs["state_dict"]))
+    path = write_torchscript_archive(sd, tmp / "ViT-B-32.pt")
+    return inputs, outputs, path
 
 
-def test_parity_with_huggingface(hf_and_archive):
-    hf, path = hf_and_archive
+def test_parity_with_huggingface(hf_reference):
+    inputs, hf, path = hf_reference
     model = clip_vit.load(path)
     assert all(p.dtype == torch.float32 for p in model.parameters()) and not model.training
-    images = torch.randn(2, 3, 224, 224)
-    text = clip_vit.tokenize(["a diagram", "a photo of a chair."])
     with torch.no_grad():
-        out = hf.get_image_features(pixel_values=images)
-        hf_img = out if torch.is_tensor(out) else out.pooler_output
-        out = hf.get_text_features(input_ids=text)
-        hf_txt = out if torch.is_tensor(out) else out.pooler_output
-        img, txt = model.encode_image(images), model.encode_text(text)
-        logits, _ = model(images, text)
+        img = model.encode_image(inputs["images"])
+        txt = model.encode_text(inputs["text"])
+        logits, _ = model(inputs["images"], inputs["text"])
     assert img.shape == (2, 512) and txt.shape == (2, 512)
-    assert rel_err(img, hf_img) < 1e-4, rel_err(img, hf_img)
-    assert rel_err(txt, hf_txt) < 1e-4, rel_err(txt, hf_txt)
-    hf_logits = hf(input_ids=text, pixel_values=images).logits_per_image
-    assert rel_err(logits, hf_logits.detach()) < 1e-4
+    assert rel_err(img, hf["image"]) < 1e-4, rel_err(img, hf["image"])
+    assert rel_err(txt, hf["text"]) < 1e-4, rel_err(txt, hf["text"])
+    assert rel_err(logits, hf["logits"]) < 1e-4
+
+
+def test_the_repository_kernels_folder_cannot_shadow_an_installed_kernels_package(tmp_path):
+    """The failure this guards against: transformers >= 5 imports Hugging Face's `kernels`, and with the
+    repository root on sys.path (as under pytest) it found ours instead. In the isolated process that the
+    parity test uses, `kernels` resolves to site-packages, or to nothing, never to this repository."""
+    probe = "import importlib.util, sys; s = importlib.util.find_spec('kernels'); print(s.origin if s else None)"
+    run = subprocess.run([sys.executable, "-I", "-c", probe], cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert str(Path(__file__).resolve().parents[1] / "kernels") not in run.stdout, run.stdout
 
 
 # -----------------------------------------------------------------------------

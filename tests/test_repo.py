@@ -85,6 +85,28 @@ def test_import_graph_is_the_architecture():
             assert layer[dep] < layer[name], f"{name} -> {dep} breaks the layering"
 
 
+# third-party distributions allowed to install a top-level module named like one of ours, and why that is safe
+SHADOWED_ON_PURPOSE = {
+    # Hugging Face's `kernels`, pulled in by transformers >= 5 (test-only): the Hugging Face parity test runs
+    # transformers in its own process (`python -I`, outside the repository), where ours is not on sys.path
+    "kernels": {"kernels"},
+}
+
+
+def test_no_installed_package_is_shadowed_unknowingly():
+    """A package installed under one of our module names is shadowed by the repository's copy in every process
+    started from the repository root, so its importers break (transformers 5 did, through `kernels`). Each
+    such collision must be known and handled (SHADOWED_ON_PURPOSE); a new one fails here, by name."""
+    import importlib.metadata
+
+    ours = {p.stem for p in ROOT.glob("*.py")} | {"kernels", "tests"}
+    installed = importlib.metadata.packages_distributions()
+    for module in sorted(ours & set(installed)):
+        dists = set(installed[module])
+        assert dists <= SHADOWED_ON_PURPOSE.get(module, set()), (
+            f"installed {sorted(dists)} provide a top-level `{module}`, which the repository's {module} shadows")
+
+
 def test_nothing_points_outside_the_repository():
     tracked = subprocess.run(["git", "ls-files", "*.py", "*.md", "*.txt", ".ci/*"], cwd=ROOT,
                              capture_output=True, text=True).stdout.split()
