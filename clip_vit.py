@@ -1,7 +1,8 @@
 """
-CLIP ViT-B/32 written from scratch; it loads OpenAI's official weights without running TorchScript,
-and its numerics follow openai/CLIP's clip/model.py. Top to bottom: the model, files and downloads,
-the weight reader, image preprocessing, the BPE tokenizer, a zero-shot demo.
+CLIP ViT-B/32, and the ResNet-50 (RN50) that DepthCLIP used, written from scratch; it loads OpenAI's
+official weights without running TorchScript, and its numerics follow openai/CLIP's clip/model.py.
+Top to bottom: the model (the ViT, then the ResNet), files and downloads, the weight reader, image
+preprocessing, the BPE tokenizer, a zero-shot demo.
 
     model = clip_vit.load("ViT-B/32")                  # downloads 354 MB to ~/.cache/clip once
     image = clip_vit.preprocess(PIL.Image.open("CLIP.png")).unsqueeze(0)
@@ -9,13 +10,16 @@ the weight reader, image preprocessing, the BPE tokenizer, a zero-shot demo.
 
 Zero-shot from the shell: python clip_vit.py CLIP.png "a diagram" "a dog" "a cat" [--clip random]
 """
+
 import gzip
 import hashlib
 import html
 import http.client
 import math
+import mmap
 import os
 import pickle
+import struct
 import sys
 import time
 import types
@@ -31,8 +35,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-MODELS = {"ViT-B/32": "https://openaipublic.azureedge.net/clip/models/"
-          "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt"}
+MODELS = {
+    "ViT-B/32": "https://openaipublic.azureedge.net/clip/models/"
+    "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+    "RN50": "https://openaipublic.azureedge.net/clip/models/"
+    "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
+}
+# random_state_dict's arguments for RN50's sizes (DepthCLIP's backbone; the text tower is ViT-B/32's)
+RN50_SIZES = {"embed_dim": 1024, "vision_layers": (3, 4, 6, 3), "vision_width": 64, "patch": None}
 # the tokenizer's vocabulary ships beside this file (MIT, (c) 2021 OpenAI: LICENSE-vocab)
 VOCAB_PATH = Path(__file__).resolve().with_name("bpe_simple_vocab_16e6.txt.gz")
 VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
@@ -44,6 +54,7 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 # the model
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in fp32 whatever the input dtype, as in OpenAI's code."""
+
     def forward(self, x):
         return super().forward(x.float()).type(x.dtype)
 
@@ -55,10 +66,11 @@ class QuickGELU(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head self-attention with OpenAI's parameter names (packed q/k/v in in_proj_weight)."""
+
     def __init__(self, d_model, n_head):
         super().__init__()
         self.n_head = n_head
-        self.in_proj_weight = nn.Parameter(torch.randn(3 * d_model, d_model) * d_model ** -0.5)
+        self.in_proj_weight = nn.Parameter(torch.randn(3 * d_model, d_model) * d_model**-0.5)
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * d_model))
         self.out_proj = nn.Linear(d_model, d_model)
 
@@ -75,8 +87,11 @@ class ResidualAttentionBlock(nn.Module):
         super().__init__()
         self.attn = Attention(d_model, n_head)
         self.ln_1 = LayerNorm(d_model)
-        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(d_model, 4 * d_model), gelu=QuickGELU(),
-                                             c_proj=nn.Linear(4 * d_model, d_model)))
+        self.mlp = nn.Sequential(
+            OrderedDict(
+                c_fc=nn.Linear(d_model, 4 * d_model), gelu=QuickGELU(), c_proj=nn.Linear(4 * d_model, d_model)
+            )
+        )
         self.ln_2 = LayerNorm(d_model)
 
     def forward(self, x, causal=False):  # x (B, L, D), batch-first (OpenAI's is sequence-first)
@@ -99,7 +114,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim):
         super().__init__()
         self.input_resolution, self.patch_size = input_resolution, patch_size
-        scale = width ** -0.5
+        scale = width**-0.5
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         n_tokens = (input_resolution // patch_size) ** 2 + 1  # the patches and the class token
@@ -116,35 +131,158 @@ class VisionTransformer(nn.Module):
         g = round(math.sqrt(pe.shape[0] - 1))
         if (gh, gw) == (g, g):
             return pe
-        grid = pe[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2).float()           # (1, width, g, g)
+        grid = pe[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2).float()  # (1, width, g, g)
         grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
         return torch.cat([pe[:1], grid.permute(0, 2, 3, 1).reshape(gh * gw, -1).to(pe.dtype)])
 
     def embed(self, x):
         """Pixels (B, 3, H, W) -> token sequence (B, 1 + H/p * W/p, width) entering block 0."""
-        x = self.conv1(x.type(self.conv1.weight.dtype))                      # (B, width, gh, gw)
+        x = self.conv1(x.type(self.conv1.weight.dtype))  # (B, width, gh, gw)
         gh, gw = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2)                                     # (B, gh*gw, width)
+        x = x.flatten(2).transpose(1, 2)  # (B, gh*gw, width)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.pos_embed(gh, gw).to(x.dtype)  # (B, 1+gh*gw, width)
         return self.ln_pre(x)
 
     def forward(self, x):  # moa.py calls embed and each block itself, to read the tokens in between
-        x = self.transformer(self.embed(x))                                  # (B, 1+gh*gw, width)
-        return self.ln_post(x[:, 0, :]) @ self.proj                          # CLS: (B, output_dim)
+        x = self.transformer(self.embed(x))  # (B, 1+gh*gw, width)
+        return self.ln_post(x[:, 0, :]) @ self.proj  # CLS: (B, output_dim)
+
+
+class Bottleneck(nn.Module):
+    """ResNet's 1x1 -> 3x3 -> 1x1 block, anti-aliased: a stride s is an s x s average pool after the
+    3x3 convolution (and before the 1x1 convolution of the shortcut), never a strided convolution."""
+
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.downsample = None
+        if stride > 1 or inplanes != planes * self.expansion:  # OpenAI's key names: downsample.0, .1
+            self.downsample = nn.Sequential(
+                OrderedDict(
+                    [
+                        ("-1", nn.AvgPool2d(stride)),
+                        ("0", nn.Conv2d(inplanes, planes * self.expansion, 1, bias=False)),
+                        ("1", nn.BatchNorm2d(planes * self.expansion)),
+                    ]
+                )
+            )
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.avgpool(F.relu(self.bn2(self.conv2(out))))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + identity)
+
+
+class AttentionPool2d(nn.Module):
+    """The ResNet's head instead of a global average pool: one multi-head attention step in which the
+    mean of the grid (plus a positional embedding) is the query and the grid is keys and values."""
+
+    def __init__(self, grid, embed_dim, num_heads, output_dim):
+        super().__init__()
+        n_tokens = grid**2 + 1  # the mean and the grid x grid map (7x7 in RN50)
+        self.positional_embedding = nn.Parameter(torch.randn(n_tokens, embed_dim) / embed_dim**0.5)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.c_proj = nn.Linear(embed_dim, output_dim)
+        self.num_heads = num_heads
+
+    def forward(self, x):  # x (B, C, h, w): only the trained grid (7x7 for 224x224 inputs) fits
+        x = x.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # (B, 1+h*w, C)
+        x = x + self.positional_embedding.to(x.dtype)
+        B, L, C = x.shape
+        q = self.q_proj(x[:, :1]).view(B, 1, self.num_heads, -1).transpose(1, 2)  # (B, heads, 1, d)
+        k = self.k_proj(x).view(B, L, self.num_heads, -1).transpose(1, 2)  # (B, heads, L, d)
+        v = self.v_proj(x).view(B, L, self.num_heads, -1).transpose(1, 2)  # (B, heads, L, d)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, heads, 1, d)
+        return self.c_proj(y.transpose(1, 2).reshape(B, C))  # (B, output_dim)
+
+
+class ModifiedResNet(nn.Module):
+    """CLIP's ResNet (RN50 and kin): torchvision's ResNet with a 3-convolution stem and an average
+    pool instead of a max pool, anti-aliased Bottlenecks, and attention pooling at the end."""
+
+    def __init__(self, layers, output_dim, heads, input_resolution=224, width=64):
+        super().__init__()
+        self.input_resolution = input_resolution
+        self.conv1 = nn.Conv2d(3, width // 2, kernel_size=3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width // 2)
+        self.conv2 = nn.Conv2d(width // 2, width // 2, kernel_size=3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width // 2)
+        self.conv3 = nn.Conv2d(width // 2, width, kernel_size=3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.avgpool = nn.AvgPool2d(2)
+        self.layer1 = self.make_layer(width, width, layers[0])
+        self.layer2 = self.make_layer(width * 4, width * 2, layers[1], stride=2)
+        self.layer3 = self.make_layer(width * 8, width * 4, layers[2], stride=2)
+        self.layer4 = self.make_layer(width * 16, width * 8, layers[3], stride=2)
+        embed_dim = width * 32  # the channels of layer4's output: 2048 in RN50
+        self.attnpool = AttentionPool2d(input_resolution // 32, embed_dim, heads, output_dim)
+
+    @staticmethod
+    def make_layer(inplanes, planes, blocks, stride=1):
+        first = Bottleneck(inplanes, planes, stride)
+        rest = [Bottleneck(planes * Bottleneck.expansion, planes) for _ in range(1, blocks)]
+        return nn.Sequential(first, *rest)
+
+    def features(self, x):
+        """Pixels (B, 3, H, W) -> layer4's feature map (B, 32*width, H/32, W/32), before the pool
+        (DepthCLIP reads this map: 2048 x 13 x 17 for its 416x544 input)."""
+        x = x.type(self.conv1.weight.dtype)
+        for conv, bn in [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]:
+            x = F.relu(bn(conv(x)))
+        x = self.avgpool(x)  # (B, width, H/4, W/4)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x):
+        return self.attnpool(self.features(x))  # (B, output_dim)
 
 
 class CLIP(nn.Module):
-    def __init__(self, embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
-                 context_length, vocab_size, transformer_width, transformer_heads, transformer_layers):
-        super().__init__()  # same constructor signature as openai/CLIP's ViT branch
-        self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width,
-                                        vision_layers, vision_width // 64, embed_dim)
+    def __init__(
+        self,
+        embed_dim,
+        image_resolution,
+        vision_layers,
+        vision_width,
+        vision_patch_size,
+        context_length,
+        vocab_size,
+        transformer_width,
+        transformer_heads,
+        transformer_layers,
+    ):
+        super().__init__()  # openai/CLIP's constructor signature: a tuple of layers means a ResNet
+        if isinstance(vision_layers, (tuple, list)):  # the blocks of layer1..4: (3, 4, 6, 3) in RN50
+            self.visual = ModifiedResNet(
+                vision_layers, embed_dim, vision_width * 32 // 64, image_resolution, vision_width
+            )
+        else:
+            self.visual = VisionTransformer(
+                image_resolution,
+                vision_patch_size,
+                vision_width,
+                vision_layers,
+                vision_width // 64,
+                embed_dim,
+            )
         self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads)
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
         self.positional_embedding = nn.Parameter(0.01 * torch.randn(context_length, transformer_width))
         self.ln_final = LayerNorm(transformer_width)
-        scale = transformer_width ** -0.5
+        scale = transformer_width**-0.5
         self.text_projection = nn.Parameter(scale * torch.randn(transformer_width, embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
@@ -152,8 +290,8 @@ class CLIP(nn.Module):
         return self.visual(image)
 
     def encode_text(self, text):  # (B, context_length) ids -> (B, embed_dim)
-        x = self.token_embedding(text) + self.positional_embedding   # (B, L, width)
-        x = self.ln_final(self.transformer(x, causal=True))          # (B, L, width)
+        x = self.token_embedding(text) + self.positional_embedding  # (B, L, width)
+        x = self.ln_final(self.transformer(x, causal=True))  # (B, L, width)
         eot = text.argmax(dim=-1)  # the EOT token has the largest id
         return x[torch.arange(x.shape[0]), eot] @ self.text_projection
 
@@ -164,32 +302,78 @@ class CLIP(nn.Module):
         return logits_per_image, logits_per_image.t()
 
 
+JIT_ONLY = ("input_resolution", "context_length", "vocab_size")  # int buffers of the JIT file alone
+
+
 def build_model(state_dict):
-    """The architecture read off a state dict (as openai's build_model does), loaded strictly."""
-    if not isinstance(state_dict, dict) or "visual.proj" not in state_dict:
-        raise ValueError("not a CLIP ViT state dict (no 'visual.proj'; ResNet CLIPs are not read)")
-    # the weights in fp32, without the JIT file's int buffers (input_resolution, vocab_size, ...)
-    sd = {k: v.float() for k, v in state_dict.items() if v.is_floating_point()}
-    vision_width, _, _, patch = sd["visual.conv1.weight"].shape
-    vision_layers = sum(k.startswith("visual.") and k.endswith(".attn.in_proj_weight") for k in sd)
-    grid = round(math.sqrt(sd["visual.positional_embedding"].shape[0] - 1))
+    """The architecture read off a state dict, as openai's build_model does ("visual.proj" means a
+    ViT, else a ResNet whose layer counts the keys give), loaded strictly."""
+    towers = {"visual.proj", "visual.attnpool.c_proj.weight"}  # a key that only a ViT, only a ResNet has
+    if not isinstance(state_dict, dict) or not towers & set(state_dict):
+        raise ValueError("not a CLIP state dict (no ViT 'visual.proj', no ResNet 'visual.attnpool')")
+    # the weights in fp32; other ints (BatchNorm's num_batches_tracked) kept: strict loading wants them
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items() if k not in JIT_ONLY}
+    if "visual.proj" in sd:  # a ViT
+        vision_width, _, _, patch = sd["visual.conv1.weight"].shape
+        vision_layers = sum(k.startswith("visual.") and k.endswith(".attn.in_proj_weight") for k in sd)
+        grid = round(math.sqrt(sd["visual.positional_embedding"].shape[0] - 1))
+        resolution = patch * grid
+    else:  # a ResNet: blocks per stage from the keys "visual.layer{1..4}.{block}.", stride 32 in all
+        stages = [f"visual.layer{i}." for i in (1, 2, 3, 4)]
+        vision_layers = tuple(len({k.split(".")[2] for k in sd if k.startswith(s)}) for s in stages)
+        vision_width = sd["visual.layer1.0.conv1.weight"].shape[0]
+        patch = None  # no patches: a ResNet
+        grid = round(math.sqrt(sd["visual.attnpool.positional_embedding"].shape[0] - 1))
+        resolution = 32 * grid
     width = sd["ln_final.weight"].shape[0]
     text_layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks")})
-    model = CLIP(sd["text_projection"].shape[1], patch * grid, vision_layers, vision_width, patch,
-                 sd["positional_embedding"].shape[0], sd["token_embedding.weight"].shape[0],
-                 width, width // 64, text_layers)
-    model.load_state_dict(sd, strict=True)  # an error names each missing, extra or misshapen key
+    with no_random_init():  # sd holds every weight: drawing random ones first would be wasted
+        model = CLIP(
+            sd["text_projection"].shape[1],
+            resolution,
+            vision_layers,
+            vision_width,
+            patch,
+            sd["positional_embedding"].shape[0],
+            sd["token_embedding.weight"].shape[0],
+            width,
+            width // 64,
+            text_layers,
+        )
+    # sd's tensors become the weights, uncopied; an error names each missing, extra or misshapen key
+    model.load_state_dict(sd, strict=True, assign=True)
     return model.eval()
 
 
-def random_state_dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
-                      patch=32, context_length=77, vocab_size=49408, width=512, heads=8, layers=12,
-                      seed=0):
-    """Seeded random weights in the official layout, ViT-B/32's sizes by default (smoke runs)."""
+def random_state_dict(
+    embed_dim=512,
+    image_resolution=224,
+    vision_layers=12,
+    vision_width=768,
+    patch=32,
+    context_length=77,
+    vocab_size=49408,
+    width=512,
+    heads=8,
+    layers=12,
+    seed=0,
+):
+    """Seeded random weights in the official layout, ViT-B/32's sizes by default (smoke runs).
+    vision_layers a tuple: a ResNet's, e.g. random_state_dict(**RN50_SIZES) for RN50's."""
     with torch.random.fork_rng():  # leave the caller's random stream untouched
         torch.manual_seed(seed)
-        return CLIP(embed_dim, image_resolution, vision_layers, vision_width, patch, context_length,
-                    vocab_size, width, heads, layers).state_dict()
+        return CLIP(
+            embed_dim,
+            image_resolution,
+            vision_layers,
+            vision_width,
+            patch,
+            context_length,
+            vocab_size,
+            width,
+            heads,
+            layers,
+        ).state_dict()
 
 
 # -----------------------------------------------------------------------------
@@ -229,13 +413,28 @@ def sha256sum(path):
 def download(url, dest, sha256=None):
     """Fetch url to dest, with progress on stderr. The bytes land in dest.part, which a later call
     resumes (HTTP Range); dest appears only complete and, given sha256, checked. Raises
-    UserError("dest: problem"), which also says where a copy fetched by hand goes."""
+    UserError("dest: problem"), which also says where a copy fetched by hand goes. A download
+    that fails before its first byte leaves nothing behind: no empty .part, no new empty folder."""
     dest = Path(dest)
+    made = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]  # innermost first
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return _download(url, dest, sha256)
+    except BaseException:  # a failure, or Ctrl-C
+        part = dest.with_name(dest.name + ".part")
+        if part.exists() and part.stat().st_size == 0:
+            part.unlink()
+        for folder in made:
+            if not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+
+
+def _download(url, dest, sha256):
     part = dest.with_name(dest.name + ".part")
     failed = f"{dest}: download from {url} failed"
     by_hand = f"fetch it by hand from that URL and put it at {dest}"  # the way out, offline
     by_hand += f" (SHA-256 {sha256})" if sha256 else ""
-    dest.parent.mkdir(parents=True, exist_ok=True)
     have = done = part.stat().st_size if part.exists() else 0
     req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
@@ -252,8 +451,12 @@ def download(url, dest, sha256=None):
                         last = time.time()
                         rate = (done - have) / max(last - t0, 1e-6) / 1e6
                         size = f"/{total / 1e6:.1f}" if total else ""
-                        print(f"\r{dest.name}: {done / 1e6:.1f}{size} MB at {rate:.1f} MB/s",
-                              end="", file=sys.stderr, flush=True)
+                        print(
+                            f"\r{dest.name}: {done / 1e6:.1f}{size} MB at {rate:.1f} MB/s",
+                            end="",
+                            file=sys.stderr,
+                            flush=True,
+                        )
             print(file=sys.stderr)
         if done < total:
             raise ConnectionError(f"connection closed at {done} of {total} bytes")
@@ -266,8 +469,9 @@ def download(url, dest, sha256=None):
     got = sha256sum(part) if sha256 else None
     if got != sha256:
         part.unlink()
-        raise UserError(f"{failed}: SHA-256 mismatch (expected {sha256}, got {got}); "
-                        f"removed the download; {by_hand}")
+        raise UserError(
+            f"{failed}: SHA-256 mismatch (expected {sha256}, got {got}); removed the download; {by_hand}"
+        )
     os.replace(part, dest)
     return dest
 
@@ -275,12 +479,14 @@ def download(url, dest, sha256=None):
 # -----------------------------------------------------------------------------
 # reading the official TorchScript archive without TorchScript
 class _ArchiveUnpickler(pickle.Unpickler):
-    """Rebuilds tensors from the data/ storages and refuses every global it does not know."""
+    """Rebuilds tensors from the data/ storages and refuses every global it does not know. The
+    storages are read in place from `memory`, the whole file mapped (see persistent_load)."""
+
     dtypes = {"HalfStorage": torch.half, "FloatStorage": torch.float, "LongStorage": torch.long}
 
-    def __init__(self, zf, pkl):  # pkl: "<root>/data.pkl"; the storages: "<root>/data/<key>"
+    def __init__(self, zf, pkl, memory):  # pkl: "<root>/data.pkl"; storages: "<root>/data/<key>"
         super().__init__(zf.open(pkl))
-        self.zf, self.prefix = zf, pkl[: -len("data.pkl")]
+        self.zf, self.prefix, self.memory = zf, pkl[: -len("data.pkl")], memory
 
     def find_class(self, module, name):
         if module.startswith("__torch__"):  # a module: pickle sets its attributes
@@ -295,17 +501,35 @@ class _ArchiveUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):  # ('storage', dtype, key, device, numel)
         _, dtype, key, _, numel = pid
-        raw = self.zf.read(f"{self.prefix}data/{key}")
-        return torch.frombuffer(bytearray(raw), dtype=dtype)[:numel]
+        info = self.zf.getinfo(f"{self.prefix}data/{key}")
+        if numel * dtype.itemsize > info.file_size:
+            raise ValueError(f"storage {key}: {numel} elements in {info.file_size} bytes")
+        start = self.member_start(info)
+        if info.compress_type != zipfile.ZIP_STORED or start % dtype.itemsize:  # not as torch writes
+            raw = bytearray(self.zf.read(info))
+            return torch.frombuffer(raw, dtype=dtype, count=numel)
+        # torch stores each storage uncompressed and aligned: the tensor is the mapped bytes
+        return torch.frombuffer(self.memory, dtype=dtype, count=numel, offset=start)
+
+    def member_start(self, info):  # the file offset of a member's bytes: after its local header
+        header = self.memory[info.header_offset : info.header_offset + 30]
+        if header[:4] != b"PK\x03\x04":
+            raise ValueError(f"{info.filename}: no zip local header at {info.header_offset}")
+        name_length, extra_length = struct.unpack("<HH", header[26:30])
+        return info.header_offset + 30 + name_length + extra_length
 
 
 def read_torchscript_state_dict(path):
-    """The tensors of a TorchScript archive, as torch.jit.load(path).state_dict() gives them."""
+    """The tensors of a TorchScript archive, as torch.jit.load(path).state_dict() gives them. They
+    are views of a private (copy-on-write) map of the file: reading costs nothing up front, pages
+    are read as the tensors are used, and writing to a tensor never changes the file."""
+    with open(path, "rb") as f:
+        memory = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # lives as long as its tensors
     with zipfile.ZipFile(path) as zf:
         pkl = [n for n in zf.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
         if not pkl:
             raise ValueError("no data.pkl in the archive")
-        root = _ArchiveUnpickler(zf, pkl[0]).load()
+        root = _ArchiveUnpickler(zf, pkl[0], memory).load()
 
     def tensors(obj, prefix):  # the module tree -> (dotted name, tensor), in attribute order
         for k, v in vars(obj).items():
@@ -313,6 +537,7 @@ def read_torchscript_state_dict(path):
                 yield prefix + k, v
             elif isinstance(v, types.SimpleNamespace):
                 yield from tensors(v, prefix + k + ".")
+
     return OrderedDict(tensors(root, ""))
 
 
@@ -325,6 +550,34 @@ def load_state_dict(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+class no_random_init(torch.overrides.TorchFunctionMode):
+    """`with no_random_init(): model = Model(...)` builds modules without drawing the random initial
+    weights that load_state_dict(sd, assign=True) then replaces: torch.randn and torch.rand give
+    uninitialised memory, and the random initialisers (nn.init's, Tensor.uniform_ and .normal_) do
+    nothing. Every other tensor op runs as usual, so what no state dict holds (a non-persistent
+    buffer, say a mask) comes out right. The meta device would skip the memory as well, but its first
+    randn or scalar multiply imports sympy: seconds, more than the initialisation it saves."""
+
+    RANDOM = (torch.randn, torch.rand)
+    INITIALISERS = (
+        nn.init.uniform_,
+        nn.init.normal_,
+        nn.init.trunc_normal_,
+        nn.init.kaiming_uniform_,
+        torch.Tensor.uniform_,
+        torch.Tensor.normal_,
+    )
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.RANDOM:
+            kwargs.pop("generator", None)
+            return torch.empty(*args, **kwargs)
+        if func in self.INITIALISERS:  # in place: the tensor itself, left as it is
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
 def load(name_or_path="ViT-B/32", device="cpu"):
     """CLIP in eval mode, fp32: a model name (downloaded to the cache), a path to the official
     TorchScript archive or to a torch.save'd state dict, or "random" (random weights, offline)."""
@@ -334,7 +587,7 @@ def load(name_or_path="ViT-B/32", device="cpu"):
     if name_or_path in MODELS:
         path = cache_dir() / MODELS[name_or_path].split("/")[-1]
         sha = official_sha256(name_or_path)
-        if not path.is_file() or sha256sum(path) != sha:  # not there yet, or damaged: fetch it
+        if not path.is_file() or sha256sum(path) != sha:  # not there yet, or damaged: fetch
             download(MODELS[name_or_path], path, sha256=sha)
     elif not path.is_file():
         raise UserError(f"{path}: no such file (and not a model name: {', '.join(MODELS)}, random)")
@@ -342,8 +595,10 @@ def load(name_or_path="ViT-B/32", device="cpu"):
         return build_model(load_state_dict(path)).to(device)
     except Exception as e:  # zip, pickle, torch.load and shape errors all become one clear line
         detail = " ".join(f"{type(e).__name__}: {e}".split())[:500]
-        raise UserError(f"{path}: not a CLIP ViT weights file, i.e. OpenAI's TorchScript archive "
-                        f"or a torch.save'd state dict ({detail})") from None
+        raise UserError(
+            f"{path}: not a CLIP ViT weights file, i.e. OpenAI's TorchScript archive "
+            f"or a torch.save'd state dict ({detail})"
+        ) from None
 
 
 # -----------------------------------------------------------------------------
@@ -365,10 +620,13 @@ def preprocess(image, size=224):
 class SimpleTokenizer:
     def __init__(self):
         import regex  # imported here (ftfy too) so that the model alone needs neither
+
         data = VOCAB_PATH.read_bytes() if VOCAB_PATH.is_file() else b""
         if hashlib.sha256(data).hexdigest() != VOCAB_SHA256:  # say, a damaged clone
-            raise UserError(f"{VOCAB_PATH}: missing or not the official vocabulary (SHA-256 "
-                            f"{VOCAB_SHA256}); restore it from the repository")
+            raise UserError(
+                f"{VOCAB_PATH}: missing or not the official vocabulary (SHA-256 "
+                f"{VOCAB_SHA256}); restore it from the repository"
+            )
         # byte -> printable character, so that BPE never sees whitespace or control codes: bytes
         # "!".."~", "¡".."¬", "®".."ÿ" stand for themselves, the other 68 for U+0100, U+0101, ...
         printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
@@ -376,14 +634,17 @@ class SimpleTokenizer:
         others = [b for b in range(256) if b not in printable]
         self.byte_encoder.update({b: chr(256 + i) for i, b in enumerate(others)})
         merges = gzip.decompress(data).decode("utf-8").split("\n")
-        merges = [tuple(m.split()) for m in merges[1:49152 - 256 - 2 + 1]]
+        merges = [tuple(m.split()) for m in merges[1 : 49152 - 256 - 2 + 1]]
         symbols = list(self.byte_encoder.values())  # ids: bytes, bytes ending a word, merges
         vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
         self.encoder = {v: i for i, v in enumerate(vocab + ["<|startoftext|>", "<|endoftext|>"])}
         self.bpe_ranks = {m: i for i, m in enumerate(merges)}
         self.cache = {"<|startoftext|>": "<|startoftext|>", "<|endoftext|>": "<|endoftext|>"}
-        self.pat = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
-                                 r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
+        self.pat = regex.compile(
+            r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
+            r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+            regex.IGNORECASE,
+        )
         self.sot, self.eot = self.encoder["<|startoftext|>"], self.encoder["<|endoftext|>"]
 
     def bpe(self, token):
@@ -396,12 +657,13 @@ class SimpleTokenizer:
                 i = ranks.index(min(ranks))  # the leftmost of the best pairs
                 if ranks[i] == math.inf:
                     break
-                word[i:i + 2] = [word[i] + word[i + 1]]
+                word[i : i + 2] = [word[i] + word[i + 1]]
             self.cache[token] = " ".join(word)
         return self.cache[token]
 
     def encode(self, text):
         import ftfy
+
         text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
         text = " ".join(text.split()).lower()  # runs of whitespace -> one space
         ids = []
@@ -425,7 +687,7 @@ def tokenize(texts, context_length=77):
         ids = [tok.sot] + tok.encode(text) + [tok.eot]
         if len(ids) > context_length:
             raise UserError(f"{text[:40]!r}: {len(ids)} tokens, more than CLIP's {context_length}")
-        out[i, :len(ids)] = torch.tensor(ids)
+        out[i, : len(ids)] = torch.tensor(ids)
     return out
 
 
@@ -433,18 +695,19 @@ def tokenize(texts, context_length=77):
 if __name__ == "__main__":  # zero-shot: how well does each label describe the image?
     import argparse
     from PIL import Image
+
     p = argparse.ArgumentParser(description="Zero-shot classification of one image by CLIP.")
     p.add_argument("image")
     p.add_argument("labels", nargs="+")
-    p.add_argument("--clip", default="ViT-B/32", help="ViT-B/32, a weights file, or random")
+    p.add_argument("--clip", default="ViT-B/32", help="ViT-B/32, RN50, a weights file, or random")
     args = p.parse_args()
     try:
         image = preprocess(Image.open(args.image)).unsqueeze(0)  # (1, 3, 224, 224)
-        text = tokenize(args.labels)                              # (n_labels, 77)
+        text = tokenize(args.labels)  # (n_labels, 77)
         model = load(args.clip)
     except (UserError, OSError) as e:
         sys.exit(f"error: {e}")
     with torch.no_grad():
-        probs = model(image, text)[0].softmax(dim=-1)[0]          # (n_labels,)
+        probs = model(image, text)[0].softmax(dim=-1)[0]  # (n_labels,)
     for label, prob in zip(args.labels, probs.tolist()):
         print(f"{prob:8.4f}  {label}")

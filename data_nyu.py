@@ -6,7 +6,9 @@ batches preloaded on the device, and the one metrics function (BTS/AdaBins formu
     ds = data_nyu.NYUDepthV2("nyu_depth_v2_labeled.mat", split="train")
     rgb, depth = ds[0]                  # uint8 (480, 640, 3), float32 (480, 640) metres
 """
+
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,7 @@ MIN_DEPTH, MAX_DEPTH = 1e-3, 10.0  # the usual valid range (BTS, AdaBins), both 
 def read_splits(path):
     """splits.mat (MATLAB v5) -> {"train", "test"}: int64 frame indices, 0-based, ascending."""
     import scipy.io
+
     try:
         m = scipy.io.loadmat(path)
     except Exception as e:  # scipy raises ValueError, TypeError, OSError... on a bad file
@@ -53,9 +56,24 @@ def fetch(path, download=None):
     if not path.parent.is_dir():
         raise UserError(f"{path}: no folder {path.parent} (a typo?); nothing was created or downloaded")
     if download is False or (download is None and path.name != FILE_NAME):
-        raise UserError(f"{path}: not found; --download fetches it from {URL} (2.97 GB, "
-                        "no official checksum), or put a copy fetched by hand at exactly this path")
+        raise UserError(
+            f"{path}: not found; --download fetches it from {URL} (2.97 GB, "
+            "no official checksum), or put a copy fetched by hand at exactly this path"
+        )
     return clip_vit.download(URL, path)
+
+
+def hdf5_problem(e):
+    """h5py's OSError, C details over several lines -> a few words on one line."""
+    text = " ".join(str(e).split())
+    truncated = re.search(r"truncated file: eof = (\d+).*stored_eof = (\d+)", text)
+    if truncated:
+        have, want = (int(n) for n in truncated.groups())
+        return f"truncated: {have:,} of {want:,} bytes (an unfinished download or copy?)"
+    if "file signature not found" in text:
+        return "not a MATLAB v7.3 MAT-file (HDF5), as NYU's labeled file is"
+    reason = re.search(r"\(([^,()]*)", text)  # h5py's first clause in brackets
+    return f"not readable as a MATLAB v7.3 MAT-file (HDF5: {reason[1] if reason else type(e).__name__})"
 
 
 class NYUDepthV2:
@@ -65,24 +83,32 @@ class NYUDepthV2:
 
     def __init__(self, mat_path, split="train", splits_path=None, raw_depth=False, download=None):
         import h5py
-        self.path, self.key = fetch(mat_path, download), "rawDepths" if raw_depth else "depths"
+
+        self.path = fetch(mat_path, download)
+        self.key = "rawDepths" if raw_depth else "depths"
+        if self.path.is_dir():
+            raise UserError(f"{self.path}: a directory, not NYU's labeled file ({FILE_NAME})")
         try:  # v7.3 is HDF5 behind a 512-byte MAT header; the bytes decide, not the name
             self.h5 = h5py.File(self.path, "r", rdcc_nbytes=32 << 20)  # in case chunks span frames
         except OSError as e:
-            raise UserError(f"{self.path}: not a MATLAB v7.3 MAT-file, or truncated (HDF5: {e})") from None
+            raise UserError(f"{self.path}: {hdf5_problem(e)}") from None
         names = ("images", self.key, "sceneTypes")
         im, dp, sc = [getattr(self.h5.get(k), "shape", None) for k in names]  # None: missing
         if im is None or len(im) != 4 or im[1] != 3 or dp != (im[0], *im[2:]) or sc != (1, im[0]):
-            raise UserError(f"{self.path}: not NYU's labeled file: images, {self.key}, sceneTypes are "
-                            f"{im}, {dp}, {sc}, not (N, 3, W, H), (N, W, H), (1, N) in h5py's order")
+            raise UserError(
+                f"{self.path}: not NYU's labeled file: images, {self.key}, sceneTypes are "
+                f"{im}, {dp}, {sc}, not (N, 3, W, H), (N, W, H), (1, N) in h5py's order"
+            )
         if split == "all":
             self.indices = np.arange(im[0])
             return
         splits_path = Path(splits_path) if splits_path else self._find_splits(download)
         self.indices = read_splits(splits_path)[split]
         if self.indices[-1] >= im[0]:
-            raise UserError(f"{splits_path}: {split} frame {self.indices[-1] + 1} (1-based) is "
-                            f"out of range for {self.path}, which has {im[0]} frames")
+            raise UserError(
+                f"{splits_path}: {split} frame {self.indices[-1] + 1} (1-based) is "
+                f"out of range for {self.path}, which has {im[0]} frames"
+            )
 
     def _find_splits(self, download):
         cached = clip_vit.cache_dir("nyu_depth_v2") / "splits.mat"
@@ -90,8 +116,10 @@ class NYUDepthV2:
             if path.exists():
                 return path
         if download is False:
-            raise UserError(f"{cached}: splits.mat not found there or next to {self.path}; drop "
-                            f"--no-download to fetch it, or put it in either place (SHA-256 {SPLITS_SHA256})")
+            raise UserError(
+                f"{cached}: splits.mat not found there or next to {self.path}; drop "
+                f"--no-download to fetch it, or put it in either place (SHA-256 {SPLITS_SHA256})"
+            )
         return clip_vit.download(SPLITS_URL, cached, sha256=SPLITS_SHA256)
 
     def __len__(self):
@@ -101,10 +129,32 @@ class NYUDepthV2:
         j = int(self.indices[i])  # IndexError past the end, as a sequence should
         try:
             rgb = self.h5["images"][j].transpose(2, 1, 0)  # (3, W, H) -> (H, W, 3)
-            depth = self.h5[self.key][j].T                 # (W, H) -> (H, W)
+            depth = self.h5[self.key][j].T  # (W, H) -> (H, W)
         except OSError as e:
-            raise UserError(f"{self.path}: cannot read frame {j} ({e})") from None
+            raise UserError(f"{self.path}: cannot read frame {j}: {hdf5_problem(e)}") from None
         return np.ascontiguousarray(rgb, np.uint8), np.ascontiguousarray(depth, np.float32)
+
+    def frames(self, positions):
+        """The frames at these positions of the split, with one HDF5 read per run of consecutive
+        frame numbers -> uint8 (B, H, W, 3), float32 (B, H, W): views of the file's layout."""
+        numbers = self.indices[np.asarray(positions, dtype=np.int64)]  # IndexError past the end
+        images = self.h5["images"]
+        depths = self.h5[self.key]
+        rgb = np.empty((len(numbers), *images.shape[1:]), np.uint8)  # (B, 3, W, H)
+        depth = np.empty((len(numbers), *depths.shape[1:]), np.float32)  # (B, W, H)
+        starts = np.flatnonzero(np.diff(numbers, prepend=-2) != 1)  # where each run begins
+        for start, stop in zip(starts, [*starts[1:], len(numbers)]):
+            first = int(numbers[start])
+            source = np.s_[first : first + stop - start]
+            try:
+                images.read_direct(rgb, source, np.s_[start:stop])
+                depths.read_direct(depth, source, np.s_[start:stop])
+            except OSError as e:
+                raise UserError(
+                    f"{self.path}: cannot read frames {first} to "
+                    f"{first + stop - start - 1}: {hdf5_problem(e)}"
+                ) from None
+        return rgb.transpose(0, 3, 2, 1), depth.transpose(0, 2, 1)
 
     def scene(self, i):  # e.g. "kitchen": train.py holds out whole scenes for validation
         ref = self.h5["sceneTypes"][0, self.indices[i]]  # a reference to a MATLAB string
@@ -116,10 +166,14 @@ class NYUDepthV2:
 class SyntheticDepth:
     """A pinhole view into a box-shaped room, deterministic per (seed, i), depth in [0.5, 9.5] m.
     Its checkerboard gets finer and darker with distance: colour carries depth cues to learn."""
+
     SCENES = ("bedroom", "kitchen", "living_room", "office", "bathroom")
 
     def __init__(self, n=48, seed=0, height=480, width=640):
-        self.n, self.seed, self.height, self.width = n, seed, height, width
+        self.n = n
+        self.seed = seed
+        self.height = height
+        self.width = width
 
     def __len__(self):
         return self.n
@@ -130,14 +184,23 @@ class SyntheticDepth:
     def __getitem__(self, i):
         if not -self.n <= i < self.n:
             raise IndexError(f"frame {i} out of range for {self.n} frames")
-        rng, H, W = np.random.default_rng([self.seed, i % self.n]), self.height, self.width
+        rng = np.random.default_rng([self.seed, i % self.n])
+        H, W = self.height, self.width
         f = 518.8579 * W / 640  # NYU's focal length, scaled to the width
-        dy, dx = np.mgrid[-H / 2:H / 2, -W / 2:W / 2].astype(np.float32) / f  # rays (dx, dy, 1)
+        dy, dx = np.mgrid[-H / 2 : H / 2, -W / 2 : W / 2].astype(np.float32) / f  # rays (dx, dy, 1)
         floor, ceiling, side, back = rng.uniform([1, 1, 1.5, 4], [1.6, 1.6, 3, 9])  # metres away
         eps = 1e-6  # a ray parallel to a plane meets it very far away
-        z = np.stack([floor / np.maximum(dy, eps), ceiling / np.maximum(-dy, eps),  # (4, H, W)
-                      side / np.maximum(np.abs(dx), eps), np.full((H, W), back)])   # ray x plane
-        surface, depth = z.argmin(0), np.clip(z.min(0), 0.5, 9.5).astype(np.float32)  # the nearest
+        z = np.stack(
+            [
+                floor / np.maximum(dy, eps),
+                ceiling / np.maximum(-dy, eps),  # (4, H, W)
+                side / np.maximum(np.abs(dx), eps),
+                np.full((H, W), back),
+            ]
+        )  # ray x plane
+        # the nearest surface along each ray, and its depth
+        surface = z.argmin(0)
+        depth = np.clip(z.min(0), 0.5, 9.5).astype(np.float32)
         checker = (np.floor(2 * dx * depth) + np.floor(2 * dy * depth) + np.floor(2 * depth)) % 2
         shade = (1 - 0.07 * depth) * (0.8 + 0.2 * checker)  # (H, W) darker and finer farther away
         colour = rng.uniform(0.7, 1.0, size=(4, 3))[surface]  # (H, W, 3) one tint per plane
@@ -157,11 +220,14 @@ def normalize(x):
 def resize(img, depth, size):
     """uint8 (B, 3, H, W), float (B, 1, H, W) or None -> float (B, 3, h, w) in [0, 1], float32
     (B, 1, h, w): the one resize, for training and evaluation. Both whole frames go to exactly
-    (h, w), so they stay aligned (the DepthCLIP authors cropped the RGB but not the depth)."""
-    img = F.interpolate(img.float() / 255, size, mode="bilinear", antialias=True)
+    (h, w), so they stay aligned (the authors' training code crops the RGB but not the depth, G16).
+    The image: antialiased bicubic, as CLIP's own preprocessing and the authors' scripts (PIL's
+    BICUBIC) resize; it overshoots a little, hence the clamp to [0, 1]."""
+    img = F.interpolate(img.float() / 255, size, mode="bicubic", antialias=True, align_corners=False)
     if depth is not None:
-        # nearest-exact takes the source pixel whose centre is nearest: bilinear's pixel-centre
-        # geometry, so depth edges land where image edges land, and holes (0) never mix in
+        # nearest-exact takes the source pixel whose centre is nearest, on the same pixel-centre grid
+        # as the image's resize: depth edges land where image edges land, and a hole (0) is never
+        # averaged with its neighbours into a false depth, as bilinear or bicubic would do
         depth = F.interpolate(depth.float(), size=size, mode="nearest-exact")
     return img.clamp(0, 1), depth
 
@@ -171,19 +237,26 @@ class PreloadedBatches:
     {"image", "depth", "mask"}: shuffled, a new order per epoch (set_epoch), full batches only; or
     every frame once, in order. augment: flip image and depth together, brightness, contrast."""
 
-    def __init__(self, dataset, size=224, batch_size=8, device="cpu", shuffle=True, seed=0,
-                 augment=False, items=None):
-        self.batch_size, self.device, self.shuffle, self.seed = batch_size, device, shuffle, seed
-        self.augment, self.epoch = augment, 0
+    def __init__(
+        self, dataset, size=224, batch_size=8, device="cpu", shuffle=True, seed=0, augment=False, items=None
+    ):
+        self.batch_size = batch_size
+        self.device = device
+        self.shuffle = shuffle
+        self.seed = seed
+        self.augment = augment
+        self.epoch = 0
         items = range(len(dataset)) if items is None else items
-        images, depths = [], []
+        images = []
+        depths = []
         for s in range(0, len(items), 32):  # 32 frames at a time: batched resizes, bounded memory
-            rgb, depth = zip(*[dataset[int(j)] for j in items[s:s + 32]])  # b frames each
+            rgb, depth = zip(*[dataset[int(j)] for j in items[s : s + 32]])  # b frames each
             img = torch.from_numpy(np.stack(rgb)).to(device).permute(0, 3, 1, 2)  # (b, 3, H, W)
             img, depth = resize(img, torch.from_numpy(np.stack(depth)).to(device)[:, None], size)
             images.append((img * 255).round().to(torch.uint8))  # a quarter of float32's memory
             depths.append(depth)
-        self.images, self.depths = torch.cat(images), torch.cat(depths)  # (N, 3 or 1, h, w)
+        self.images = torch.cat(images)  # (N, 3, h, w) uint8
+        self.depths = torch.cat(depths)  # (N, 1, h, w) metres
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -197,12 +270,14 @@ class PreloadedBatches:
         seed = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]  # mixes both
         g = torch.Generator().manual_seed(int(seed))  # the same order and augments after a resume
         order = torch.randperm(N, generator=g) if self.shuffle else torch.arange(N)
-        for sel in order.to(self.device).split(self.batch_size)[:len(self)]:  # (B,) rows
+        for sel in order.to(self.device).split(self.batch_size)[: len(self)]:  # (B,) rows
             img = self.images[sel].float() / 255  # (B, 3, h, w) in [0, 1]
-            depth = self.depths[sel]              # (B, 1, h, w) metres
+            depth = self.depths[sel]  # (B, 1, h, w) metres
             if self.augment:
                 r = torch.rand(3, len(sel), 1, 1, 1, generator=g).to(self.device)  # (3, B, 1, 1, 1)
-                flip, contrast, bright = r[0] < 0.5, 0.9 + 0.2 * r[1], 0.9 + 0.2 * r[2]
+                flip = r[0] < 0.5
+                contrast = 0.9 + 0.2 * r[1]
+                bright = 0.9 + 0.2 * r[2]
                 img = torch.where(flip, img.flip(-1), img)
                 depth = torch.where(flip, depth.flip(-1), depth)
                 mean = img.mean(dim=(1, 2, 3), keepdim=True)
@@ -214,37 +289,69 @@ class PreloadedBatches:
 # -----------------------------------------------------------------------------
 # the metrics (the one metrics function; train.py validates and evaluate.py scores with it)
 CROPS = {  # (row0, row1, col0, col1), 0-based and end-exclusive on the 480x640 frame
-    "eigen": (45, 471, 41, 601),      # BTS, AdaBins, mmsegmentation
+    "eigen": (45, 471, 41, 601),  # BTS, AdaBins, mmsegmentation
     "depthclip": (45, 471, 46, 601),  # DepthCLIP's variant
+    "garg": (195, 476, 23, 616),  # KITTI's Garg crop as the authors' NYU script cuts it
     "none": None,
 }
 KEYS = ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog")
 
 
-def depth_metrics(pred, gt, crop="eigen"):
-    """pred, gt (H, W) in metres -> {KEYS} (BTS/AdaBins formulas), or None if no pixel is valid."""
-    pred = np.asarray(torch.as_tensor(pred).detach().cpu().float(), dtype=np.float64)
-    gt = np.asarray(torch.as_tensor(gt).detach().cpu().float(), dtype=np.float64)
+def depth_metrics(pred, gt, crop="eigen", clamp=True):
+    """pred (..., H, W), gt broadcastable to it, metres, numpy or torch -> {KEYS: float64 tensor
+    (...)}: each frame's metrics over its valid pixels (BTS/AdaBins formulas), on pred's device;
+    NaN for a frame without a valid pixel. clamp: pred to [MIN_DEPTH, MAX_DEPTH] first, NaN to
+    MIN_DEPTH; off only for the authors' script, which scores its median-scaled prediction as is."""
+    pred = torch.as_tensor(pred).detach()
+    gt = torch.as_tensor(gt).detach().to(pred.device)
     if CROPS[crop] is not None:
-        if gt.shape != (480, 640):
-            raise ValueError(f"the {crop} crop is defined on 480x640 frames, got {gt.shape}")
+        if tuple(gt.shape[-2:]) != (480, 640):
+            raise ValueError(f"the {crop} crop is defined on 480x640 frames, got {tuple(gt.shape)}")
         r0, r1, c0, c1 = CROPS[crop]
-        pred, gt = pred[r0:r1, c0:c1], gt[r0:r1, c0:c1]  # only the pixels inside the crop count
+        pred = pred[..., r0:r1, c0:c1]  # only the pixels inside the crop count
+        gt = gt[..., r0:r1, c0:c1]
     valid = (gt > MIN_DEPTH) & (gt < MAX_DEPTH)
-    if not valid.any():
-        return None
-    p, g = np.clip(np.nan_to_num(pred[valid], nan=MIN_DEPTH), MIN_DEPTH, MAX_DEPTH), gt[valid]
-    ratio = np.maximum(g / p, p / g)
-    e = np.log(p) - np.log(g)
+    count = valid.sum((-2, -1)).double()  # valid pixels per frame; 0 makes every mean NaN
+    g = torch.where(valid, gt.double(), 1.0)
+    p = pred.double().nan_to_num(nan=MIN_DEPTH)
+    if clamp:
+        p = p.clamp(MIN_DEPTH, MAX_DEPTH)
+    # elsewhere both maps hold 1 m: an error of 0 that adds nothing to the sums below
+    p = torch.where(valid, p, 1.0)
+
+    def mean(x):  # (..., h, w) -> (...): the mean over each frame's valid pixels
+        return x.sum((-2, -1)) / count
+
+    over = p / g
+    ratio = torch.maximum(g / p, over)
+    invalid = valid.shape[-2] * valid.shape[-1] - count  # ratio 1 there: below every limit
+
+    def fraction_below(limit):
+        return ((ratio < limit).sum((-2, -1)) - invalid) / count
+
+    e = over.log()  # ln p - ln g; log10 p - log10 g = e / ln 10
+    error = g - p
+    squared = error**2
+    mean_e = mean(e)
+    mean_e2 = mean(e**2)
     return {
-        "d1": (ratio < 1.25).mean(), "d2": (ratio < 1.25 ** 2).mean(), "d3": (ratio < 1.25 ** 3).mean(),
-        "abs_rel": (np.abs(g - p) / g).mean(), "sq_rel": ((g - p) ** 2 / g).mean(),
-        "rmse": np.sqrt(((g - p) ** 2).mean()), "rmse_log": np.sqrt((e ** 2).mean()),
-        "log10": np.abs(np.log10(p) - np.log10(g)).mean(),
-        "silog": 100 * np.sqrt(max((e ** 2).mean() - e.mean() ** 2, 0)),
+        "d1": fraction_below(1.25),
+        "d2": fraction_below(1.25**2),
+        "d3": fraction_below(1.25**3),
+        "abs_rel": mean(error.abs() / g),
+        "sq_rel": mean(squared / g),
+        "rmse": mean(squared).sqrt(),
+        "rmse_log": mean_e2.sqrt(),
+        "log10": mean(e.abs()) / math.log(10),
+        "silog": 100 * (mean_e2 - mean_e**2).clamp_min(0).sqrt(),
     }
 
 
 def mean_metrics(rows):
-    """The mean of each metric over images (NaN for every key when there are none)."""
-    return {k: float(np.mean([r[k] for r in rows])) if rows else float("nan") for k in KEYS}
+    """rows: dicts of depth_metrics -> the mean of each metric over the frames that had a valid
+    pixel, as floats (NaN for every key when none had)."""
+    if not rows:
+        return {k: float("nan") for k in KEYS}
+    scored = {k: torch.cat([torch.as_tensor(r[k]).reshape(-1) for r in rows]).cpu() for k in KEYS}
+    kept = ~scored["d1"].isnan()  # NaN: a frame without a valid pixel, not averaged
+    return {k: float(v[kept].mean()) if kept.any() else float("nan") for k, v in scored.items()}

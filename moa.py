@@ -8,8 +8,12 @@ with the loss 1.0 CE(bins) + 1.0 L1 + 0.5 SILog (regression). Table 1's baseline
 similarity head and the authors' composite loss. Each choice left open is a DepthConfig field
 marked GUESS (docs/paper-notes.md §2). Use: MoADepthCLIP(clip, DepthConfig())(images)["depth"]
 """
+
 import math
+import sys
+import zipfile
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -17,72 +21,156 @@ import torch.nn.functional as F
 
 import clip_vit
 from clip_vit import UserError
-from kernels.fused_moa import fused_moa  # the fused Triton MoA kernel, used on CUDA
 
-MOA_IMPL = "auto"  # "auto": Triton on CUDA, PyTorch elsewhere; "triton" or "torch" force one
+MOA_IMPLS = ("auto", "triton", "torch")  # auto: Triton on CUDA where it can run, else PyTorch
 EPS = 1e-12  # keeps the BTS SILog's sqrt differentiable at 0
 # the 27 scene types of NYU's official 795-frame train split (GUESS G10: the paper names two)
-SCENES = ("bedroom", "kitchen", "living room", "bathroom", "dining room", "office",
-          "furniture store", "home office", "classroom", "bookstore", "playroom", "study",
-          "reception room", "basement", "office kitchen", "study room", "student lounge",
-          "home storage", "conference room", "cafe", "dinette", "printer room", "laundry room",
-          "exercise room", "computer lab", "indoor balcony", "foyer")
+SCENES = (
+    "bedroom",
+    "kitchen",
+    "living room",
+    "bathroom",
+    "dining room",
+    "office",
+    "furniture store",
+    "home office",
+    "classroom",
+    "bookstore",
+    "playroom",
+    "study",
+    "reception room",
+    "basement",
+    "office kitchen",
+    "study room",
+    "student lounge",
+    "home storage",
+    "conference room",
+    "cafe",
+    "dinette",
+    "printer room",
+    "laundry room",
+    "exercise room",
+    "computer lab",
+    "indoor balcony",
+    "foyer",
+)
 # DepthCLIP's words and bin depths (metres) for "This object is {word}"; the 10-bin set adds 3 (G24)
-DISTANCES = (("giant", 1.00), ("extremely close", 1.50), ("close", 2.00), ("not in distance", 2.25),
-             ("a little remote", 2.50), ("far", 2.75), ("unseen", 3.00), ("very far", 4.00),
-             ("extremely far", 5.00), ("far away", 6.00))
-CLIP_SCALE, SIM_TEMPERATURE = 100.0, 0.1  # DepthCLIP's logits: 100 * cosine / 0.1
-COMPOSITE_MIN_GT, SSIM_C1, SSIM_C2 = 1e-8, 0.01 ** 2, 0.03 ** 2  # composite loss: valid gt, SSIM
+DISTANCES = (
+    ("giant", 1.00),
+    ("extremely close", 1.50),
+    ("close", 2.00),
+    ("not in distance", 2.25),
+    ("a little remote", 2.50),
+    ("far", 2.75),
+    ("unseen", 3.00),
+    ("very far", 4.00),
+    ("extremely far", 5.00),
+    ("far away", 6.00),
+)
+# DepthCLIP's logits: 100 * cosine / 0.1
+CLIP_SCALE = 100.0
+SIM_TEMPERATURE = 0.1
+# the composite loss: its valid ground truth, and SSIM's stabilising constants
+COMPOSITE_MIN_GT = 1e-8
+SSIM_C1 = 0.01**2
+SSIM_C2 = 0.03**2
 W_COMPOSITE = {"silog": 1.0, "grad": 0.5, "ssim": 0.2, "l1": 0.1}  # and the weights of its terms
-CHOICES = {"fusion": ("mean", "cls", "reg"), "loss": ("paper", "composite"), "sim_bins": (7, 10),
-           "head": ("dual", "similarity"), "bin_spacing": ("uniform", "log"),
-           "silog": ("paper", "bts")}  # what these DepthConfig fields accept: train.py's choices
+CHOICES = {
+    "fusion": ("mean", "cls", "reg"),
+    "loss": ("paper", "composite"),
+    "sim_bins": (7, 10),
+    "head": ("dual", "similarity"),
+    "bin_spacing": ("uniform", "log"),
+    "silog": ("paper", "bts"),
+    "composite": ("ours", "authors"),
+}  # train.py's choices
 OUTPUTS = {"depth": "fused", "depth_cls": "binned", "depth_reg": "regressed"}  # forward's maps
 
 
+class Runtime(NamedTuple):
+    device: torch.device
+    dtype: torch.dtype | None  # the autocast dtype; None: fp32, no autocast
+    grad_scaler: bool  # fp16 autocast: the loss needs a torch.amp.GradScaler
+    precision: str  # the choice in words, for the log
+
+
 def runtime(device="auto"):
-    """The one place that decides device and dtype: bf16 autocast on CUDA, fp32 on the CPU."""
+    """The one place that decides device and dtype. On a GPU with bf16 tensor cores (compute capability
+    8.0 and newer) bf16 autocast; on an older one (a T4, sm_75) fp16 autocast with a GradScaler, since fp16's
+    range is too small for unscaled gradients; on the CPU fp32."""
     gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     here = ["cpu", "cuda", *gpus] if gpus else ["cpu"]  # "cuda": the current GPU
     if device == "auto":
         device = "cuda" if gpus else "cpu"
     if device not in here:
-        raise UserError(f"--device {device}: not on this machine (torch {torch.__version__} sees "
-                        f"{len(gpus)} CUDA GPUs); use one of auto, {', '.join(here)}")
-    return torch.device(device), (None if device == "cpu" else torch.bfloat16)  # autocast dtype
+        raise UserError(
+            f"--device {device}: not on this machine (torch {torch.__version__} sees "
+            f"{len(gpus)} CUDA GPUs); use one of auto, {', '.join(here)}"
+        )
+    if device == "cpu":
+        return Runtime(torch.device("cpu"), None, False, "fp32")
+    major, minor = torch.cuda.get_device_capability(device)
+    sm = f"sm_{major}{minor}"
+    if major >= 8:
+        return Runtime(torch.device(device), torch.bfloat16, False, f"bf16 autocast ({sm})")
+    return Runtime(
+        torch.device(device),
+        torch.float16,
+        True,
+        f"fp16 autocast with a GradScaler ({sm} has no bf16 tensor cores)",
+    )
 
 
 # -----------------------------------------------------------------------------
 # the Mixture-of-Adapters layer (paper §3.1, Fig. 2)
-def moa_reference(x, gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b,
-                  top_k, temperature):
+def moa_reference(x, gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b, top_k, temperature):
     """The MoA layer in plain PyTorch, the Triton kernel's oracle; top_k in 1..E. -> (y, gates).
     x (..., D); gate_w1 (H, D); gate_w2 (E, H); down_w (E, R, D); up_w (E, D, R)."""
-    h = F.relu(F.linear(x, gate_w1, gate_b1))                        # (..., H)
-    logits = F.linear(h, gate_w2, gate_b2) / temperature              # (..., E)    G(x) / tau
+    h = F.relu(F.linear(x, gate_w1, gate_b1))  # (..., H)
+    logits = F.linear(h, gate_w2, gate_b2) / temperature  # (..., E)    G(x) / tau
     if top_k < down_w.shape[0]:  # keep the top_k logits; ties: the lower expert (stable sort)
         idx = logits.sort(dim=-1, descending=True, stable=True).indices[..., :top_k]
         keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, True)
         logits = logits.masked_fill(~keep, float("-inf"))
-    gates = logits.softmax(dim=-1)                                    # (..., E)    g, 0 off top_k
-    z = F.gelu(torch.einsum("...d,erd->...er", x, down_w) + down_b)   # (..., E, R) exact erf GELU
-    experts = torch.einsum("...er,edr->...ed", z, up_w) + up_b        # (..., E, D) Expert_k(x)
-    y = x + torch.einsum("...e,...ed->...d", gates, experts)          # (..., D)    x + sum g_k E_k
+    gates = logits.softmax(dim=-1)  # (..., E)    g, 0 off top_k
+    z = F.gelu(torch.einsum("...d,erd->...er", x, down_w) + down_b)  # (..., E, R) exact erf GELU
+    experts = torch.einsum("...er,edr->...ed", z, up_w) + up_b  # (..., E, D) Expert_k(x)
+    y = x + torch.einsum("...e,...ed->...d", gates, experts)  # (..., D)    x + sum g_k E_k
     return y, gates
 
 
 def linear_init(*shape, fan_in):  # a parameter drawn like nn.Linear's: uniform in +-1/sqrt(fan_in)
-    return nn.Parameter(torch.empty(shape).uniform_(-fan_in ** -0.5, fan_in ** -0.5))
+    return nn.Parameter(torch.empty(shape).uniform_(-(fan_in**-0.5), fan_in**-0.5))
+
+
+FALLBACK_NOTED = []  # the reasons --moa-impl auto fell back for; the first is printed, once per process
+
+
+def note_fallback(reason):
+    if not FALLBACK_NOTED:
+        print(
+            f"note: --moa-impl auto: the PyTorch MoA runs instead of the Triton kernel ({reason})",
+            file=sys.stderr,
+        )
+    FALLBACK_NOTED.append(reason)
 
 
 class MoA(nn.Module):
     """K bottleneck experts (D -> R -> D, GELU) mixed per token by a gate MLP (D -> H -> K, ReLU),
     plus the residual. top_k = 0: all experts (the paper). gated=False: one plain adapter."""
 
-    def __init__(self, dim, num_experts, bottleneck, gate_hidden, top_k, temperature, gated=True):
+    def __init__(
+        self, dim, num_experts, bottleneck, gate_hidden, top_k, temperature, gated=True, impl="auto"
+    ):
         super().__init__()
+        if impl not in MOA_IMPLS:
+            raise ValueError(f"impl must be one of {MOA_IMPLS}, got {impl!r}")
+        self.impl = impl  # auto: the Triton kernel on CUDA where it can run; triton or torch: that one
+        self.kernel_off = None  # auto: why the kernel cannot run here, once it has said so
         E, R, H, D = num_experts, bottleneck, gate_hidden, dim
-        self.top_k, self.temperature, self.gated = top_k, temperature, gated
+        self.top_k = top_k
+        self.temperature = temperature
+        self.gated = gated
         if gated:  # the gate MLP D -> H -> E
             self.gate_w1, self.gate_b1 = linear_init(H, D, fan_in=D), linear_init(H, fan_in=D)
             self.gate_w2, self.gate_b2 = linear_init(E, H, fan_in=H), linear_init(E, fan_in=H)
@@ -95,50 +183,79 @@ class MoA(nn.Module):
     def forward(self, x):  # x (B, L, D), fp32 also under autocast: the residual sum stays fp32
         if not self.gated:
             z = F.gelu(F.linear(x, self.down_w[0], self.down_b[0]))  # (B, L, R)
-            return x + F.linear(z, self.up_w[0], self.up_b[0])       # (B, L, D)
+            return x + F.linear(z, self.up_w[0], self.up_b[0])  # (B, L, D)
         top_k = self.top_k or self.down_w.shape[0]  # 0 = all experts; reference and kernel: a count
-        weights = (self.gate_w1, self.gate_b1, self.gate_w2, self.gate_b2,
-                   self.down_w, self.down_b, self.up_w, self.up_b)
-        if MOA_IMPL == "triton" or (MOA_IMPL == "auto" and x.is_cuda):
-            try:  # the fp32 stream and fp32 weights as they are: the kernel casts for its matmuls
-                y, gates = fused_moa(x, *weights, top_k, self.temperature)
-            except Exception as e:  # a compile or launch failure on this GPU / triton: the way out
-                msg = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
-                raise UserError(f"--moa-impl {MOA_IMPL}: the Triton MoA kernel failed here "
-                                f"({msg}); rerun with --moa-impl torch") from e
+        weights = (
+            self.gate_w1,
+            self.gate_b1,
+            self.gate_w2,
+            self.gate_b2,
+            self.down_w,
+            self.down_b,
+            self.up_w,
+            self.up_b,
+        )
+        use_kernel = self.impl == "triton" or (self.impl == "auto" and x.is_cuda and not self.kernel_off)
+        if use_kernel:
+            y, gates = self.fused(x, weights, top_k)
         else:
             y, gates = moa_reference(x, *weights, top_k, self.temperature)
         g = gates.detach().float()  # monitored, not a loss: -sum g log g, one op per step (entr)
         self.last_entropy = torch.special.entr(g).sum(-1).mean()
         return y
 
+    def fused(self, x, weights, top_k):
+        """The Triton kernel. Where it cannot run here (GPU, shape, shared memory), auto runs the PyTorch MoA
+        from then on and says why in one line per process; triton stops with one error line."""
+        from kernels import fused_moa as fm  # imported on first use: importing triton takes seconds
+
+        try:  # the fp32 stream and fp32 weights as they are: the kernel casts for its matmuls
+            return fm.fused_moa(x, *weights, top_k, self.temperature)
+        except fm.CANNOT_RUN as e:
+            reason = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+            if self.impl == "triton":
+                raise UserError(
+                    f"--moa-impl triton: the Triton MoA kernel cannot run here ({reason}); "
+                    "use --moa-impl auto or torch"
+                ) from e
+            self.kernel_off = reason
+            note_fallback(reason)
+            return moa_reference(x, *weights, top_k, self.temperature)
+        except Exception as e:  # a bad argument or a failure of the kernel itself: the way out
+            msg = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+            raise UserError(
+                f"--moa-impl {self.impl}: the Triton MoA kernel failed here ({msg}); "
+                "rerun with --moa-impl torch"
+            ) from e
+
 
 # -----------------------------------------------------------------------------
 # the depth model
 @dataclass
 class DepthConfig:
-    num_experts: int = 4             # K, Table 2 ablates 1, 2, 4, 8, 16
-    top_k: int = 0                   # 0 = all experts (the paper); k < K: our generalisation
-    bottleneck: int = 64             # expert width d_b
-    gate_hidden: int = 128           # gate MLP 768 -> 128 -> K
-    temperature: float = 2.0         # gate softmax temperature tau
+    num_experts: int = 4  # K, Table 2 ablates 1, 2, 4, 8, 16
+    top_k: int = 0  # 0 = all experts (the paper); k < K: our generalisation
+    bottleneck: int = 64  # expert width d_b
+    gate_hidden: int = 128  # gate MLP 768 -> 128 -> K
+    temperature: float = 2.0  # gate softmax temperature tau
     moa_layers: tuple = (2, 5, 8, 11)  # 0-based, as in the authors' code (GUESS G9)
-    trainable_blocks: int = 4        # the last 4 image blocks are fine-tuned
-    use_moa: bool = True             # False: single adapters, the "Our Baseline" row
-    use_context: bool = True         # the global scene-context vector (dual head only)
-    head: str = "dual"               # "dual": bins + regression; "similarity": DepthCLIP's head
-    sim_bins: int = 7                # GUESS G24: similarity bins, 7 (DepthCLIP's) or 10 (paper)
-    num_bins: int = 128              # N of the dual head, Table 3 ablates 40 ... 200
-    bin_spacing: str = "uniform"     # GUESS G3: "uniform" or "log" over [min_depth, max_depth]
+    trainable_blocks: int = 4  # the last 4 image blocks are fine-tuned
+    use_moa: bool = True  # False: single adapters, the "Our Baseline" row
+    use_context: bool = True  # the global scene-context vector (dual head only)
+    head: str = "dual"  # "dual": bins + regression; "similarity": DepthCLIP's head
+    sim_bins: int = 7  # GUESS G24: similarity bins, 7 (DepthCLIP's) or 10 (paper)
+    num_bins: int = 128  # N of the dual head, Table 3 ablates 40 ... 200
+    bin_spacing: str = "uniform"  # GUESS G3: "uniform" or "log" over [min_depth, max_depth]
     min_depth: float = 1e-3
     max_depth: float = 10.0
-    fusion: str = "mean"             # GUESS G2: "mean" of binned and regressed, or "cls"/"reg"
-    input_size: tuple = (224, 224)   # as in the paper; other multiples of 32 resize the pos-embed
-    loss: str = "paper"              # "paper": §3.4's CE + L1 + SILog; "composite": Table 1's
-    silog: str = "paper"             # GUESS G6: "paper" 10 (Var + 0.85 Mean^2); "bts" 10 sqrt(..)
+    fusion: str = "mean"  # GUESS G2: "mean" of binned and regressed, or "cls"/"reg"
+    input_size: tuple = (224, 224)  # as in the paper; other multiples of 32 resize the pos-embed
+    loss: str = "paper"  # "paper": §3.4's CE + L1 + SILog; "composite": Table 1's
+    silog: str = "paper"  # GUESS G6: "paper" 10 (Var + 0.85 Mean^2); "bts" 10 sqrt(..)
     w_cls: float = 1.0
     w_reg: float = 1.0
     w_silog: float = 0.5
+    composite: str = "ours"  # GUESS G25: "ours" or "authors", see composite_loss
 
     def __post_init__(self):  # the similarity head has no input that the context could join
         if self.head == "similarity" and self.use_context:
@@ -164,70 +281,171 @@ def bin_centres(cfg):  # GUESS G3: uniform or log-spaced over [min_depth, max_de
     return torch.linspace(cfg.min_depth, cfg.max_depth, cfg.num_bins)
 
 
+def text_features(clip, cfg):
+    """What the model takes from the frozen text tower, a function of the CLIP weights and cfg alone:
+    {"text": the similarity head's prompt embeddings} or {"context": the scene context, (0,) without
+    it}. Checkpoints store it (keyed by the CLIP SHA-256), so loading one runs no text tower."""
+    if cfg.head == "similarity":
+        words = [word for word, _ in DISTANCES[: cfg.sim_bins]]
+        return {"text": prompt_embeddings(clip, [f"This object is {w}" for w in words])}  # (n, 512)
+    return {"context": scene_context(clip) if cfg.use_context else torch.zeros(0)}  # (512,)
+
+
+def require_vit(clip):
+    """MoA-DepthCLIP adapts a ViT's blocks; a ResNet CLIP (RN50) serves zero-shot DepthCLIP only."""
+    if not isinstance(clip.visual, clip_vit.VisionTransformer):
+        raise UserError(
+            "--clip: a ResNet CLIP; MoA-DepthCLIP needs a ViT (a ResNet runs only "
+            "as zero-shot DepthCLIP: evaluate.py --zero-shot)"
+        )
+
+
 class MoADepthCLIP(nn.Module):
-    def __init__(self, clip, cfg):
+    def __init__(self, clip, cfg, moa_impl="auto", stored_text=None):
+        """moa_impl: MoA's impl, auto, triton or torch. stored_text: text_features(clip, cfg) as a
+        checkpoint stored it for these CLIP weights; None: the text tower runs here."""
         super().__init__()
-        self.cfg, self.visual = cfg, clip.visual  # the text tower is used once, below, and not kept
-        width, experts = self.visual.conv1.out_channels, cfg.num_experts if cfg.use_moa else 1
-        self.moa = nn.ModuleList([MoA(width, experts, cfg.bottleneck, cfg.gate_hidden, cfg.top_k,
-                                      cfg.temperature, gated=cfg.use_moa) for _ in cfg.moa_layers])
+        require_vit(clip)
+        self.cfg = cfg
+        # the text tower: used at most once, below; not kept
+        self.visual = clip.visual
+        width = self.visual.conv1.out_channels
+        experts = cfg.num_experts if cfg.use_moa else 1
+        self.moa = nn.ModuleList(
+            [
+                MoA(
+                    width,
+                    experts,
+                    cfg.bottleneck,
+                    cfg.gate_hidden,
+                    cfg.top_k,
+                    cfg.temperature,
+                    gated=cfg.use_moa,
+                    impl=moa_impl,
+                )
+                for _ in cfg.moa_layers
+            ]
+        )
+        from_text = stored_text or text_features(clip, cfg)  # the text tower's part, or its copy
         if cfg.head == "similarity":  # DepthCLIP's head: fixed prompts and bin depths, no weights
-            words, depths = zip(*DISTANCES[:cfg.sim_bins])
-            text = prompt_embeddings(clip, [f"This object is {w}" for w in words])  # (n_bins, 512)
-            self.register_buffer("text", text)
+            depths = [depth for _, depth in DISTANCES[: cfg.sim_bins]]
+            self.register_buffer("text", from_text["text"])  # (n_bins, 512)
             self.register_buffer("bins", torch.tensor(depths))
         else:
-            context = scene_context(clip) if cfg.use_context else torch.zeros(0)
-            self.register_buffer("context", context)                    # (512,), or (0,) without
+            context = from_text["context"]
+            self.register_buffer("context", context)  # (512,), or (0,) without
             # GUESS G1 (the paper gives no sizes): 1x1 convolutions on the fused 768 + 512 channels
             self.cls_head = nn.Conv2d(width + len(context), cfg.num_bins, kernel_size=1)
             self.reg_head = nn.Conv2d(width + len(context), 1, kernel_size=1)
             self.register_buffer("bins", bin_centres(cfg))
         self.visual.requires_grad_(False)  # freeze CLIP, then unfreeze its last blocks (8-11)
         blocks = self.visual.transformer.resblocks
-        blocks[len(blocks) - cfg.trainable_blocks:].requires_grad_(True)
+        blocks[len(blocks) - cfg.trainable_blocks :].requires_grad_(True)
 
     def features(self, image):
         """(B, 3, H, W) -> mean of the MoA outputs' patch tokens, a grid (B, width, H/32, W/32)."""
-        v, (H, W) = self.visual, image.shape[-2:]                       # H, W: multiples of 32
+        v = self.visual
+        H, W = image.shape[-2:]  # multiples of 32
         gh, gw = H // v.patch_size, W // v.patch_size
         x = v.embed(image).float()  # (B, 1 + gh*gw, width), fp32 also under autocast (G22)
         levels = []
         for i, block in enumerate(v.transformer.resblocks):
             x = block(x)
             if i in self.cfg.moa_layers:
-                x = self.moa[self.cfg.moa_layers.index(i)](x)           # every token, CLS included
-                levels.append(x[:, 1:])                                  # (B, gh*gw, width) patches
-        feat = torch.stack(levels).mean(0)                               # (B, gh*gw, width)
+                x = self.moa[self.cfg.moa_layers.index(i)](x)  # every token, CLS included
+                levels.append(x[:, 1:])  # (B, gh*gw, width) patches
+        feat = torch.stack(levels).mean(0)  # (B, gh*gw, width)
         return feat.transpose(1, 2).reshape(image.shape[0], -1, gh, gw)
 
     def forward(self, image):
-        f = self.features(image)                                         # (B, 768, gh, gw)
+        f = self.features(image)  # (B, 768, gh, gw)
         if self.cfg.head == "similarity":
             return self.similarity(f, image.shape[-2:])
         c = self.context.to(f.dtype)[None, :, None, None].expand(f.shape[0], -1, *f.shape[-2:])
         f = torch.cat([f, c], dim=1)  # (B, 768 + 512, gh, gw); without the context: f unchanged
         up = dict(size=image.shape[-2:], mode="bilinear", align_corners=False)
-        logits = F.interpolate(self.cls_head(f).float(), **up)          # (B, N, H, W)
+        logits = F.interpolate(self.cls_head(f).float(), **up)  # (B, N, H, W)
         depth_cls = (logits.softmax(1) * self.bins.view(1, -1, 1, 1)).sum(1, keepdim=True)
         reg = torch.sigmoid(self.reg_head(f).float()) * self.cfg.max_depth  # GUESS G4: (0, 10) m
         depth_reg = F.interpolate(reg, **up).clamp_min(self.cfg.min_depth)  # (B, 1, H, W)
         fused = {"mean": 0.5 * (depth_cls + depth_reg), "cls": depth_cls, "reg": depth_reg}
-        return {"depth": fused[self.cfg.fusion], "depth_cls": depth_cls, "depth_reg": depth_reg,
-                "logits": logits}
+        return {
+            "depth": fused[self.cfg.fusion],
+            "depth_cls": depth_cls,
+            "depth_reg": depth_reg,
+            "logits": logits,
+        }
 
     def similarity(self, f, out_size):
         """DepthCLIP's head: tokens f (B, 768, gh, gw) -> ln_post, proj (G23) -> cosines -> bins."""
         B, _, gh, gw = f.shape
-        tokens = self.visual.ln_post(f.flatten(2).transpose(1, 2))      # (B, gh*gw, 768)
+        tokens = self.visual.ln_post(f.flatten(2).transpose(1, 2))  # (B, gh*gw, 768)
         with torch.autocast(f.device.type, enabled=False):  # cosines x 1000: too coarse in bf16
             emb = F.normalize(tokens.float() @ self.visual.proj.float(), dim=-1)  # (B, gh*gw, 512)
             probs = (CLIP_SCALE * emb @ self.text.T / SIM_TEMPERATURE).softmax(-1)  # (B, gh*gw, n)
-        depth = (probs @ self.bins).view(B, 1, gh, gw)                   # metres on the patch grid
-        return {"depth": F.interpolate(depth, size=out_size, mode="bilinear", align_corners=False)}
+            # the expected depth in fp32 too: a bf16 matmul here is off by up to 1 cm
+            depth = (probs @ self.bins.float()).view(B, 1, gh, gw)  # metres on the patch grid
+            depth = F.interpolate(depth, size=out_size, mode="bilinear", align_corners=False)
+        return {"depth": depth}
 
     def gate_entropy(self):  # mean per-token gate entropy of the last forward (0: plain adapters)
         return torch.stack([m.last_entropy for m in self.moa]).mean().item()
+
+
+# zero-shot DepthCLIP on a CLIP ResNet (RN50), as DepthCLIP's own code computes it
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DepthCLIP normalises its input with these, not CLIP's
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEPTHCLIP_SIZE = (416, 544)  # its input: the RGB crop rows 56:472, cols 60:604, not resized
+
+
+class DepthCLIPZeroShot(nn.Module):
+    """Zero-shot DepthCLIP on a CLIP ResNet exactly as its code (monoclip.py, clip/model.py, eval.py)
+    computes it, which is not what its paper's figure suggests:
+      pixels normalised with ImageNet's mean and std -> layer4's map, not the attention pool
+      -> each position's 2048-d vector made unit length -> every other channel, 0, 2, ..., 2046:
+         its F.interpolate(scale_factor=0.5) on a (B, HW, 2048) tensor is nearest over channels
+      -> 100 x dot product with the unit text features of "This object is {word}", / 0.1, softmax
+         over the 7 words, weighted sum of their depths 1.00 ... 3.00 m      (B, 1, H/32, W/32)
+      -> bilinear, align_corners=True, to the input's size (eval.py: to 416x544).
+    In: MoADepthCLIP's input, CLIP-normalised pixels (B, 3, H, W); out: {"depth": (B, 1, H, W)}, fp32
+    also under autocast. evaluate.py averages the flipped prediction after this upsampling, DepthCLIP
+    before it: the same numbers, since both steps are linear and the upsampling commutes with a flip."""
+
+    def __init__(self, clip):
+        super().__init__()
+        self.cfg = DepthConfig(
+            head="similarity", use_context=False, use_moa=False, input_size=DEPTHCLIP_SIZE
+        )  # what evaluate.predict reads
+        self.visual = clip.visual.requires_grad_(False)
+        channels = self.visual.attnpool.positional_embedding.shape[1]  # layer4's: 2048 in RN50
+        if channels != 2 * clip.text_projection.shape[1]:  # RN101, RN50x4, ...: no DepthCLIP
+            raise UserError(
+                f"--clip: DepthCLIP halves layer4's {channels} channels to meet the "
+                f"{clip.text_projection.shape[1]}-d text features; it needs RN50's 2:1"
+            )
+        words, depths = zip(*DISTANCES[:7])
+        # its template 'This {} is {}' with its one object class, 'object'
+        text = prompt_embeddings(clip, [f"This object is {w}" for w in words])  # (7, embed_dim)
+        self.register_buffer("text", text)
+        self.register_buffer("bins", torch.tensor(depths))
+
+    def forward(self, image):
+        with torch.autocast(image.device.type, enabled=False):  # fp32: cosines x 1000 need it
+            image = image.float()
+            pixels = image * per_channel(clip_vit.STD, image) + per_channel(clip_vit.MEAN, image)
+            x = (pixels - per_channel(IMAGENET_MEAN, image)) / per_channel(IMAGENET_STD, image)
+            f = self.visual.features(x)  # (B, 2048, h, w)
+            B, C, h, w = f.shape
+            f = F.normalize(f.flatten(2).transpose(1, 2), dim=-1)  # (B, h*w, 2048)
+            f = f[..., ::2]  # (B, h*w, 1024)
+            logits = CLIP_SCALE * f @ self.text.T / SIM_TEMPERATURE  # (B, h*w, 7)
+            depth = (logits.softmax(-1) @ self.bins).view(B, 1, h, w)  # metres on the grid
+            up = F.interpolate(depth, size=image.shape[-2:], mode="bilinear", align_corners=True)
+        return {"depth": up}  # (B, 1, H, W)
+
+
+def per_channel(values, like):  # RGB constants (3,) -> a (1, 3, 1, 1) tensor on like's device
+    return like.new_tensor(values).view(1, 3, 1, 1)
 
 
 # -----------------------------------------------------------------------------
@@ -239,22 +457,45 @@ def silog(pred, gt, form="paper"):
     return 10 * (g.var(unbiased=False) + 0.85 * g.mean().pow(2))
 
 
-def composite_loss(pred, gt):
-    """The authors' earlier loss on the final map pred, gt (B, 1, H, W): SILog (BTS), smoothness of
-    pred, (1 - SSIM) / 2 from 3x3 means of reflection-padded maps, clamped to [0, 1], and L1."""
-    valid = gt > COMPOSITE_MIN_GT  # depth_loss has made sure that there is such a pixel
+def ssim_map(x, y, padding="reflect"):
+    """Per-pixel SSIM of x and y (B, 1, H, W) from 3x3 local means, variances and covariance. The maps
+    are padded by one pixel so that they keep their size: "reflect", or "constant" (zeros, which then
+    count in the 3x3 means, as avg_pool2d(padding=1) does in the authors' code)."""
 
-    def pool(t):
-        return F.avg_pool2d(F.pad(t, (1, 1, 1, 1), mode="reflect"), 3, stride=1)  # (B, 1, H, W)
-    mu_p, mu_g = pool(pred), pool(gt)
-    var_p, var_g = pool(pred ** 2) - mu_p ** 2, pool(gt ** 2) - mu_g ** 2
-    cov = pool(pred * gt) - mu_p * mu_g
-    ssim = ((2 * mu_p * mu_g + SSIM_C1) * (2 * cov + SSIM_C2)
-            / ((mu_p ** 2 + mu_g ** 2 + SSIM_C1) * (var_p + var_g + SSIM_C2)))
-    terms = {"silog": silog(pred[valid], gt[valid], "bts"),
-             "grad": pred.diff(dim=-1).abs().mean() + pred.diff(dim=-2).abs().mean(),  # x and y
-             "ssim": ((1 - ssim) / 2).clamp(0, 1)[valid].mean(),
-             "l1": (pred - gt)[valid].abs().mean()}
+    def local_mean(t):
+        return F.avg_pool2d(F.pad(t, (1, 1, 1, 1), mode=padding), 3, stride=1)  # (B, 1, H, W)
+
+    mu_x = local_mean(x)
+    mu_y = local_mean(y)
+    var_x = local_mean(x**2) - mu_x**2
+    var_y = local_mean(y**2) - mu_y**2
+    cov = local_mean(x * y) - mu_x * mu_y
+    numerator = (2 * mu_x * mu_y + SSIM_C1) * (2 * cov + SSIM_C2)
+    denominator = (mu_x**2 + mu_y**2 + SSIM_C1) * (var_x + var_y + SSIM_C2)
+    return numerator / denominator
+
+
+def composite_loss(pred, gt, form="ours"):
+    """The authors' earlier loss on the final map pred, gt (B, 1, H, W): SILog (BTS form) over the
+    valid pixels (gt > 1e-8), the smoothness of pred, (1 - SSIM) / 2 clamped to [0, 1], and L1.
+    form "ours": SSIM from reflection-padded maps, SSIM and L1 averaged over the valid pixels.
+    form "authors": as their code computes it, SSIM from zero-padded maps, and SSIM and L1 averaged
+    over every pixel, holes included (a hole's L1 is then the predicted depth itself). GUESS G25."""
+    valid = gt > COMPOSITE_MIN_GT  # depth_loss has made sure that there is such a pixel
+    if form == "authors":
+        ssim = ssim_map(pred, gt, padding="constant")
+        averaged = torch.ones_like(valid)  # every pixel
+    else:
+        ssim = ssim_map(pred, gt, padding="reflect")
+        averaged = valid
+    grad_x = pred.diff(dim=-1).abs().mean()
+    grad_y = pred.diff(dim=-2).abs().mean()
+    terms = {
+        "silog": silog(pred[valid], gt[valid], "bts"),
+        "grad": grad_x + grad_y,  # the prediction alone: no ground truth, holes included
+        "ssim": ((1 - ssim) / 2).clamp(0, 1)[averaged].mean(),
+        "l1": (pred - gt)[averaged].abs().mean(),
+    }
     loss = sum(W_COMPOSITE[k] * t for k, t in terms.items())
     return loss, {k: t.item() for k, t in terms.items()}
 
@@ -266,18 +507,22 @@ def depth_loss(out, depth, mask, cfg):
     if not valid.any():  # an all-hole batch: a zero that still backpropagates, never NaN, no terms
         return out["depth"].sum() * 0, {}
     if cfg.loss == "composite":  # on the final map, with the authors' own valid mask
-        return composite_loss(out["depth"], depth)
-    loss, terms = 0.0, {}
+        return composite_loss(out["depth"], depth, cfg.composite)
+    loss = 0.0
+    terms = {}
     if cfg.head == "dual":
         bins = bin_centres(cfg).to(depth.device)
         log = cfg.bin_spacing == "log"  # edges halfway between centres, geometrically for log bins
         edges = (bins[1:] * bins[:-1]).sqrt() if log else (bins[1:] + bins[:-1]) / 2
-        target = torch.bucketize(depth[valid], edges)                   # the bin holding the GT
+        target = torch.bucketize(depth[valid], edges)  # the bin holding the GT
         logits = out["logits"].float().permute(0, 2, 3, 1)[valid[:, 0]]  # (n_valid, N)
         l_cls = F.cross_entropy(logits, target)
-        loss, terms["cls"] = cfg.w_cls * l_cls, l_cls.item()
-    pred, gt = out["depth_reg" if cfg.head == "dual" else "depth"][valid], depth[valid]
-    l_l1, l_silog = (pred - gt).abs().mean(), silog(pred, gt, cfg.silog)
+        loss = cfg.w_cls * l_cls
+        terms["cls"] = l_cls.item()
+    pred = out["depth_reg" if cfg.head == "dual" else "depth"][valid]
+    gt = depth[valid]
+    l_l1 = (pred - gt).abs().mean()
+    l_silog = silog(pred, gt, cfg.silog)
     loss = loss + cfg.w_reg * l_l1 + cfg.w_silog * l_silog
     return loss, {**terms, "l1": l_l1.item(), "silog": l_silog.item()}
 
@@ -312,20 +557,53 @@ def clip_sha256(name_or_path):
 
 
 def save_checkpoint(path, model, **extra):
-    """Atomically write the trainable parameters, the DepthConfig and `extra` (clip id, ...)."""
+    """Atomically write the trainable parameters, the DepthConfig and `extra` (clip id, ...). Given
+    the clip id, also what the text tower gave (text_features), keyed by the CLIP weights' SHA-256."""
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     ckpt = {"model": trainable, "model_config": asdict(model.cfg), **extra}
+    if "clip" in extra:
+        buffers = dict(model.named_buffers())
+        text = {n: buffers[n].detach().clone() for n in ("context", "text") if n in buffers}
+        ckpt["text_features"] = {"clip_sha256": extra["clip"]["sha256"], **text}
     clip_vit.atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
+def stored_text_features(ckpt, sha, cfg):
+    """The checkpoint's text_features for the CLIP weights `sha` and cfg, or None: the text tower
+    must run (a checkpoint from before they were stored, or one whose entry does not fit)."""
+    stored = ckpt.get("text_features", {})
+    needed = "text" if cfg.head == "similarity" else "context"
+    if stored.get("clip_sha256") != sha or needed not in stored:
+        return None
+    return {needed: stored[needed]}
+
+
+def checkpoint_problem(path, e):
+    """Why torch.load could not read path, in a few words (its own messages run to paragraphs)."""
+    if isinstance(e, IsADirectoryError):
+        return "a directory, not a checkpoint file"
+    if isinstance(e, OSError) and e.strerror:  # e.g. no permission
+        return f"cannot be read ({e.strerror.lower()})"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return "an empty file, not a checkpoint"
+    if head != b"PK\x03\x04":  # torch.save writes a zip archive
+        return "not a checkpoint (train.py writes a zip archive with torch.save; this is none)"
+    if not zipfile.is_zipfile(path):  # a zip's index is at its end
+        return "a zip archive cut short: a truncated checkpoint"
+    return "a zip archive that torch.load cannot read as weights only (damaged, or it holds code)"
+
+
 def load_checkpoint(path):
+    """train.py's checkpoint, read as weights only: no code in the file runs. Memory-mapped (and
+    copy-on-write): what is never used, such as AdamW's state in an evaluation, is never read."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
         raise UserError(f"{path}: no such checkpoint file") from None
-    except Exception as e:  # a directory, a truncated file, a pickle with code: torch's message
-        problem = " ".join(str(e).split())[:200]
-        raise UserError(f"{path}: not a readable checkpoint ({problem})") from None
+    except Exception as e:  # a directory, a text file, a truncated file, a pickle with code
+        raise UserError(f"{path}: {checkpoint_problem(path, e)}") from None
     if not isinstance(ckpt, dict) or not {"model", "model_config", "clip"} <= set(ckpt):
         raise UserError(f"{path}: not a MoA-DepthCLIP checkpoint (no model, model_config, clip)")
     return ckpt
@@ -333,18 +611,24 @@ def load_checkpoint(path):
 
 def check_clip(ckpt, clip_arg, sha, where):  # was it trained on the CLIP weights `sha`?
     if sha != ckpt["clip"]["sha256"]:
-        raise UserError(f"{where}: trained on CLIP weights {ckpt['clip']['sha256'][:12]}..., "
-                        f"but {clip_arg} has {sha[:12]}...")
+        raise UserError(
+            f"{where}: trained on CLIP weights {ckpt['clip']['sha256'][:12]}..., "
+            f"but {clip_arg} has {sha[:12]}..."
+        )
 
 
-def from_checkpoint(ckpt, clip_arg=None, device="cpu", where="checkpoint"):
+def from_checkpoint(ckpt, clip_arg=None, device="cpu", where="checkpoint", moa_impl="auto"):
     """Rebuild a trained model: the CLIP weights (SHA-256 checked) plus its trainable part."""
     clip_arg = clip_arg or ckpt["clip"]["name"]
     clip = clip_vit.load(clip_arg)  # a missing or broken file is a UserError here
-    check_clip(ckpt, clip_arg, clip_sha256(clip_arg), where)
+    sha = clip_sha256(clip_arg)
+    check_clip(ckpt, clip_arg, sha, where)
     unknown = sorted(ckpt["model_config"].keys() - asdict(DepthConfig()).keys())
     if unknown:  # written by a newer version of this code
         raise UserError(f"{where}: model_config fields this version does not know: {unknown}")
-    model = MoADepthCLIP(clip, DepthConfig(**ckpt["model_config"]))
+    cfg = DepthConfig(**ckpt["model_config"])
+    stored_text = stored_text_features(ckpt, sha, cfg)
+    with clip_vit.no_random_init():  # the checkpoint holds every trainable tensor: none drawn
+        model = MoADepthCLIP(clip, cfg, moa_impl=moa_impl, stored_text=stored_text)
     load_trainable_state_dict(model, ckpt["model"], where)
     return model.to(device).eval()

@@ -1,24 +1,28 @@
 """
-Train MoA-DepthCLIP on NYU Depth V2 with the paper's recipe, as one flat script read top to bottom.
-One process on one device: the paper trained on a single H100 (30 epochs x 795 frames, batch 8).
+Train MoA-DepthCLIP on NYU Depth V2, as one script read top to bottom: flags, then main(), which sets up
+the run and loops over the epochs. One process on one device: the paper trained on a single H100
+(30 epochs x 795 frames, batch 8).
 
     python train.py                          # the paper recipe; fetches NYU and CLIP once
     python train.py --data synthetic --clip random --epochs 2 --out /tmp/smoke   # offline
     python train.py --resume                 # continue from --out/ckpt.pt
-    python train.py --head similarity --use-context 0 --loss composite   # a Table 1 row
+    python train.py --recipe adadepthclip    # Table 1's "+ MoA" row as the authors' earlier code trained it
 
-The recipe trains on all 795 train frames and keeps the last epoch: every epoch writes
---out/ckpt.pt (the trainable parameters, AdamW's state, the config). --val-frac 0.05 holds out
-train scenes to validate on and keeps best.pt too (model selection without the test split).
+Every epoch writes --out/ckpt.pt (the trainable weights, AdamW's state and the config: what --resume
+needs) and --out/model.pt (the same without AdamW's state, a third of the size: the file to share).
+The paper recipe trains on all 795 train frames and keeps the last epoch. --val-frac 0.05 holds out train
+scenes to validate on and keeps best.pt too (model selection without the test split).
 Logs go to stdout and --out/log.jsonl. A bad flag stops with one `error:` line before any work.
 """
+
 import argparse
+import fcntl
 import json
+import math
 import os
 import shlex
 import sys
 import time
-from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -29,322 +33,796 @@ import data_nyu
 import moa
 
 # -----------------------------------------------------------------------------
-# flags: the defaults are the paper's recipe; every choice it leaves open is a flag.
-# Each type below refuses a bad value, so argparse stops with one line before any work.
+# recipes: the paper's (every flag's own default), and Table 1 rows 2-4 as the authors' earlier code
+# trained them (AdaDepthCLIP: train_vit_b32_losses.py, and the compiled MoA model; docs/paper-notes.md §4).
+# A preset only moves defaults: a flag given on the command line wins over it.
+RECIPES = {
+    "paper": {},
+    "adadepthclip": {
+        "epochs": 50,
+        "batch_size": 8,
+        "lr": 1e-5,  # their lr_backbone: CLIP's blocks 8-11
+        "adapter_lr": 1e-4,  # their lr_adapters: the adapters or MoA modules, gates included
+        "weight_decay": 0.01,
+        "lr_schedule": "plateau",  # ReduceLROnPlateau on the validation loss, patience 5, factor 0.5
+        "early_stop": 10,  # their --patience: stop after 10 epochs without a lower validation loss
+        "best_by": "loss",  # their best_model.pth: the epoch with the lowest validation loss
+        "val_frac": 0.05,  # they validated on the TEST split; here: held-out train scenes
+        "train_gt": "raw",  # their sync_depth_*.png: rawDepths, holes 0 (G12)
+        "head": "similarity",  # DepthCLIP's 7 prompts and bin depths
+        "sim_bins": 7,
+        "use_context": 0,
+        "loss": "composite",
+        "composite": "authors",  # SSIM from zero-padded maps; SSIM and L1 over every pixel
+        "temperature": 1.0,  # their MoA gate ends in a plain softmax
+    },
+}
+PLATEAU_PATIENCE = 5  # --lr-schedule plateau: halve every rate after 5 epochs without a lower val loss
+PLATEAU_FACTOR = 0.5
+RUN_FILES = ("ckpt.pt", "model.pt", "best.pt")  # what a run leaves in --out, besides log.jsonl
+LOCK_NAME = "train.lock"  # in --out: holds the PID of the run that uses the folder
+
+# -----------------------------------------------------------------------------
+# flags: the defaults are the paper's recipe; every choice it leaves open is a flag
 
 
-def checked(kind, ok, rule):  # an argparse type: kind(text), refused with "<text> is not <rule>"
-    def convert(text):
-        value = kind(text)
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"{text} is not {rule}")
-        return value
-    convert.__name__ = kind.__name__  # argparse's "invalid int value: 'x'" names the type
-    return convert
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, except that a bad flag ends in one `error:` line and a pointer to --help,
+    without the whole usage before it."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        print(f"(python {self.prog} --help lists every flag)", file=sys.stderr)
+        sys.exit(2)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the docstring's line breaks and ends each flag's line with its default."""
 
 
 def int_list(text):  # "2,5,8,11" -> (2, 5, 8, 11); a typo reads "invalid int_list value"
     return tuple(int(x) for x in text.split(","))
 
 
-def typed(value):  # a default as a user types it: (2, 5, 8, 11) -> "2,5,8,11", True -> "1"
-    # argparse runs a string default through the flag's type, and --help shows it as typed
+def make_parser():
+    parser = ArgumentParser(
+        prog="train.py", description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False
+    )
+    add = parser.add_argument
+    # files and data
+    add(
+        "--data",
+        default=data_nyu.FILE_NAME,
+        metavar="PATH",
+        help="NYU Depth V2 labeled .mat, or synthetic (procedural rooms); if missing, downloaded (2.97 GB) "
+        "only under this name in an existing folder, or with --download",
+    )
+    add(
+        "--splits",
+        metavar="PATH",
+        help="the official splits.mat; None: the one next to --data, else in ~/.cache/nyu_depth_v2/, "
+        "else downloaded there (2.6 KB)",
+    )
+    add(
+        "--clip",
+        default="ViT-B/32",
+        metavar="NAME|PATH",
+        help="CLIP weights: ViT-B/32 (downloaded once to ~/.cache/clip, 354 MB), a ViT-B-32.pt or "
+        "state-dict file, or random (offline)",
+    )
+    add("--out", default="out", metavar="DIR", help="folder for ckpt.pt, model.pt, best.pt and log.jsonl")
+    add("--resume", action="store_true", help="continue the run in --out from its ckpt.pt")
+    add("--overwrite", action="store_true", help="start afresh in an --out that holds a checkpoint")
+    download = parser.add_mutually_exclusive_group()
+    download.add_argument(
+        "--download", action="store_const", const=True, help="fetch a missing --data, whatever its name"
+    )
+    download.add_argument(
+        "--no-download", dest="download", action="store_const", const=False, help="fetch nothing"
+    )
+    add(
+        "--train-gt",
+        choices=("dense", "raw"),
+        default="raw",
+        help="training depth: Kinect `rawDepths`, holes left out, as the authors' sync_depth files; or "
+        "the in-painted `depths` (GUESS G12)",
+    )
+    add(
+        "--val-frac",
+        type=float,
+        default=0.0,
+        metavar="X",
+        help="train scenes held out to validate on and pick best.pt; 0 = train on all 795 frames (the "
+        "paper). Never the test split",
+    )
+    add(
+        "--augment", type=int, choices=(0, 1), default=0, metavar="0/1", help="flips, brightness and contrast"
+    )
+    add("--synthetic-frames", type=int, default=48, metavar="N", help="frames of --data synthetic")
+    # optimisation
+    add(
+        "--recipe",
+        choices=tuple(RECIPES),
+        default="paper",
+        help="paper: §4.2's recipe, the flags' defaults. adadepthclip: Table 1 rows 2-4 as the authors' "
+        "earlier code trained them (50 epochs, adapter lr 1e-4, weight decay 0.01, plateau schedule, "
+        "early stopping, their composite loss, similarity head, gate temperature 1); flags given win",
+    )
+    add("--epochs", type=int, default=30, metavar="N", help="passes over the train frames")
+    add("--batch-size", type=int, default=8, metavar="N", help="frames per optimizer step")
+    add(
+        "--lr",
+        type=float,
+        default=1e-5,
+        metavar="X",
+        help="AdamW learning rate of CLIP's tuned blocks, and of each group whose own rate is 0",
+    )
+    add(
+        "--adapter-lr",
+        type=float,
+        default=0.0,
+        metavar="X",
+        help="learning rate of the MoA modules (or adapters); 0 = same as --lr (the paper)",
+    )
+    add(
+        "--head-lr",
+        type=float,
+        default=0.0,
+        metavar="X",
+        help="learning rate of the fresh depth heads; 0 = same as --lr (the paper); 1e-4 may suit them "
+        "better (G17)",
+    )
+    add("--weight-decay", type=float, default=1e-4, metavar="X", help="AdamW weight decay")
+    add(
+        "--lr-schedule",
+        choices=("constant", "plateau"),
+        default="constant",
+        help="constant (the paper), or plateau: halve every rate after 5 epochs without a lower "
+        "validation loss (needs --val-frac)",
+    )
+    add(
+        "--early-stop",
+        type=int,
+        default=0,
+        metavar="N",
+        help="stop after N epochs without a lower validation loss (needs --val-frac); 0 = never",
+    )
+    add(
+        "--best-by",
+        choices=("d1", "loss"),
+        default="d1",
+        help="what picks best.pt on the held-out scenes: the fused output's d1, or the loss",
+    )
+    add("--max-steps", type=int, default=0, metavar="N", help="stop after N steps; 0 = never")
+    # runtime
+    add("--seed", type=int, default=0, metavar="N", help="seeds the init, shuffling, held-out scenes")
+    add("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda or cuda:N")
+    add(
+        "--moa-impl",
+        choices=("auto", "triton", "torch"),
+        default="auto",
+        help="the MoA layer's code: the fused Triton kernel or plain PyTorch; auto = Triton on CUDA",
+    )
+    add("--log-interval", type=int, default=10, metavar="N", help="steps between log lines")
+    # the model: one flag per moa.DepthConfig field
+    add("--num-experts", type=int, default=4, metavar="N", help="experts K per MoA layer (Table 2)")
+    add(
+        "--top-k",
+        type=int,
+        default=0,
+        metavar="N",
+        help="experts each token mixes; 0 = all experts (the paper)",
+    )
+    add("--bottleneck", type=int, default=64, metavar="N", help="expert width d_b, channels")
+    add("--gate-hidden", type=int, default=128, metavar="N", help="hidden width of the gate MLP, channels")
+    add("--temperature", type=float, default=2.0, metavar="X", help="gate softmax temperature tau")
+    add(
+        "--moa-layers",
+        type=int_list,
+        default="2,5,8,11",
+        metavar="LIST",
+        help="0-based image blocks followed by a MoA (ViT-B/32: 0..11; G9)",
+    )
+    add("--trainable-blocks", type=int, default=4, metavar="N", help="last image blocks tuned, 0..12")
+    add(
+        "--use-moa",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        metavar="0/1",
+        help="MoA modules; 0 = one plain adapter each (Table 1's baseline)",
+    )
+    add(
+        "--use-context",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        metavar="0/1",
+        help="append the text scene-context vector (dual head only)",
+    )
+    add(
+        "--head",
+        choices=moa.CHOICES["head"],
+        default="dual",
+        help="the paper's dual head, or DepthCLIP's similarity head (Table 1)",
+    )
+    add(
+        "--sim-bins",
+        type=int,
+        choices=moa.CHOICES["sim_bins"],
+        default=7,
+        help="bins of the similarity head: DepthCLIP's 7 or the paper's 10 (G24)",
+    )
+    add("--num-bins", type=int, default=128, metavar="N", help="bins N of the dual head (Table 3)")
+    add(
+        "--bin-spacing",
+        choices=moa.CHOICES["bin_spacing"],
+        default="uniform",
+        help="how the dual head's bin centres spread over the depth range (G3)",
+    )
+    add("--min-depth", type=float, default=1e-3, metavar="METRES", help="smallest depth predicted")
+    add("--max-depth", type=float, default=10.0, metavar="METRES", help="largest depth predicted")
+    add(
+        "--fusion",
+        choices=moa.CHOICES["fusion"],
+        default="mean",
+        help="the dual head's final depth: the mean of both maps, or one of them (G2)",
+    )
+    add(
+        "--input-size",
+        type=int_list,
+        default="224",
+        metavar="H,W",
+        help="network input in pixels, multiples of 32; one side = square (G16)",
+    )
+    # the loss
+    add(
+        "--loss",
+        choices=moa.CHOICES["loss"],
+        default="paper",
+        help="the paper's loss, or Table 1's composite loss (G25)",
+    )
+    add(
+        "--silog",
+        choices=moa.CHOICES["silog"],
+        default="paper",
+        help="the SILog form in the paper's loss (G6)",
+    )
+    add(
+        "--composite",
+        choices=moa.CHOICES["composite"],
+        default="ours",
+        help="the composite loss's SSIM and L1: ours (reflection padding, valid pixels) or the authors' "
+        "(zero padding, every pixel, holes included)",
+    )
+    add(
+        "--w-cls",
+        type=float,
+        default=1.0,
+        metavar="X",
+        help="weight of the bins' cross-entropy in the paper's loss",
+    )
+    add("--w-reg", type=float, default=1.0, metavar="X", help="weight of the L1 term in the paper's loss")
+    add(
+        "--w-silog", type=float, default=0.5, metavar="X", help="weight of the SILog term in the paper's loss"
+    )
+    return parser
+
+
+def check_args(parser, args):
+    """The rules that argparse's types and choices cannot say: ranges, and flags that must agree with each
+    other. A broken rule ends in parser.error, one line, before any work."""
+    at_least = {
+        "epochs": 1,
+        "batch_size": 1,
+        "synthetic_frames": 1,
+        "log_interval": 1,
+        "num_experts": 1,
+        "bottleneck": 1,
+        "gate_hidden": 1,
+        "num_bins": 2,
+        "top_k": 0,
+        "trainable_blocks": 0,
+        "max_steps": 0,
+        "early_stop": 0,
+        "adapter_lr": 0,
+        "head_lr": 0,
+        "weight_decay": 0,
+    }
+    for name, low in at_least.items():
+        value = getattr(args, name)
+        if not value >= low:  # "not": a nan is refused too
+            parser.error(f"argument --{name.replace('_', '-')}: {value} is not >= {low}")
+    for name in ("lr", "temperature", "min_depth", "max_depth"):
+        value = getattr(args, name)
+        if not value > 0:
+            parser.error(f"argument --{name.replace('_', '-')}: {value} is not > 0")
+    if args.trainable_blocks > 12:
+        parser.error(f"argument --trainable-blocks: {args.trainable_blocks} is not in 0..12")
+    if not 0 <= args.val_frac < 1:
+        parser.error(f"argument --val-frac: {args.val_frac} is not in [0, 1)")
+    layers = args.moa_layers
+    if list(layers) != sorted(set(layers)) or layers[0] < 0 or layers[-1] > 11:
+        parser.error(
+            f"argument --moa-layers: {','.join(map(str, layers))} is not increasing block numbers in 0..11"
+        )
+    if len(args.input_size) > 2 or any(side <= 0 or side % 32 for side in args.input_size):
+        # ViT-B/32's patches must tile the input exactly
+        parser.error(
+            f"argument --input-size: {','.join(map(str, args.input_size))} is not one or two multiples of 32"
+        )
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the run in --out and --overwrite replaces it: give one")
+    if args.top_k > args.num_experts:
+        parser.error(f"--top-k {args.top_k}: more than the {args.num_experts} experts (0 = all experts)")
+    if args.min_depth >= args.max_depth:
+        parser.error(f"--min-depth {args.min_depth} must be below --max-depth {args.max_depth}")
+    if args.head == "similarity" and args.use_context:
+        parser.error("--head similarity: it has no context input; add --use-context 0")
+    if args.val_frac == 0 and args.lr_schedule == "plateau":
+        parser.error(
+            "--lr-schedule plateau: needs a validation loss; add --val-frac 0.05 (held-out "
+            "train scenes; the test split is never used)"
+        )
+    if args.val_frac == 0 and args.early_stop:
+        parser.error(f"--early-stop {args.early_stop}: needs a validation loss; add --val-frac 0.05")
+    if args.clip not in (*clip_vit.MODELS, "random") and not Path(args.clip).is_file():
+        parser.error(f"--clip {args.clip}: no such file, nor one of {', '.join(clip_vit.MODELS)}, random")
+
+
+def parse_args(argv=None):
+    """The flags of argv (default: the command line), with --recipe's values as the defaults."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if RECIPES[args.recipe]:
+        # a second pass with the preset's values as the defaults: a flag given explicitly still wins
+        parser.set_defaults(**RECIPES[args.recipe])
+        args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def model_config(args):
+    """The moa.DepthConfig of the flags; one --input-size side means a square input."""
+    input_size = args.input_size * 2 if len(args.input_size) == 1 else args.input_size
+    return moa.DepthConfig(
+        num_experts=args.num_experts,
+        top_k=args.top_k,
+        bottleneck=args.bottleneck,
+        gate_hidden=args.gate_hidden,
+        temperature=args.temperature,
+        moa_layers=args.moa_layers,
+        trainable_blocks=args.trainable_blocks,
+        use_moa=bool(args.use_moa),
+        use_context=bool(args.use_context),
+        head=args.head,
+        sim_bins=args.sim_bins,
+        num_bins=args.num_bins,
+        bin_spacing=args.bin_spacing,
+        min_depth=args.min_depth,
+        max_depth=args.max_depth,
+        fusion=args.fusion,
+        input_size=input_size,
+        loss=args.loss,
+        silog=args.silog,
+        w_cls=args.w_cls,
+        w_reg=args.w_reg,
+        w_silog=args.w_silog,
+        composite=args.composite,
+    )
+
+
+LOSS_FIELDS = ("loss", "silog", "composite", "w_cls", "w_reg", "w_silog")  # may change on --resume
+
+
+def as_typed(value):  # a config value as a user types it: (2, 5, 8, 11) -> "2,5,8,11", True -> 1
     if isinstance(value, tuple):
         return ",".join(map(str, value))
-    return str(int(value)) if isinstance(value, bool) else value
+    return int(value) if isinstance(value, bool) else value
 
-
-class Help(argparse.RawDescriptionHelpFormatter):  # keeps the docstring's examples; adds defaults
-    def _get_help_string(self, action):
-        if action.nargs == 0 or action.default is None:  # switches, and flags unset by default
-            return action.help
-        return action.help + " (default: %(default)s)"
-
-
-count = checked(int, lambda v: v >= 1, ">= 1")
-at_least_0 = checked(int, lambda v: v >= 0, ">= 0")  # where 0 means "off" or "all"
-positive = checked(float, lambda v: v > 0, "> 0")
-non_negative = checked(float, lambda v: v >= 0, ">= 0")
-boolean = checked(int, lambda v: v in (0, 1), "0 or 1")  # 0/1, the way the help prints defaults
-layers = checked(int_list, lambda v: list(v) == sorted(set(v)) and 0 <= v[0] <= v[-1] <= 11,
-                 "increasing block numbers in 0..11")
-sizes = checked(int_list, lambda v: len(v) <= 2 and all(x > 0 and x % 32 == 0 for x in v),
-                "one or two multiples of 32")  # ViT-B/32's patches tile the input exactly
-p = argparse.ArgumentParser(description=__doc__, formatter_class=Help, allow_abbrev=False)
-add = p.add_argument
-add("--data", default=data_nyu.FILE_NAME, metavar="PATH", help="NYU Depth V2 labeled .mat, or "
-    "synthetic (procedural rooms); if missing, downloaded (2.97 GB) only under this name in an "
-    "existing folder, or with --download")
-add("--splits", metavar="PATH", help="the official splits.mat (default: the one next to --data, "
-    "else in ~/.cache/nyu_depth_v2/, else downloaded there, 2.6 KB)")
-add("--clip", default="ViT-B/32", metavar="NAME|PATH", help="CLIP weights: ViT-B/32 (downloaded "
-    "once to ~/.cache/clip, 354 MB), a ViT-B-32.pt or state-dict file, or random (offline)")
-add("--out", default="out", metavar="DIR", help="folder for ckpt.pt, best.pt and log.jsonl")
-add("--resume", action="store_true", help="continue the run in --out from its ckpt.pt")
-add("--overwrite", action="store_true", help="start afresh in an --out that holds a checkpoint")
-either = p.add_mutually_exclusive_group().add_argument  # args.download: True, False or None
-either("--download", action="store_const", const=True, help="fetch a missing --data, any name")
-either("--no-download", dest="download", action="store_const", const=False, help="fetch nothing")
-add("--epochs", type=count, default=30, metavar="N", help="passes over the train frames")
-add("--batch-size", type=count, default=8, metavar="N", help="frames per optimizer step")
-add("--lr", type=positive, default=1e-5, metavar="X", help="AdamW learning rate, constant")
-add("--head-lr", type=non_negative, default=0.0, metavar="X", help="learning rate of the fresh "
-    "depth heads; 0 = same as --lr (the paper); 1e-4 may suit them better")
-add("--weight-decay", type=non_negative, default=1e-4, metavar="X", help="AdamW weight decay")
-add("--train-gt", choices=("dense", "raw"), default="dense", help="training depth: in-painted "
-    "`depths` or Kinect `rawDepths` with holes (a GUESS: the paper does not say)")
-add("--val-frac", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.0, metavar="X",
-    help="train scenes held out to pick best.pt; 0 = train on all 795 frames (the paper)")
-add("--augment", type=boolean, default=0, metavar="0/1", help="flips, brightness and contrast")
-add("--seed", type=int, default=0, metavar="N", help="seeds the init, shuffling, held-out scenes")
-add("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda or cuda:N")
-add("--moa-impl", choices=("auto", "triton", "torch"), default="auto", help="the MoA layer's "
-    "code: the fused Triton kernel or plain PyTorch; auto = Triton on CUDA")
-add("--log-interval", type=count, default=10, metavar="N", help="steps between log lines")
-add("--synthetic-frames", type=count, default=48, metavar="N", help="frames of --data synthetic")
-add("--max-steps", type=at_least_0, default=0, metavar="N", help="stop after N steps; 0 = never")
-# the model's switches: one flag per moa.DepthConfig field, with the field's default
-MODEL_FLAGS = {  # field: (type, format, meaning); a field not listed gets its default's type
-    "num_experts": (count, "N", "experts K per MoA layer (Table 2)"),
-    "top_k": (at_least_0, "N", "experts each token mixes; 0 = all experts (the paper)"),
-    "bottleneck": (count, "N", "expert width d_b, channels"),
-    "gate_hidden": (count, "N", "hidden width of the gate MLP, channels"),
-    "temperature": (positive, "X", "gate softmax temperature tau"),
-    "moa_layers": (layers, "LIST", "0-based image blocks followed by a MoA (ViT-B/32: 0..11)"),
-    "trainable_blocks": (checked(int, lambda v: 0 <= v <= 12, "in 0..12"), "N", "last blocks tuned"),
-    "use_moa": (boolean, "0/1", "MoA modules; 0 = one plain adapter each (Table 1's baseline)"),
-    "use_context": (boolean, "0/1", "append the text scene-context vector (dual head only)"),
-    "head": (str, None, "the paper's dual head, or DepthCLIP's similarity head (Table 1)"),
-    "sim_bins": (int, None, "bins of the similarity head: DepthCLIP's 7 or the paper's 10"),
-    "num_bins": (checked(int, lambda v: v >= 2, ">= 2"), "N", "bins N of the dual head (Table 3)"),
-    "bin_spacing": (str, None, "how the dual head's bin centres spread over the depth range"),
-    "min_depth": (positive, "METRES", "smallest depth predicted"),
-    "max_depth": (positive, "METRES", "largest depth predicted"),
-    "fusion": (str, None, "the dual head's final depth: the mean of both maps, or one of them"),
-    "input_size": (sizes, "H,W", "network input in pixels, multiples of 32; one side = square"),
-    "loss": (str, None, "the paper's loss, or Table 1's composite loss"),
-    "silog": (str, None, "the SILog form in the paper's loss"),
-    "w_cls": (float, "X", "weight of the bins' cross-entropy in the paper's loss"),
-    "w_reg": (float, "X", "weight of the L1 term in the paper's loss"),
-    "w_silog": (float, "X", "weight of the SILog term in the paper's loss"),
-}
-for f in fields(moa.DepthConfig):
-    kind, metavar, meaning = MODEL_FLAGS.get(f.name, (type(f.default), None, "moa.DepthConfig"))
-    add("--" + f.name.replace("_", "-"), type=kind, default=typed(f.default), metavar=metavar,
-        choices=moa.CHOICES.get(f.name), help=meaning)
-args = p.parse_args()  # a bad flag ends here: usage and one `error:` line
-# what one flag alone cannot tell: flags that must agree with each other, and files that must exist
-if args.resume and args.overwrite:
-    p.error("--resume continues the run in --out and --overwrite replaces it: give one")
-if args.top_k > args.num_experts:
-    p.error(f"--top-k {args.top_k}: more than the {args.num_experts} experts (0 = all experts)")
-if args.min_depth >= args.max_depth:
-    p.error(f"--min-depth {args.min_depth} must be below --max-depth {args.max_depth}")
-if args.clip not in (*clip_vit.MODELS, "random") and not Path(args.clip).is_file():
-    p.error(f"--clip {args.clip}: no such file, nor one of {', '.join(clip_vit.MODELS)}, random")
-moa.MOA_IMPL = args.moa_impl  # the one switch moa.py reads
 
 # -----------------------------------------------------------------------------
-# errors: a problem the user can fix ends in one line, Ctrl-C in how to resume, a bug in its traceback
-saved_epoch = None  # the epoch in --out/ckpt.pt, once there is one
+# the run folder: one live run per --out, and an earlier run is never replaced by accident
 
 
-def on_error(kind, err, tb):
-    if issubclass(kind, KeyboardInterrupt):
-        if saved_epoch is None:
-            where = f"no checkpoint was written in {args.out}; rerun to start again"
-        else:  # the same command with --resume (and without --overwrite, which would start afresh)
-            again = [a for a in sys.argv if a not in ("--resume", "--overwrite")] + ["--resume"]
-            where = (f"the last checkpoint is {ckpt_path} (after epoch {saved_epoch + 1} of "
-                     f"{args.epochs}); continue with: python {shlex.join(again)}")
-        print(f"interrupted: {where}", file=sys.stderr)
-        sys.exit(130)  # 128 + SIGINT: what a shell reports for a program stopped by Ctrl-C
-    if issubclass(kind, clip_vit.UserError):  # bad input, not a bug
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    sys.__excepthook__(kind, err, tb)  # a bug: the full traceback
+def in_use(out_dir, pid):  # the one line for an --out that a live run holds
+    return clip_vit.UserError(
+        f"{out_dir}: in use by a running train.py (PID {pid}); wait for it to end, or pick another --out"
+    )
 
 
-sys.excepthook = on_error  # from here on; a hook, not a try around it all, keeps the script flat
-cfg = moa.DepthConfig(**{f.name: getattr(args, f.name) for f in fields(moa.DepthConfig)})
-if len(cfg.input_size) == 1:  # one side means a square input
-    cfg.input_size = cfg.input_size * 2
+def lock_holder(out_dir):
+    """The PID (as text) of a live train.py that holds out_dir, or None. Creates nothing."""
+    try:
+        with open(out_dir / LOCK_NAME) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when f closes
+            except BlockingIOError:
+                return f.read().strip() or "unknown"
+    except OSError:  # no lock file (or no folder): nobody holds it
+        return None
+    return None  # a lock file whose run has ended, even by a kill: the kernel dropped its lock
 
-# -----------------------------------------------------------------------------
-# device and dtype
-dev, amp_dtype = moa.runtime(args.device)  # a device this machine lacks is a UserError
-# checked here, not at step 1: the kernel would fail only after the slow data decode
-if args.moa_impl == "triton" and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-    p.error("--moa-impl triton needs a CUDA device (or TRITON_INTERPRET=1, slowly)")
-autocast = torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # bf16 on CUDA
-torch.manual_seed(args.seed)  # the init of the MoA and the heads
-sys.stdout.reconfigure(line_buffering=True)  # each log line at once, also through a pipe or tee
 
-# -----------------------------------------------------------------------------
-# the run folder: an earlier run is never replaced by accident, and --resume never mixes two models
-out_dir = Path(args.out)
-ckpt_path = out_dir / "ckpt.pt"
-earlier = [name for name in ("ckpt.pt", "best.pt") if (out_dir / name).exists()]
-if args.resume and "ckpt.pt" not in earlier:
-    raise clip_vit.UserError(f"{ckpt_path}: --resume given but there is no checkpoint")
-if earlier and not (args.resume or args.overwrite):
-    raise clip_vit.UserError(f"{out_dir}: holds {' and '.join(earlier)} of an earlier run; "
-                             "continue it with --resume, pick another --out, or replace it with "
-                             "--overwrite")
-clip_id = {"name": args.clip, "sha256": moa.clip_sha256(args.clip)}  # hashed once; evaluate.py checks it
-if args.resume:
+def take_lock(out_dir):
+    """Hold out_dir for this process: an exclusive flock on out_dir/train.lock, which then holds our PID.
+    The kernel drops a flock when its process ends, however it ends, so a killed run never blocks the
+    next one. Keep the returned file open for as long as the run lasts."""
+    lock_file = open(out_dir / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # a run started at the same moment got there first
+        lock_file.seek(0)
+        pid = lock_file.read().strip() or "unknown"
+        lock_file.close()
+        raise in_use(out_dir, pid) from None
+    lock_file.truncate(0)
+    lock_file.write(f"{os.getpid()}\n")
+    lock_file.flush()
+    return lock_file
+
+
+def load_resume_checkpoint(ckpt_path, args, cfg, clip_sha):
+    """--out/ckpt.pt, checked: the same CLIP weights and the same model flags (the loss may change)."""
     ckpt = moa.load_checkpoint(ckpt_path)
-    moa.check_clip(ckpt, args.clip, clip_id["sha256"], ckpt_path)
+    moa.check_clip(ckpt, args.clip, clip_sha, ckpt_path)
     saved = ckpt["model_config"]  # asdict(DepthConfig) as it was trained
-    for k, v in asdict(cfg).items():  # the loss may change between runs, the model may not
-        if saved.get(k, v) != v and k not in ("loss", "silog", "w_cls", "w_reg", "w_silog"):
-            raise clip_vit.UserError(f"{ckpt_path}: trained with --{k.replace('_', '-')} "
-                                     f"{typed(saved[k])}; --resume needs the same model flags")
-    saved_epoch = ckpt["epoch"]  # for the Ctrl-C hint
+    for name, value in vars(cfg).items():
+        if name not in LOSS_FIELDS and saved.get(name, value) != value:
+            raise clip_vit.UserError(
+                f"{ckpt_path}: trained with --{name.replace('_', '-')} "
+                f"{as_typed(saved[name])}; --resume needs the same model flags"
+            )
+    return ckpt
+
+
+def nothing_left(ckpt, args):
+    """Why a resumed run has nothing left to do, as one line, or None when it has."""
+    done = ckpt["epoch"] + 1
+    if done >= args.epochs:
+        return f"{done} of --epochs {args.epochs} are done; raise --epochs above {done} to train on"
+    if args.max_steps and ckpt["step"] >= args.max_steps:
+        return (
+            f"{ckpt['step']} steps of --max-steps {args.max_steps} are done; raise --max-steps "
+            "(0 = no cap) to train on"
+        )
+    if args.early_stop and ckpt.get("bad_epochs", 0) >= args.early_stop:
+        return (
+            f"early stopping ended it after {done} epochs ({ckpt['bad_epochs']} without a lower "
+            "validation loss); raise --early-stop (0 = never) to train on"
+        )
+    return None
+
+
+def hold_out_scenes(frame_scenes, val_frac, seed):
+    """(train items, validation items, held-out scenes): whole scenes are held out, not frames, so that
+    neighbouring frames of one room cannot leak into validation. val_frac > 0 holds out >= 1 scene."""
+    scenes = sorted(set(frame_scenes))
+    n_val = max(1, round(val_frac * len(scenes))) if val_frac > 0 else 0
+    held_out = set(np.random.default_rng(seed).permutation(scenes)[:n_val].tolist())
+    train_items = [i for i, scene in enumerate(frame_scenes) if scene not in held_out]
+    val_items = [i for i, scene in enumerate(frame_scenes) if scene in held_out]
+    return train_items, val_items, held_out
+
 
 # -----------------------------------------------------------------------------
-# data: the official train split, optionally minus a few scenes held out for validation
-if args.data == "synthetic":
-    ds = data_nyu.SyntheticDepth(n=args.synthetic_frames, seed=args.seed)
-else:
-    args.data = str(Path(args.data).resolve())  # absolute, so evaluate.py finds it from anywhere
-    ds = data_nyu.NYUDepthV2(args.data, split="train", splits_path=args.splits,
-                             raw_depth=args.train_gt == "raw", download=args.download)
-frame_scenes = [ds.scene(i) for i in range(len(ds))]  # read once: an HDF5 lookup per frame
-scenes = sorted(set(frame_scenes))
-n_val = max(1, round(args.val_frac * len(scenes))) if args.val_frac > 0 else 0  # asked: >= 1 scene
-# held out by scene, not by frame: neighbouring frames of one room would leak into validation
-val_scenes = set(np.random.default_rng(args.seed).permutation(scenes)[:n_val].tolist())
-train_items = [i for i, scene in enumerate(frame_scenes) if scene not in val_scenes]
-val_items = [i for i, scene in enumerate(frame_scenes) if scene in val_scenes]
-if len(train_items) < args.batch_size:  # every step is one full batch: there would be no step
-    raise clip_vit.UserError(f"--batch-size {args.batch_size}: more than the "
-                             f"{len(train_items)} train frames")
-clip_model = clip_vit.load(args.clip)  # before the slow decode below: a bad CLIP file fails fast
-try:  # nothing is written before every check above has passed
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if args.overwrite:  # no stale best.pt from the run it replaces
-        for name in earlier:
-            (out_dir / name).unlink()
-    for stale in out_dir.glob(".*.pt.*.tmp"):  # a checkpoint write cut short by a kill
-        stale.unlink()
-    # a new run, a new log; line-buffered: each entry is on disk at once, even if the run is killed
-    log_file = open(out_dir / "log.jsonl", "a" if args.resume else "w", buffering=1)
-except OSError as e:
-    raise clip_vit.UserError(f"{out_dir}: cannot write there ({e.strerror or e})") from None
-print(f"data: {len(train_items)} train frames, {len(val_items)} held out "
-      f"({n_val} scenes: {', '.join(sorted(val_scenes)) or 'none'})")
-# decoded once, onto the device: a step never waits for a DataLoader
-train_batches = data_nyu.PreloadedBatches(ds, cfg.input_size, args.batch_size, dev, seed=args.seed,
-                                          augment=args.augment, items=train_items)
-if val_items:  # every held-out frame once, in order
-    val_batches = data_nyu.PreloadedBatches(ds, cfg.input_size, args.batch_size, dev, shuffle=False,
-                                            items=val_items)
-
-# -----------------------------------------------------------------------------
-# model and optimizer
-model = moa.MoADepthCLIP(clip_model, cfg).to(dev)
-del clip_model  # the text tower was used once, for the prompt embeddings
-print(moa.parameter_report(model)[1])  # the table of trained and frozen parameters per part
-trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-# the heads start from scratch, the rest from CLIP: --head-lr can give the heads their own rate
-backbone = [p for n, p in trainable if n.startswith(("visual.", "moa."))]
-heads = [p for n, p in trainable if not n.startswith(("visual.", "moa."))]
-head_lr = args.head_lr or args.lr
-groups = [{"params": backbone}]
-if heads:  # the similarity head has no weights of its own
-    groups.append({"params": heads, "lr": head_lr})
-optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
-start_epoch, step, best_d1 = 0, 0, -1.0  # a fresh run
-if args.resume:
-    moa.load_trainable_state_dict(model, ckpt["model"], ckpt_path)  # the frozen rest: --clip
-    optimizer.load_state_dict(ckpt["optimizer"])  # AdamW's moments: no restart bump
-    start_epoch, step, best_d1 = ckpt["epoch"] + 1, ckpt["step"], ckpt["best_d1"]
-    torch.set_rng_state(ckpt["rng"])  # the random stream of an uninterrupted run
-    print(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}")
+# optimizer, schedule, validation
 
 
-def save(path, epoch, with_optimizer=True):  # best.pt skips the optimizer: a third of the size
-    state = optimizer.state_dict() if with_optimizer else None
-    # config: every flag of the run, so evaluate.py (and a reader) can see how it was trained
-    moa.save_checkpoint(path, model, clip=clip_id, optimizer=state, epoch=epoch, step=step,
-                        best_d1=best_d1, rng=torch.get_rng_state(), config=vars(args))
+def make_optimizer(model, args):
+    """AdamW over the trainable parameters in three named groups, each at its own rate: CLIP's tuned blocks
+    (--lr), the MoA modules or adapters (--adapter-lr), the fresh heads (--head-lr); 0 means --lr."""
+    params = {"backbone": [], "adapters": [], "heads": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("visual."):
+            params["backbone"].append(p)
+        elif name.startswith("moa."):
+            params["adapters"].append(p)
+        else:  # cls_head, reg_head (the similarity head has no weights: an empty group)
+            params["heads"].append(p)
+    rates = {"backbone": args.lr, "adapters": args.adapter_lr or args.lr, "heads": args.head_lr or args.lr}
+    groups = [{"name": name, "params": params[name], "lr": rates[name]} for name in params]
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def make_scheduler(optimizer, args):  # None: the constant rate of the paper
+    if args.lr_schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", patience=PLATEAU_PATIENCE, factor=PLATEAU_FACTOR
+        )
+    return None
+
+
+def describe_rates(optimizer):
+    """'lr 1.0e-05 adapter lr 1.0e-04': the backbone's rate now, then any other group's that differs."""
+    groups = {group["name"]: group for group in optimizer.param_groups}
+    base = groups["backbone"]["lr"]
+    text = f"lr {base:.1e}"
+    for name, label in (("adapters", "adapter"), ("heads", "head")):
+        if groups[name]["params"] and groups[name]["lr"] != base:
+            text += f" {label} lr {groups[name]['lr']:.1e}"
+    return text
 
 
 @torch.no_grad()
-def validate():
-    """Mean metrics of each output on the held-out scenes: {"depth": {"d1": ...}, ...}."""
+def validate(model, batches, autocast):
+    """On the held-out scenes: ({output: mean metrics}, mean loss). The metrics of each output
+    ({"depth": {"d1": ...}, "depth_cls": ...}), and the training loss averaged over the batches, which the
+    plateau schedule, early stopping and --best-by loss watch."""
     model.eval()
     rows = {}
-    for b in val_batches:
+    losses = []
+    for b in batches:
         with autocast:
             out = model(b["image"])
+        loss, _ = moa.depth_loss(out, b["depth"], b["mask"], model.cfg)
+        losses.append(loss.item())
         for key in [k for k in moa.OUTPUTS if k in out]:  # the similarity head has "depth" only
-            for pred, gt in zip(out[key][:, 0].float(), b["depth"][:, 0]):
-                metrics = data_nyu.depth_metrics(pred, gt, crop="none")  # resized frames: no crop
-                if metrics is not None:  # None: a frame with no valid pixel
-                    rows.setdefault(key, []).append(metrics)
+            # each frame's metrics, the batch at once; resized frames: no crop. A frame without a valid
+            # pixel scores NaN, and mean_metrics leaves it out
+            metrics = data_nyu.depth_metrics(out[key][:, 0].float(), b["depth"][:, 0], crop="none")
+            rows.setdefault(key, []).append(metrics)
     model.train()
-    return {key: data_nyu.mean_metrics(r) for key, r in rows.items()}
+    return {key: data_nyu.mean_metrics(r) for key, r in rows.items()}, sum(losses) / len(losses)
 
 
 # -----------------------------------------------------------------------------
-# training loop
-total = args.epochs * len(train_batches)  # steps of the whole run, resumed or not
-total = min(total, args.max_steps or total)  # --max-steps 0: no cap
-lrs = f"lr {args.lr:.1e}"  # and the heads' rate where it differs: the log says what ran
-if heads and head_lr != args.lr:
-    lrs += f" head lr {head_lr:.1e}"
-print(f"training {total} steps: {args.epochs} epochs x {len(train_batches)} batches of "
-      f"{args.batch_size} on {dev}{' with bf16 autocast' if amp_dtype else ''}")
-model.train()
-t0 = t_last = time.time()  # the eta counts from t0, each log line's img/s from t_last
-seen = 0  # images since the last log line
-for epoch in range(start_epoch, args.epochs):
-    train_batches.set_epoch(epoch)  # a new shuffle each epoch, the same after a resume
-    for b in train_batches:
-        with autocast:
-            outputs = model(b["image"])
-        loss, terms = moa.depth_loss(outputs, b["depth"], b["mask"], cfg)
-        if not torch.isfinite(loss):  # stop before the step: ckpt.pt keeps the last good epoch
-            print(f"error: non-finite loss ({loss.item()}) at step {step}; stopped. "
-                  f"{ckpt_path} keeps the last good epoch", file=sys.stderr)
-            sys.exit(1)
-        optimizer.zero_grad(set_to_none=True)  # frees the grads' memory
-        loss.backward()
-        optimizer.step()
-        step += 1
-        seen += b["image"].shape[0]
-        if step % args.log_interval == 0 or step == total:
-            now = time.time()
-            ips = seen / (now - t_last)  # images per second since the last line
-            # the pace of this process's own steps: a resumed run did not take the first ones
-            eta = (now - t0) / (step - start_epoch * len(train_batches)) * (total - step)
-            row = {"step": step, "epoch": epoch, "loss": loss.item(), **terms, "lr": args.lr,
-                   "head_lr": head_lr, "img_s": ips, "gate_entropy": model.gate_entropy()}
-            parts = " ".join(f"{k} {v:.3f}" for k, v in terms.items())
-            print(f"step {step}/{total} | loss {row['loss']:.4f} ({parts}) | {lrs} | {ips:.1f} "
-                  f"img/s | gate H {row['gate_entropy']:.3f} | eta {eta / 60:.1f} min")
-            print(json.dumps(row), file=log_file)  # the same numbers, machine-readable, for plots
-            t_last, seen = now, 0  # the next line's rate starts here
-        if step >= total:
+# the run
+
+saved_epoch = None  # the epoch --out/ckpt.pt holds, once this run resumed from it or wrote it: Ctrl-C says
+
+
+def main(args):
+    """One training run. Returns the model and its optimizer (None when a resumed run had nothing left)."""
+    global saved_epoch
+    cfg = model_config(args)
+    dev, amp_dtype, use_scaler, precision = moa.runtime(args.device)  # a device this machine lacks: UserError
+    # checked here, not at step 1: the kernel would fail only after the slow data decode
+    if args.moa_impl == "triton" and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise clip_vit.UserError("--moa-impl triton needs a CUDA device (or TRITON_INTERPRET=1, slowly)")
+    autocast = torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # bf16/fp16 on CUDA
+    scaler = torch.amp.GradScaler(dev.type, enabled=use_scaler)  # fp16: the loss scaled, the step unscaled
+    torch.manual_seed(args.seed)  # the init of the MoA and the heads
+    sys.stdout.reconfigure(line_buffering=True)  # each log line at once, also through a pipe or tee
+
+    # the run folder: nothing is written before every check has passed
+    out_dir = Path(args.out)
+    ckpt_path = out_dir / "ckpt.pt"
+    holder = lock_holder(out_dir)
+    if holder is not None:
+        raise in_use(out_dir, holder)
+    earlier = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if args.resume and "ckpt.pt" not in earlier:
+        raise clip_vit.UserError(f"{ckpt_path}: --resume given but there is no checkpoint")
+    if earlier and not (args.resume or args.overwrite):
+        raise clip_vit.UserError(
+            f"{out_dir}: holds {' and '.join(earlier)} of an earlier run; continue it "
+            "with --resume, pick another --out, or replace it with --overwrite"
+        )
+    clip_id = {"name": args.clip, "sha256": moa.clip_sha256(args.clip)}  # hashed once; evaluate.py checks it
+    if args.resume:
+        ckpt = load_resume_checkpoint(ckpt_path, args, cfg, clip_id["sha256"])
+        why = nothing_left(ckpt, args)
+        if why is not None:  # a finished run: say so, and change nothing
+            print(f"nothing to do: {ckpt_path}: {why}")
+            return None
+        saved_epoch = ckpt["epoch"]  # for the Ctrl-C hint
+
+    # data: the official train split, optionally minus a few scenes held out for validation
+    if args.data == "synthetic":
+        ds = data_nyu.SyntheticDepth(n=args.synthetic_frames, seed=args.seed)
+    else:
+        args.data = str(Path(args.data).resolve())  # absolute, so evaluate.py finds it from anywhere
+        ds = data_nyu.NYUDepthV2(
+            args.data,
+            split="train",
+            splits_path=args.splits,
+            raw_depth=args.train_gt == "raw",
+            download=args.download,
+        )
+    frame_scenes = [ds.scene(i) for i in range(len(ds))]  # read once: an HDF5 lookup per frame
+    train_items, val_items, val_scenes = hold_out_scenes(frame_scenes, args.val_frac, args.seed)
+    if len(train_items) < args.batch_size:  # every step is one full batch: there would be no step
+        raise clip_vit.UserError(
+            f"--batch-size {args.batch_size}: more than the {len(train_items)} train frames"
+        )
+    clip_model = clip_vit.load(args.clip)  # before the slow decode below: a bad CLIP file fails fast
+    moa.require_vit(clip_model)  # before anything is written: a ResNet CLIP cannot be trained here
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock_file = take_lock(out_dir)  # held until this process ends
+        if args.overwrite:  # no stale best.pt from the run it replaces
+            for name in earlier:
+                (out_dir / name).unlink()
+        for stale in out_dir.glob(".*.pt.*.tmp"):  # a checkpoint write cut short by a kill
+            stale.unlink()
+        # a new run, a new log; line-buffered: each entry is on disk at once, even if the run is killed
+        log_file = open(out_dir / "log.jsonl", "a" if args.resume else "w", buffering=1)
+    except OSError as e:
+        raise clip_vit.UserError(f"{out_dir}: cannot write there ({e.strerror or e})") from None
+    print(
+        f"data: {len(train_items)} train frames, {len(val_items)} held out "
+        f"({len(val_scenes)} scenes: {', '.join(sorted(val_scenes)) or 'none'})"
+    )
+    # decoded once, onto the device: a step never waits for a DataLoader
+    train_batches = data_nyu.PreloadedBatches(
+        ds, cfg.input_size, args.batch_size, dev, seed=args.seed, augment=args.augment, items=train_items
+    )
+    if val_items:  # every held-out frame once, in order
+        val_batches = data_nyu.PreloadedBatches(
+            ds, cfg.input_size, args.batch_size, dev, shuffle=False, items=val_items
+        )
+
+    # model, optimizer, schedule
+    model = moa.MoADepthCLIP(clip_model, cfg, moa_impl=args.moa_impl).to(dev)
+    del clip_model  # the text tower was used once, for the prompt embeddings
+    print(moa.parameter_report(model)[1])  # the table of trained and frozen parameters per part
+    optimizer = make_optimizer(model, args)
+    scheduler = make_scheduler(optimizer, args)
+    start_epoch = 0
+    step = 0
+    best_d1 = -1.0
+    best_val_loss = math.inf
+    bad_epochs = 0  # epochs since the validation loss last fell: --early-stop
+    if args.resume:
+        moa.load_trainable_state_dict(model, ckpt["model"], ckpt_path)  # the frozen rest: --clip
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])  # AdamW's moments: no restart bump
+        except ValueError as e:  # other parameter groups: written by an older train.py
+            raise clip_vit.UserError(
+                f"{ckpt_path}: its optimizer state does not fit ({e}); start afresh with --overwrite"
+            ) from None
+        if scheduler is not None and ckpt.get("scheduler"):
+            scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch = ckpt["epoch"] + 1
+        step = ckpt["step"]
+        best_d1 = ckpt["best_d1"]
+        best_val_loss = ckpt.get("best_val_loss", math.inf)
+        bad_epochs = ckpt.get("bad_epochs", 0)
+        torch.set_rng_state(ckpt["rng"])  # the random stream of an uninterrupted run
+        print(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}")
+
+    def save(path, with_optimizer):
+        """A checkpoint of now: trainable weights, DepthConfig, CLIP id, every flag (moa.save_checkpoint).
+        ckpt.pt adds AdamW's and the schedule's state and the random state: what --resume needs."""
+        extra = {
+            "clip": clip_id,
+            "config": vars(args),
+            "epoch": epoch,
+            "step": step,
+            "best_d1": best_d1,
+            "best_val_loss": best_val_loss,
+            "bad_epochs": bad_epochs,
+        }
+        if with_optimizer:
+            extra["optimizer"] = optimizer.state_dict()
+            extra["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+            extra["rng"] = torch.get_rng_state()
+        moa.save_checkpoint(path, model, **extra)
+
+    # the training loop
+    total = args.epochs * len(train_batches)  # steps of the whole run, resumed or not
+    if args.max_steps:
+        total = min(total, args.max_steps)
+    if args.recipe != "paper":  # the values that ran: the preset's, or a flag given instead
+        preset = " ".join(
+            f"--{name.replace('_', '-')} {as_typed(getattr(args, name))}" for name in RECIPES[args.recipe]
+        )
+        print(f"recipe {args.recipe}: {preset}")
+    print(
+        f"training {total} steps: {args.epochs} epochs x {len(train_batches)} batches of "
+        f"{args.batch_size} on {dev}, {precision}"
+    )
+    model.train()
+    t0 = time.time()  # the eta counts from here
+    t_last = t0  # each log line's img/s counts from the line before
+    seen = 0  # images since the last log line
+    for epoch in range(start_epoch, args.epochs):
+        train_batches.set_epoch(epoch)  # a new shuffle each epoch, the same after a resume
+        for b in train_batches:
+            with autocast:
+                outputs = model(b["image"])
+            loss, terms = moa.depth_loss(outputs, b["depth"], b["mask"], cfg)
+            if not torch.isfinite(loss):  # stop before the step: ckpt.pt keeps the last good epoch
+                raise clip_vit.UserError(
+                    f"non-finite loss ({loss.item()}) at step {step}; stopped. "
+                    f"{ckpt_path} keeps the last good epoch"
+                )
+            optimizer.zero_grad(set_to_none=True)  # frees the grads' memory
+            scaler.scale(loss).backward()  # without a scaler (bf16, fp32): a plain backward and step
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            seen += b["image"].shape[0]
+            if step % args.log_interval == 0 or step == total:
+                now = time.time()
+                ips = seen / (now - t_last)  # images per second since the last line
+                # the pace of this process's own steps: a resumed run did not take the first ones
+                eta = (now - t0) / (step - start_epoch * len(train_batches)) * (total - step)
+                rates = {group["name"]: group["lr"] for group in optimizer.param_groups}
+                row = {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": loss.item(),
+                    **terms,
+                    "lr": rates["backbone"],
+                    "adapter_lr": rates["adapters"],
+                    "head_lr": rates["heads"],
+                    "img_s": ips,
+                    "gate_entropy": model.gate_entropy(),
+                }
+                parts = " ".join(f"{k} {v:.3f}" for k, v in terms.items())
+                print(
+                    f"step {step}/{total} | loss {row['loss']:.4f} ({parts}) | {describe_rates(optimizer)} "
+                    f"| {ips:.1f} img/s | gate H {row['gate_entropy']:.3f} | eta {eta / 60:.1f} min"
+                )
+                print(json.dumps(row), file=log_file)  # the same numbers, machine-readable, for plots
+                t_last = now
+                seen = 0
+            if step >= total:
+                break
+
+        # end of an epoch: validate (with --val-frac), then best.pt, model.pt and ckpt.pt
+        row = {"epoch": epoch, "step": step}
+        if val_items:
+            val, val_loss = validate(model, val_batches, autocast)
+            # each output on its own: only the losses' targets, binned and regressed, are trained
+            scores = [
+                f"{moa.OUTPUTS[k]} d1 {m['d1']:.4f} abs_rel {m['abs_rel']:.4f} rmse {m['rmse']:.4f}"
+                for k, m in val.items()
+            ]
+            print(f"epoch {epoch} | val loss {val_loss:.4f} | " + " | ".join(scores))
+            improved = {"d1": val["depth"]["d1"] > best_d1, "loss": val_loss < best_val_loss}
+            bad_epochs = 0 if improved["loss"] else bad_epochs + 1
+            best_d1 = max(best_d1, val["depth"]["d1"])  # the output evaluate.py scores
+            best_val_loss = min(best_val_loss, val_loss)
+            if improved[args.best_by]:
+                save(out_dir / "best.pt", with_optimizer=False)
+            if scheduler is not None:
+                scheduler.step(val_loss)
+            row["val_loss"] = val_loss
+            for key, metrics in val.items():  # val_d1: the fused output; val_binned_d1: the binned...
+                prefix = "val_" if key == "depth" else f"val_{moa.OUTPUTS[key]}_"
+                row.update({prefix + k: v for k, v in metrics.items()})
+        save(out_dir / "model.pt", with_optimizer=False)  # the weights alone: the file to share
+        save(ckpt_path, with_optimizer=True)  # every epoch: the last one is the result (the paper's way)
+        saved_epoch = epoch  # what a Ctrl-C from now on reports
+        print(json.dumps(row), file=log_file)
+        if step >= total:  # --max-steps ended the run inside this epoch
             break
-    val = validate() if val_items else {}  # --val-frac 0: nothing held out, nothing to pick
-    if val:  # each output on its own: only the losses' targets, binned and regressed, are trained
-        scores = [f"{moa.OUTPUTS[k]} d1 {m['d1']:.4f} abs_rel {m['abs_rel']:.4f} rmse {m['rmse']:.4f}"
-                  for k, m in val.items()]
-        print(f"epoch {epoch} | val " + " | ".join(scores))
-    if val and val["depth"]["d1"] > best_d1:  # selected on the output evaluate.py scores
-        best_d1 = val["depth"]["d1"]
-        save(out_dir / "best.pt", epoch, with_optimizer=False)
-    save(ckpt_path, epoch)  # every epoch: the last one is the result (the paper's model selection)
-    saved_epoch = epoch  # what a Ctrl-C from now on reports
-    row = {"epoch": epoch, "step": step}
-    for key, metrics in val.items():  # val_d1: the fused output; val_binned_d1: the binned...
-        prefix = "val_" if key == "depth" else f"val_{moa.OUTPUTS[key]}_"
-        row.update({prefix + k: v for k, v in metrics.items()})
-    print(json.dumps(row), file=log_file)
-    if step >= total:  # --max-steps ended the run inside this epoch
-        break
-log_file.close()
-print(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min; checkpoint {ckpt_path}")
+        if args.early_stop and bad_epochs >= args.early_stop:
+            print(f"early stop after epoch {epoch}: {bad_epochs} epochs without a lower validation loss")
+            break
+    log_file.close()
+    lock_file.close()
+    print(
+        f"done: {step} steps in {(time.time() - t0) / 60:.1f} min; checkpoint {ckpt_path}, weights "
+        f"{out_dir / 'model.pt'}"
+    )
+    return model, optimizer
+
+
+def resume_hint(args):
+    """What Ctrl-C prints: the last checkpoint, and the command that continues from it."""
+    if saved_epoch is None:
+        return f"no checkpoint was written in {args.out}; rerun to start again"
+    # the same command with --resume (and without --overwrite, which would start afresh)
+    again = [a for a in sys.argv if a not in ("--resume", "--overwrite")] + ["--resume"]
+    return (
+        f"the last checkpoint is {Path(args.out) / 'ckpt.pt'} (after epoch {saved_epoch + 1} of "
+        f"{args.epochs}); continue with: python {shlex.join(again)}"
+    )
+
+
+if __name__ == "__main__":
+    args = parse_args()  # a bad flag ends here: one `error:` line, exit 2
+    try:
+        main(args)
+    except clip_vit.UserError as e:  # bad input, not a bug: one line (a bug keeps its traceback)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"interrupted: {resume_hint(args)}", file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT: what a shell reports for a program stopped by Ctrl-C

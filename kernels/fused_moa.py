@@ -1,10 +1,17 @@
 """
 The Mixture-of-Adapters layer of moa.py fused in Triton (design: docs/kernel.md). Per token x:
-    logits = (relu(x W1^T + b1) W2^T + b2) / temperature; g = softmax over the top_k logits
+
+    logits = (relu(x W1^T + b1) W2^T + b2) / temperature;  g = softmax over the top_k logits
     y = x + sum_e g_e * (gelu(x Wd_e^T + bd_e) Wu_e^T + bu_e)       (E experts e of rank R)
-Launches: forward 1; backward 2 (token tiles; weight tiles, fixed-order sums, no atomics), 3 above
-4096 tokens (a sum). `python -m kernels.fused_moa --compile-report` checks A100/H100 fit, no GPU.
+
+Launches: the forward 1; the backward 2 (token tiles, then weight tiles with fixed-order sums, no
+atomics), and a third above 4,096 tokens (one sum).
+Use: y, gates = fused_moa(x, *weights, top_k, temperature).
+The launch parameters come from the GPU's own limits (launch_params); `python -m kernels.report` compiles
+them for each supported architecture without a GPU and reads ptxas's registers, spills and shared memory.
 """
+
+import contextlib
 import functools
 import math  # host-side grids: math.ceil, as triton.cdiv costs microseconds per call in Python
 import os
@@ -12,331 +19,891 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.errors import TritonError
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once: kernels are built at import
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once: the kernels are built at import
 POISON = False  # tests set it: new buffers are NaN, so an element a kernel forgets to write shows
 NAMES = ("x", "gate_w1", "gate_b1", "gate_w2", "gate_b2", "down_w", "down_b", "up_w", "up_b")
 TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-_capability = functools.lru_cache(maxsize=None)(torch.cuda.get_device_capability)  # once per GPU
+GRID_Y_MAX = 65535  # CUDA's limit on a grid's second dimension: the weight kernel's token chunks
+ALIGN = 16  # bytes: every pointer a kernel gets is 16-byte aligned, as the compile report assumes
+# opt-in shared memory per block (bytes) of the GPU classes the compile report checks, largest first:
+# H100/H200/B200; A100; RTX 30/40/50, A6000, L4, L40; T4. A GPU gets the tiles of the largest class that fits.
+SMEM_CLASSES = (232448, 166912, 101376, 65536)
+
+
+class NotSupported(ValueError):
+    """The kernel cannot run this call here (GPU too old, shape outside its range, no tiles fit): moa.MoA's
+    --moa-impl auto then runs the PyTorch MoA instead. The message says why."""
+
+
+# what moa.MoA's --moa-impl auto answers with the PyTorch MoA: the kernel cannot run this call on this GPU.
+# TritonError covers OutOfResources at launch and a compiler or ptxas failure.
+CANNOT_RUN = (NotSupported, TritonError)
 
 
 # -----------------------------------------------------------------------------
-# The kernels: a matmul helper, the forward, the backward over token tiles, over weight tiles
+# The kernels: a matmul helper, the forward, the backward over token tiles, the backward over weight tiles
 @triton.jit
-def _proj(src_ptr, lds, rows, rmask, K, w_ptr, coff, cmask, dstride, BM: tl.constexpr,
-          NC: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """(BM, NC) fp32 = src[rows, :K] @ W^T, BK columns a step; src rows are lds apart and element
-    (k, c) of W^T is at w_ptr + coff[c] + k * dstride (reads W1, Wd and up_w (E, D, R) alike)."""
+def _rows_times_weights(
+    # A = src[rows, :K], rows src_stride apart
+    src_ptr,
+    src_stride,
+    rows,
+    row_mask,
+    K,
+    # B: element (k, c) at w_ptr + w_col_offsets[c] + k * w_k_stride
+    w_ptr,
+    w_col_offsets,
+    w_col_mask,
+    w_k_stride,
+    # A is (BM, K), B is (K, NC); BK columns of K a step
+    BM: tl.constexpr,
+    NC: tl.constexpr,
+    BK: tl.constexpr,
+    # the matmul dtype and tl.dot's input precision
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """(BM, NC) fp32 = A @ B. The strides let one helper read W1, Wd and Wu (E, D, R) transposed in place."""
     acc = tl.zeros((BM, NC), tl.float32)
     for k0 in range(0, K, BK):
         offs_k = k0 + tl.arange(0, BK)
-        kmask = offs_k < K
-        s = tl.load(src_ptr + rows[:, None] * lds + offs_k[None, :],
-                    mask=rmask[:, None] & kmask[None, :], other=0.0)             # (BM, BK)
-        w = tl.load(w_ptr + coff[None, :] + offs_k[:, None] * dstride,
-                    mask=kmask[:, None] & cmask[None, :], other=0.0)             # (BK, NC)
-        acc = tl.dot(s.to(DOT), w.to(DOT), acc, input_precision=PREC)
+        k_mask = offs_k < K
+        a = tl.load(
+            src_ptr + rows[:, None] * src_stride + offs_k[None, :],
+            mask=row_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )  # (BM, BK)
+        b = tl.load(
+            w_ptr + w_col_offsets[None, :] + offs_k[:, None] * w_k_stride,
+            mask=k_mask[:, None] & w_col_mask[None, :],
+            other=0.0,
+        )  # (BK, NC)
+        acc = tl.dot(a.to(DOT), b.to(DOT), acc, input_precision=PREC)
     return acc
 
 
-@triton.jit
-def _moa_fwd_kernel(  # one program per tile of BM tokens, dense over the experts
-    x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,  # x (N, D); W1 (H, D), b1 (H,), W2 (E, H), b2 (E,)
-    wd_ptr, bd_ptr, wu_ptr, bu_ptr,  # Wd (E, R, D) = (E*R, D), bd (E, R), Wu (E, D, R), bu (E, D)
-    y_ptr, gates_ptr,                # out: y (N, D) in x's dtype, gates (N, E) fp32
-    N, D, temperature,
-    H: tl.constexpr, E: tl.constexpr, R: tl.constexpr, EX: tl.constexpr,  # EX: E to a power of 2
-    TOP_K: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-    DOT: tl.constexpr, PREC: tl.constexpr, GATE_PREC: tl.constexpr,
+@triton.jit(do_not_specialize=["N"])  # N % 16 unspecialised, as the report compiles it
+def _moa_fwd_kernel(
+    # x (N, D); the gate W1 (H, D), b1 (H,), W2 (E, H), b2 (E,)
+    x_ptr,
+    w1_ptr,
+    b1_ptr,
+    w2_ptr,
+    b2_ptr,
+    # the experts: Wd (E, R, D) = (E*R, D), bd (E, R), Wu (E, D, R), bu (E, D)
+    wd_ptr,
+    bd_ptr,
+    wu_ptr,
+    bu_ptr,
+    # outputs: y (N, D) in x's dtype, gates (N, E) fp32
+    y_ptr,
+    gates_ptr,
+    N,
+    D,
+    temperature,
+    # shapes; EX is E rounded up to a power of 2
+    H: tl.constexpr,
+    E: tl.constexpr,
+    R: tl.constexpr,
+    EX: tl.constexpr,
+    TOP_K: tl.constexpr,
+    # tiles: BM tokens per program, BK columns of D per step, BN output columns per step
+    BM: tl.constexpr,
+    BK: tl.constexpr,
+    BN: tl.constexpr,
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
+    GATE_PREC: tl.constexpr,
 ):
-    EPR: tl.constexpr = EX * R       # packed expert columns c = e * R + r; c >= E * R is padding
+    """The forward: one program per tile of BM tokens, dense over the experts."""
+    EXPERT_COLS: tl.constexpr = EX * R  # packed expert columns c = e * R + r; c >= E * R is padding
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
-    rmask = rows < N
+    row_mask = rows < N
     offs_h = tl.arange(0, H)
-    offs_c = tl.arange(0, EPR)
-    cmask = offs_c < E * R
-    cols = tl.arange(0, 16)          # gate columns: E <= 16, padded to 16 for tl.dot
-    gmask = cols < E
-    # 1. gate MLP and top-k. Two passes over the X tile (the second from L2) keep u and a apart.
-    u = _proj(x_ptr, D, rows, rmask, D, w1_ptr, offs_h * D, offs_h < H, 1, BM, H, BK, DOT, GATE_PREC)
-    v = tl.maximum(u + tl.load(b1_ptr + offs_h).to(tl.float32)[None, :], 0.0)          # (BM, H)
-    w2 = tl.load(w2_ptr + cols[None, :] * H + offs_h[:, None], mask=gmask[None, :], other=0.0)
-    z = tl.dot(v.to(DOT), w2.to(DOT), input_precision=GATE_PREC)                       # (BM, 16)
-    logits = (z + tl.load(b2_ptr + cols, mask=gmask, other=0.0).to(tl.float32)[None, :]) / temperature
-    keep = gmask[None, :]
-    if TOP_K < E:  # TOP_K rounds of "row max, lowest column holding it": ties to the lower expert
-        work = tl.where(keep, logits, float("-inf"))
-        keep = cols[None, :] < 0
+    offs_c = tl.arange(0, EXPERT_COLS)
+    col_mask = offs_c < E * R
+    experts = tl.arange(0, 16)  # the gate's columns: E <= 16, padded to 16 for tl.dot
+    expert_mask = experts < E
+
+    # 1. the gate MLP: u = x W1^T + b1, v = relu(u), logits = (v W2^T + b2) / temperature
+    u = _rows_times_weights(
+        src_ptr=x_ptr,
+        src_stride=D,
+        rows=rows,
+        row_mask=row_mask,
+        K=D,
+        w_ptr=w1_ptr,
+        w_col_offsets=offs_h * D,
+        w_col_mask=offs_h < H,
+        w_k_stride=1,
+        BM=BM,
+        NC=H,
+        BK=BK,
+        DOT=DOT,
+        PREC=GATE_PREC,
+    )
+    v = tl.maximum(u + tl.load(b1_ptr + offs_h).to(tl.float32)[None, :], 0.0)  # (BM, H)
+    w2 = tl.load(w2_ptr + experts[None, :] * H + offs_h[:, None], mask=expert_mask[None, :], other=0.0)
+    z = tl.dot(v.to(DOT), w2.to(DOT), input_precision=GATE_PREC)  # (BM, 16)
+    b2 = tl.load(b2_ptr + experts, mask=expert_mask, other=0.0).to(tl.float32)
+    logits = (z + b2[None, :]) / temperature
+
+    # 2. top-k: TOP_K rounds of "row max, lowest column holding it" (ties go to the lower expert); softmax
+    keep = expert_mask[None, :]
+    if TOP_K < E:
+        remaining = tl.where(keep, logits, float("-inf"))
+        keep = experts[None, :] < 0
         for _ in tl.static_range(TOP_K):
-            top = tl.where(work == tl.max(work, axis=1)[:, None], cols[None, :], 16)
-            hit = cols[None, :] == tl.min(top, axis=1)[:, None]
-            keep = keep | hit
-            work = tl.where(hit, float("-inf"), work)
+            at_max = tl.where(remaining == tl.max(remaining, axis=1)[:, None], experts[None, :], 16)
+            chosen = experts[None, :] == tl.min(at_max, axis=1)[:, None]
+            keep = keep | chosen
+            remaining = tl.where(chosen, float("-inf"), remaining)
     kept = tl.where(keep, logits, float("-inf"))
-    p = tl.exp(kept - tl.max(kept, axis=1)[:, None])                                  # 0 if dropped
-    g = tl.where(rmask[:, None], p / tl.sum(p, axis=1)[:, None], 0.0)               # (BM, 16)
-    tl.store(gates_ptr + rows[:, None] * E + cols[None, :], g, mask=rmask[:, None] & gmask[None, :])
-    # 2. all experts' down-projections in one product, exact GELU, expert e's columns times g_e
-    a = _proj(x_ptr, D, rows, rmask, D, wd_ptr, offs_c * D, cmask, 1, BM, EPR, BK, DOT, PREC)
-    a += tl.load(bd_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    hid = 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))                      # exact GELU
-    gcol = tl.zeros((BM, EPR), tl.float32)
-    for e in tl.static_range(E):  # selects: a reshape to (BM, E, R) would spill registers
-        ge = tl.sum(tl.where(cols[None, :] == e, g, 0.0), axis=1)
-        gcol = tl.where((offs_c // R)[None, :] == e, ge[:, None], gcol)
-    hg = (hid * gcol).to(DOT)                                                           # (BM, EPR)
-    # 3. all experts' up-projections at once (K = E*R), gated up biases, residual; BN columns a step
-    wu_col = (offs_c // R) * D * R + offs_c % R                                      # Wu[e, 0, r]
+    p = tl.exp(kept - tl.max(kept, axis=1)[:, None])  # 0 where dropped
+    gates = tl.where(row_mask[:, None], p / tl.sum(p, axis=1)[:, None], 0.0)  # (BM, 16)
+    tl.store(
+        gates_ptr + rows[:, None] * E + experts[None, :], gates, mask=row_mask[:, None] & expert_mask[None, :]
+    )
+
+    # 3. every expert's down-projection in one product (Wd is one (E*R, D) matrix), exact GELU, gate scaling
+    a = _rows_times_weights(
+        src_ptr=x_ptr,
+        src_stride=D,
+        rows=rows,
+        row_mask=row_mask,
+        K=D,
+        w_ptr=wd_ptr,
+        w_col_offsets=offs_c * D,
+        w_col_mask=col_mask,
+        w_k_stride=1,
+        BM=BM,
+        NC=EXPERT_COLS,
+        BK=BK,
+        DOT=DOT,
+        PREC=PREC,
+    )
+    a += tl.load(bd_ptr + offs_c, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    hidden = 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))  # (BM, EX*R)
+    # each expert's gate on its R columns; static selects, since a reshape to (BM, E, R) spills registers
+    gate_on_col = tl.zeros((BM, EXPERT_COLS), tl.float32)
+    for e in tl.static_range(E):
+        gate_e = tl.sum(tl.where(experts[None, :] == e, gates, 0.0), axis=1)
+        gate_on_col = tl.where((offs_c // R)[None, :] == e, gate_e[:, None], gate_on_col)
+    gated_hidden = (hidden * gate_on_col).to(DOT)  # (BM, EX*R)
+
+    # 4. every expert's up-projection at once (K = E*R), the gated up biases, the residual: BN columns a step
+    wu_col = (offs_c // R) * D * R + offs_c % R  # where Wu[e, 0, r] is
     for n0 in range(0, D, BN):
         offs_n = n0 + tl.arange(0, BN)
-        nmask = offs_n < D
-        wu = tl.load(wu_ptr + wu_col[:, None] + offs_n[None, :] * R,
-                     mask=cmask[:, None] & nmask[None, :], other=0.0)                 # (EPR, BN)
-        acc = tl.dot(hg, wu.to(DOT), input_precision=PREC)
-        bu = tl.load(bu_ptr + cols[:, None] * D + offs_n[None, :],
-                     mask=gmask[:, None] & nmask[None, :], other=0.0)                 # (16, BN)
-        acc = tl.dot(g.to(DOT), bu.to(DOT), acc, input_precision=PREC)
-        ymask = rmask[:, None] & nmask[None, :]
-        xt = tl.load(x_ptr + rows[:, None] * D + offs_n[None, :], mask=ymask, other=0.0)
-        tl.store(y_ptr + rows[:, None] * D + offs_n[None, :], xt.to(tl.float32) + acc, mask=ymask)
+        n_mask = offs_n < D
+        wu = tl.load(
+            wu_ptr + wu_col[:, None] + offs_n[None, :] * R,
+            mask=col_mask[:, None] & n_mask[None, :],
+            other=0.0,
+        )  # (EX*R, BN)
+        acc = tl.dot(gated_hidden, wu.to(DOT), input_precision=PREC)
+        bu = tl.load(
+            bu_ptr + experts[:, None] * D + offs_n[None, :],
+            mask=expert_mask[:, None] & n_mask[None, :],
+            other=0.0,
+        )  # (16, BN)
+        acc = tl.dot(gates.to(DOT), bu.to(DOT), acc, input_precision=PREC)
+        y_mask = row_mask[:, None] & n_mask[None, :]
+        x_tile = tl.load(x_ptr + rows[:, None] * D + offs_n[None, :], mask=y_mask, other=0.0)
+        tl.store(y_ptr + rows[:, None] * D + offs_n[None, :], x_tile.to(tl.float32) + acc, mask=y_mask)
 
 
-@triton.jit
-def _moa_bwd_tokens(  # backward 1: one program per tile of BM tokens
-    x_ptr, dy_ptr, gates_ptr, dgates_ptr,  # x, dy (N, D); gates and their gradient (N, E) fp32
-    w1_ptr, b1_ptr, w2_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr,
-    dx_ptr, p1_ptr, p2_ptr,                # out: dx (N, D); P1 (N, E*R + 2H + 16), P2 (N, E*R + 16)
-    N, D, temperature,
-    H: tl.constexpr, E: tl.constexpr, R: tl.constexpr, EX: tl.constexpr, BM: tl.constexpr,
-    BK: tl.constexpr, KC: tl.constexpr, NS: tl.constexpr, HAS_DG: tl.constexpr,
-    DOT: tl.constexpr, PREC: tl.constexpr, GATE_PREC: tl.constexpr,
+@triton.jit(do_not_specialize=["N"])
+def _moa_bwd_tokens(
+    # x, dy (N, D); the gates and their gradient (N, E) fp32
+    x_ptr,
+    dy_ptr,
+    gates_ptr,
+    dgates_ptr,
+    w1_ptr,
+    b1_ptr,
+    w2_ptr,
+    wd_ptr,
+    bd_ptr,
+    wu_ptr,
+    bu_ptr,
+    # outputs: dx (N, D); P1 (N, E*R + 2H + 16) = [da | du | v | dz], P2 (N, E*R + 16) = [g h | g]
+    dx_ptr,
+    p1_ptr,
+    p2_ptr,
+    N,
+    D,
+    temperature,
+    H: tl.constexpr,
+    E: tl.constexpr,
+    R: tl.constexpr,
+    EX: tl.constexpr,
+    # tiles: BM tokens per program, BK columns of D a step, the expert columns in NS splits, KC for dx
+    BM: tl.constexpr,
+    BK: tl.constexpr,
+    KC: tl.constexpr,
+    NS: tl.constexpr,
+    HAS_DG: tl.constexpr,
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
+    GATE_PREC: tl.constexpr,
 ):
-    EPS: tl.constexpr = EX * R // NS  # expert columns c = e * R + r per split; c >= E * R: padding
-    ER: tl.constexpr = E * R
+    """Backward 1: one program per tile of BM tokens computes dx and the per-token factors of the weight
+    gradients (P1, P2), which the weight kernel sums over tokens."""
+    SPLIT_COLS: tl.constexpr = EX * R // NS  # expert columns c = e * R + r per split; c >= E * R: padding
+    EXPERT_COLS: tl.constexpr = E * R
+    P1_WIDTH: tl.constexpr = E * R + 2 * H + 16
+    P2_WIDTH: tl.constexpr = E * R + 16
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
-    rmask = rows < N
+    row_mask = rows < N
     offs_h = tl.arange(0, H)
-    cols = tl.arange(0, 16)           # gate columns: E <= 16, padded to 16 for tl.dot
-    emask = rmask[:, None] & (cols[None, :] < E)
-    P1W: tl.constexpr = ER + 2 * H + 16
-    prow = p1_ptr + rows[:, None] * P1W
-    g = tl.load(gates_ptr + rows[:, None] * E + cols[None, :], mask=emask, other=0.0)  # (BM, 16)
-    tl.store(p2_ptr + rows[:, None] * (ER + 16) + ER + cols[None, :], g, mask=rmask[:, None])
-    # the expert columns in NS splits: a = x Wd^T + bd, T = dy Wu_all; da = g T gelu'(a), g h, dg
-    dg = tl.zeros((BM, 16), tl.float32)
-    for s in tl.static_range(NS):
-        offs_c = s * EPS + tl.arange(0, EPS)
-        cmask = offs_c < ER
-        ecol = offs_c // R
-        a = _proj(x_ptr, D, rows, rmask, D, wd_ptr, offs_c * D, cmask, 1, BM, EPS, BK, DOT, PREC)
-        a += tl.load(bd_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    experts = tl.arange(0, 16)  # the gate's columns: E <= 16, padded to 16 for tl.dot
+    gate_mask = row_mask[:, None] & (experts[None, :] < E)
+    p1_rows = p1_ptr + rows[:, None] * P1_WIDTH
+    p2_rows = p2_ptr + rows[:, None] * P2_WIDTH
+
+    # 1. the saved gates (they fix the top-k: the routing is not recomputed); P2's last 16 columns hold them
+    gates = tl.load(gates_ptr + rows[:, None] * E + experts[None, :], mask=gate_mask, other=0.0)  # (BM, 16)
+    tl.store(p2_rows + EXPERT_COLS + experts[None, :], gates, mask=row_mask[:, None])
+
+    # 2. the expert columns, NS splits of SPLIT_COLS: a = x Wd^T + bd, T = dy Wu (all experts);
+    #    dgate_e = <T_e, h_e> (+ <dy, bu_e> below), da = g T gelu'(a) into P1, g h into P2
+    dgates = tl.zeros((BM, 16), tl.float32)
+    for split in tl.static_range(NS):
+        offs_c = split * SPLIT_COLS + tl.arange(0, SPLIT_COLS)
+        col_mask = offs_c < EXPERT_COLS
+        col_expert = offs_c // R
+        a = _rows_times_weights(
+            src_ptr=x_ptr,
+            src_stride=D,
+            rows=rows,
+            row_mask=row_mask,
+            K=D,
+            w_ptr=wd_ptr,
+            w_col_offsets=offs_c * D,
+            w_col_mask=col_mask,
+            w_k_stride=1,
+            BM=BM,
+            NC=SPLIT_COLS,
+            BK=BK,
+            DOT=DOT,
+            PREC=PREC,
+        )
+        a += tl.load(bd_ptr + offs_c, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         cdf = 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476))
-        hid, dgelu = a * cdf, cdf + a * tl.exp(-0.5 * a * a) * 0.3989422804014327  # GELU, its slope
-        T = _proj(dy_ptr, D, rows, rmask, D, wu_ptr, ecol * D * R + offs_c % R, cmask, R, BM, EPS,
-                  BK, DOT, PREC)                                                    # dy Wu_all
-        th = T * hid
-        gcol = tl.zeros((BM, EPS), tl.float32)
-        for e in tl.static_range(s * EPS // R, (s + 1) * EPS // R):  # selects: reshapes spill
-            the = tl.sum(tl.where(ecol[None, :] == e, th, 0.0), axis=1)             # <T_e, h_e>
-            dg += tl.where(cols[None, :] == e, the[:, None], 0.0)
-            ge = tl.sum(tl.where(cols[None, :] == e, g, 0.0), axis=1)
-            gcol = tl.where(ecol[None, :] == e, ge[:, None], gcol)        # g_e on e's columns
-        smask = rmask[:, None] & cmask[None, :]  # P1 gets da, P2 gets g h
-        tl.store(prow + offs_c[None, :], gcol * T * dgelu, mask=smask)
-        tl.store(p2_ptr + rows[:, None] * (ER + 16) + offs_c[None, :], gcol * hid, mask=smask)
-    dg += _proj(dy_ptr, D, rows, rmask, D, bu_ptr, cols * D, cols < E, 1, BM, 16, BK, DOT, PREC)
-    # softmax over the kept experts (dz = 0 off the top_k), temperature, gate layer 2, the ReLU
+        hidden = a * cdf  # GELU
+        gelu_slope = cdf + a * tl.exp(-0.5 * a * a) * 0.3989422804014327
+        T = _rows_times_weights(
+            src_ptr=dy_ptr,
+            src_stride=D,
+            rows=rows,
+            row_mask=row_mask,
+            K=D,
+            w_ptr=wu_ptr,
+            w_col_offsets=col_expert * D * R + offs_c % R,
+            w_col_mask=col_mask,
+            w_k_stride=R,
+            BM=BM,
+            NC=SPLIT_COLS,
+            BK=BK,
+            DOT=DOT,
+            PREC=PREC,
+        )
+        T_times_hidden = T * hidden
+        gate_on_col = tl.zeros((BM, SPLIT_COLS), tl.float32)
+        # static selects over this split's experts only: reshapes to (BM, E, R) spill registers
+        for e in tl.static_range(split * SPLIT_COLS // R, (split + 1) * SPLIT_COLS // R):
+            dgate_e = tl.sum(tl.where(col_expert[None, :] == e, T_times_hidden, 0.0), axis=1)  # <T_e, h_e>
+            dgates += tl.where(experts[None, :] == e, dgate_e[:, None], 0.0)
+            gate_e = tl.sum(tl.where(experts[None, :] == e, gates, 0.0), axis=1)
+            gate_on_col = tl.where(col_expert[None, :] == e, gate_e[:, None], gate_on_col)
+        split_mask = row_mask[:, None] & col_mask[None, :]
+        tl.store(p1_rows + offs_c[None, :], gate_on_col * T * gelu_slope, mask=split_mask)  # da
+        tl.store(p2_rows + offs_c[None, :], gate_on_col * hidden, mask=split_mask)  # g h
+
+    # 3. dgate_e += <dy, bu_e>; the gates' own gradient; the softmax backward over the kept experts
+    #    (dz = 0 off the top-k) and the temperature
+    dgates += _rows_times_weights(
+        src_ptr=dy_ptr,
+        src_stride=D,
+        rows=rows,
+        row_mask=row_mask,
+        K=D,
+        w_ptr=bu_ptr,
+        w_col_offsets=experts * D,
+        w_col_mask=experts < E,
+        w_k_stride=1,
+        BM=BM,
+        NC=16,
+        BK=BK,
+        DOT=DOT,
+        PREC=PREC,
+    )
     if HAS_DG:
-        dg += tl.load(dgates_ptr + rows[:, None] * E + cols[None, :], mask=emask, other=0.0)
-    dz = g * (dg - tl.sum(g * dg, axis=1)[:, None]) / temperature
-    u = _proj(x_ptr, D, rows, rmask, D, w1_ptr, offs_h * D, offs_h < H, 1, BM, H, BK, DOT, GATE_PREC)
+        dgates += tl.load(dgates_ptr + rows[:, None] * E + experts[None, :], mask=gate_mask, other=0.0)
+    dz = gates * (dgates - tl.sum(gates * dgates, axis=1)[:, None]) / temperature  # (BM, 16)
+
+    # 4. the gate MLP backward: u recomputed, dv = dz W2, du = dv where u > 0; P1 gets du, v and dz
+    u = _rows_times_weights(
+        src_ptr=x_ptr,
+        src_stride=D,
+        rows=rows,
+        row_mask=row_mask,
+        K=D,
+        w_ptr=w1_ptr,
+        w_col_offsets=offs_h * D,
+        w_col_mask=offs_h < H,
+        w_k_stride=1,
+        BM=BM,
+        NC=H,
+        BK=BK,
+        DOT=DOT,
+        PREC=GATE_PREC,
+    )
     u += tl.load(b1_ptr + offs_h).to(tl.float32)[None, :]
-    w2 = tl.load(w2_ptr + cols[:, None] * H + offs_h[None, :], mask=(cols < E)[:, None], other=0.0)
-    dv = tl.dot(dz.to(DOT), w2.to(DOT), input_precision=PREC)                     # (BM, H)
-    tl.store(prow + ER + offs_h[None, :], tl.where(u > 0, dv, 0.0), mask=rmask[:, None])  # du
-    tl.store(prow + ER + H + offs_h[None, :], tl.maximum(u, 0.0), mask=rmask[:, None])    # v
-    tl.store(prow + ER + 2 * H + cols[None, :], dz, mask=rmask[:, None])
-    # dx = dy + [da | du] [Wd_all; W1], [da | du] read back from P1 (L2): holding it would spill
+    w2 = tl.load(w2_ptr + experts[:, None] * H + offs_h[None, :], mask=(experts < E)[:, None], other=0.0)
+    dv = tl.dot(dz.to(DOT), w2.to(DOT), input_precision=PREC)  # (BM, H)
+    tl.store(p1_rows + EXPERT_COLS + offs_h[None, :], tl.where(u > 0, dv, 0.0), mask=row_mask[:, None])
+    tl.store(p1_rows + EXPERT_COLS + H + offs_h[None, :], tl.maximum(u, 0.0), mask=row_mask[:, None])
+    tl.store(p1_rows + EXPERT_COLS + 2 * H + experts[None, :], dz, mask=row_mask[:, None])
+
+    # 5. dx = dy + [da | du] [Wd; W1], [da | du] read back from P1 (in L2: holding it would spill)
     tl.debug_barrier()  # other threads of this program stored those
     for k0 in range(0, D, BK):
         offs_k = k0 + tl.arange(0, BK)
-        m2 = rmask[:, None] & (offs_k < D)[None, :]
-        dx = _proj(p1_ptr, P1W, rows, rmask, ER, wd_ptr, offs_k, offs_k < D, D, BM, BK, KC, DOT, PREC)
-        dx += _proj(p1_ptr + ER, P1W, rows, rmask, H, w1_ptr, offs_k, offs_k < D, D, BM, BK, KC, DOT, PREC)
-        dyt = tl.load(dy_ptr + rows[:, None] * D + offs_k[None, :], mask=m2, other=0.0)
-        tl.store(dx_ptr + rows[:, None] * D + offs_k[None, :], dyt.to(tl.float32) + dx, mask=m2)
+        k_mask = offs_k < D
+        dx = _rows_times_weights(
+            src_ptr=p1_ptr,
+            src_stride=P1_WIDTH,
+            rows=rows,
+            row_mask=row_mask,
+            K=EXPERT_COLS,
+            w_ptr=wd_ptr,
+            w_col_offsets=offs_k,
+            w_col_mask=k_mask,
+            w_k_stride=D,
+            BM=BM,
+            NC=BK,
+            BK=KC,
+            DOT=DOT,
+            PREC=PREC,
+        )
+        dx += _rows_times_weights(
+            src_ptr=p1_ptr + EXPERT_COLS,
+            src_stride=P1_WIDTH,
+            rows=rows,
+            row_mask=row_mask,
+            K=H,
+            w_ptr=w1_ptr,
+            w_col_offsets=offs_k,
+            w_col_mask=k_mask,
+            w_k_stride=D,
+            BM=BM,
+            NC=BK,
+            BK=KC,
+            DOT=DOT,
+            PREC=PREC,
+        )
+        dx_mask = row_mask[:, None] & k_mask[None, :]
+        dy_tile = tl.load(dy_ptr + rows[:, None] * D + offs_k[None, :], mask=dx_mask, other=0.0)
+        tl.store(dx_ptr + rows[:, None] * D + offs_k[None, :], dy_tile.to(tl.float32) + dx, mask=dx_mask)
 
 
 @triton.jit
-def _tile(a_ptr, lda, b_ptr, ldb, M, K, t_lo, t_hi, rows, cols, BW: tl.constexpr, BD: tl.constexpr,
-          BT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """A[:, rows]^T B[:, cols] and A[:, rows]'s column sums over tokens t_lo..t_hi, last first."""
+def _sum_over_tokens(
+    a_ptr,
+    a_stride,
+    a_cols,
+    a_width,  # A[:, a_cols] (BT, BW) a tile, a_width valid columns
+    b_ptr,
+    b_stride,
+    b_cols,
+    b_width,  # B[:, b_cols] (BT, BD) a tile
+    t_lo,
+    t_hi,  # the tokens summed, the last tile first
+    BW: tl.constexpr,
+    BD: tl.constexpr,
+    BT: tl.constexpr,
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """A[t_lo:t_hi, a_cols]^T B[t_lo:t_hi, b_cols] (BW, BD) and A's column sums over those tokens."""
     acc = tl.zeros((BW, BD), tl.float32)
-    bias = tl.zeros((BW,), tl.float32)
-    num_t = tl.cdiv(t_hi - t_lo, BT)
-    for i in range(0, num_t):
-        toks = (t_lo + (num_t - 1 - i) * BT + tl.arange(0, BT)).to(tl.int64)
-        a = tl.load(a_ptr + toks[:, None] * lda + rows[None, :],
-                    mask=(toks < t_hi)[:, None] & (rows < M)[None, :], other=0.0)    # (BT, BW)
-        b = tl.load(b_ptr + toks[:, None] * ldb + cols[None, :],
-                    mask=(toks < t_hi)[:, None] & (cols < K)[None, :], other=0.0)    # (BT, BD)
+    col_sums = tl.zeros((BW,), tl.float32)
+    num_tiles = tl.cdiv(t_hi - t_lo, BT)
+    for i in range(0, num_tiles):
+        tokens = (t_lo + (num_tiles - 1 - i) * BT + tl.arange(0, BT)).to(tl.int64)
+        token_mask = tokens < t_hi
+        a = tl.load(
+            a_ptr + tokens[:, None] * a_stride + a_cols[None, :],
+            mask=token_mask[:, None] & (a_cols < a_width)[None, :],
+            other=0.0,
+        )  # (BT, BW)
+        b = tl.load(
+            b_ptr + tokens[:, None] * b_stride + b_cols[None, :],
+            mask=token_mask[:, None] & (b_cols < b_width)[None, :],
+            other=0.0,
+        )  # (BT, BD)
         acc = tl.dot(tl.trans(a.to(DOT)), b.to(DOT), acc, input_precision=PREC)
-        bias += tl.sum(a.to(tl.float32), axis=0)
-    return acc, bias
+        col_sums += tl.sum(a.to(tl.float32), axis=0)
+    return acc, col_sums
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "num_down_tiles", "num_up_tiles", "copy_stride"])
 def _moa_bwd_weights(
-    x_ptr, dy_ptr, p1_ptr, p2_ptr,  # x, dy (N, D); scratch P1 (N, E*R + 2H + 16), P2 (N, E*R + 16)
-    gw1_ptr, gb1_ptr, gw2_ptr, gb2_ptr, gwd_ptr, gbd_ptr, gwu_ptr, gbu_ptr,  # the 8 gradients
-    N, D, n1, n2, split_stride,                # programs: [0, n1) [dWd; dW1], then n2 dWu, dWg2
-    H: tl.constexpr, E: tl.constexpr, R: tl.constexpr, EX: tl.constexpr, BW: tl.constexpr,
-    BD: tl.constexpr, BT: tl.constexpr, CHUNK: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    # x, dy (N, D); the token kernel's factors P1 (N, E*R + 2H + 16) = [da | du | v | dz], P2 (N, E*R + 16)
+    x_ptr,
+    dy_ptr,
+    p1_ptr,
+    p2_ptr,
+    # outputs: the 8 weight gradients (fp32), one copy per chunk of CHUNK tokens, copy_stride apart
+    gw1_ptr,
+    gb1_ptr,
+    gw2_ptr,
+    gb2_ptr,
+    gwd_ptr,
+    gbd_ptr,
+    gwu_ptr,
+    gbu_ptr,
+    N,
+    D,
+    num_down_tiles,
+    num_up_tiles,
+    copy_stride,
+    H: tl.constexpr,
+    E: tl.constexpr,
+    R: tl.constexpr,
+    EX: tl.constexpr,
+    # tiles: BW gradient rows by BD columns per program, BT tokens a step
+    BW: tl.constexpr,
+    BD: tl.constexpr,
+    BT: tl.constexpr,
+    CHUNK: tl.constexpr,
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
     GATE_PREC: tl.constexpr,
 ):
-    ER: tl.constexpr = E * R
-    P1W: tl.constexpr = ER + 2 * H + 16
+    """Backward 2: the weight gradients, one program per (gradient tile, chunk of CHUNK tokens). Programs
+    [0, num_down_tiles) do [dWd; dW1] = [da | du]^T x, the next num_up_tiles [dWu; dbu] = [g h | g]^T dy,
+    the rest dW2 = dz^T v. Each sums its chunk in one fixed order: bitwise reproducible, no atomics."""
+    EXPERT_COLS: tl.constexpr = E * R
+    P1_WIDTH: tl.constexpr = E * R + 2 * H + 16
+    P2_WIDTH: tl.constexpr = E * R + 16
     pid = tl.program_id(0)
-    t_lo = (tl.num_programs(1) - 1 - tl.program_id(1)) * CHUNK  # last first: kernel 1 ended there (L2)
+    col_tiles = tl.cdiv(D, BD)
+    # the chunks run last first: the token kernel ended on the last tokens (still in L2)
+    t_lo = (tl.num_programs(1) - 1 - tl.program_id(1)) * CHUNK
     t_hi = tl.minimum(N, t_lo + CHUNK)
-    copy = tl.program_id(1).to(tl.int64) * split_stride  # where this chunk's copy starts
-    if pid < n1 + n2:  # [dWd_all; dW1] = [da | du]^T x (pid < n1), [dWu; dbu] = [g h | g]^T dy
-        one = pid < n1
-        q = tl.where(one, pid, pid - n1)
-        rows = q // tl.cdiv(D, BD) * BW + tl.arange(0, BW)
-        cols = q % tl.cdiv(D, BD) * BD + tl.arange(0, BD)
-        M = tl.where(one, ER + H, ER + E)
-        acc, bias = _tile(tl.where(one, p1_ptr, p2_ptr), tl.where(one, P1W, ER + 16),
-                          tl.where(one, x_ptr, dy_ptr), D, M, D, t_lo, t_hi, rows, cols, BW, BD, BT, DOT, PREC)
-        lo = rows < ER  # rows c = e * R + r of the experts, then the gate's or the up biases'
-        out = tl.where(one, tl.where(lo, gwd_ptr + rows * D, gw1_ptr + (rows - ER) * D),
-                       tl.where(lo, gwu_ptr + rows // R * D * R + rows % R, gbu_ptr + (rows - ER) * D))
-        step = tl.where(lo & ~one, R, 1)  # up_w is (E, D, R): its d runs with stride R
-        tl.store((out + copy)[:, None] + cols[None, :] * step[:, None], acc,
-                 mask=(rows < M)[:, None] & (cols < D)[None, :])
-        bias_ptr = tl.where(lo, gbd_ptr + rows, gb1_ptr + rows - ER)  # dbd, dbg1: column sums
-        tl.store(bias_ptr + copy, bias, mask=one & (rows < M) & (q % tl.cdiv(D, BD) == 0))
-    else:  # dWg2 (E, H) = dz^T v, dbg2 = column sums of dz; E <= 16 <= BW: one row block
+    copy = tl.program_id(1).to(tl.int64) * copy_stride  # where this chunk's copy of the gradients starts
+
+    if pid < num_down_tiles:
+        # 1. [dWd; dW1] (E*R + H, D) = [da | du]^T x; dbd, db1: the column sums of da, du
+        rows = pid // col_tiles * BW + tl.arange(0, BW)
+        cols = pid % col_tiles * BD + tl.arange(0, BD)
+        acc, col_sums = _sum_over_tokens(
+            a_ptr=p1_ptr,
+            a_stride=P1_WIDTH,
+            a_cols=rows,
+            a_width=EXPERT_COLS + H,
+            b_ptr=x_ptr,
+            b_stride=D,
+            b_cols=cols,
+            b_width=D,
+            t_lo=t_lo,
+            t_hi=t_hi,
+            BW=BW,
+            BD=BD,
+            BT=BT,
+            DOT=DOT,
+            PREC=PREC,
+        )
+        is_expert = rows < EXPERT_COLS  # rows c = e * R + r of Wd, then the rows of W1
+        out = tl.where(is_expert, gwd_ptr + rows * D, gw1_ptr + (rows - EXPERT_COLS) * D)
+        out_mask = rows < EXPERT_COLS + H
+        tl.store((out + copy)[:, None] + cols[None, :], acc, mask=out_mask[:, None] & (cols < D)[None, :])
+        if pid % col_tiles == 0:  # the first column tile also stores the biases' gradients
+            bias = tl.where(is_expert, gbd_ptr + rows, gb1_ptr + rows - EXPERT_COLS)
+            tl.store(bias + copy, col_sums, mask=out_mask)
+    elif pid < num_down_tiles + num_up_tiles:
+        # 2. [dWu; dbu] (E*R + E, D) = [g h | g]^T dy; Wu is (E, D, R): its d runs with stride R
+        tile = pid - num_down_tiles
+        rows = tile // col_tiles * BW + tl.arange(0, BW)
+        cols = tile % col_tiles * BD + tl.arange(0, BD)
+        acc, col_sums = _sum_over_tokens(
+            a_ptr=p2_ptr,
+            a_stride=P2_WIDTH,
+            a_cols=rows,
+            a_width=EXPERT_COLS + E,
+            b_ptr=dy_ptr,
+            b_stride=D,
+            b_cols=cols,
+            b_width=D,
+            t_lo=t_lo,
+            t_hi=t_hi,
+            BW=BW,
+            BD=BD,
+            BT=BT,
+            DOT=DOT,
+            PREC=PREC,
+        )
+        is_expert = rows < EXPERT_COLS  # rows c = e * R + r of Wu, then the rows of bu
+        out = tl.where(is_expert, gwu_ptr + rows // R * D * R + rows % R, gbu_ptr + (rows - EXPERT_COLS) * D)
+        col_step = tl.where(is_expert, R, 1)
+        out_mask = (rows < EXPERT_COLS + E)[:, None] & (cols < D)[None, :]
+        tl.store((out + copy)[:, None] + cols[None, :] * col_step[:, None], acc, mask=out_mask)
+    else:
+        # 3. dW2 (E, H) = dz^T v, db2 = the column sums of dz; E <= 16 <= BW: one row block
         rows = tl.arange(0, BW)
-        cols = (pid - n1 - n2) * BD + tl.arange(0, BD)
-        acc, bias = _tile(p1_ptr + ER + 2 * H, P1W, p1_ptr + ER + H, P1W, E, H, t_lo, t_hi, rows, cols,
-                          BW, BD, BT, DOT, PREC)
-        tl.store(gw2_ptr + copy + rows[:, None] * H + cols[None, :], acc,
-                 mask=(rows < E)[:, None] & (cols < H)[None, :])
-        tl.store(gb2_ptr + copy + rows, bias, mask=(rows < E) & (pid == n1 + n2))
+        cols = (pid - num_down_tiles - num_up_tiles) * BD + tl.arange(0, BD)
+        acc, col_sums = _sum_over_tokens(
+            a_ptr=p1_ptr + EXPERT_COLS + 2 * H,
+            a_stride=P1_WIDTH,
+            a_cols=rows,
+            a_width=E,
+            b_ptr=p1_ptr + EXPERT_COLS + H,
+            b_stride=P1_WIDTH,
+            b_cols=cols,
+            b_width=H,
+            t_lo=t_lo,
+            t_hi=t_hi,
+            BW=BW,
+            BD=BD,
+            BT=BT,
+            DOT=DOT,
+            PREC=PREC,
+        )
+        tl.store(
+            gw2_ptr + copy + rows[:, None] * H + cols[None, :],
+            acc,
+            mask=(rows < E)[:, None] & (cols < H)[None, :],
+        )
+        if pid == num_down_tiles + num_up_tiles:  # the first column tile
+            tl.store(gb2_ptr + copy + rows, col_sums, mask=rows < E)
 
 
 # -----------------------------------------------------------------------------
-# Launch parameters, validation, autograd
-@functools.lru_cache(maxsize=None)  # called on every forward: pure, so computed once per shape
-def launch_params(arch, dot, xdt, wdt, D, H, E, R):
-    """{kernel: (constexprs, num_warps, num_stages)}. arch: 80 (A100), 90 (H100) or None (the
-    interpreter); dot: the matmul dtype; xdt, wdt: x's and the weights'. See docs/kernel.md."""
+# Launch parameters from the GPU's limits
+@functools.lru_cache(maxsize=None)
+def device_limits(index):
+    """(compute capability as 10 major + minor, opt-in shared memory per block in bytes) of GPU `index`."""
+    props = torch.cuda.get_device_properties(index)
+    return props.major * 10 + props.minor, props.shared_memory_per_block_optin
+
+
+def smem_class(arch, smem):
+    """The largest of SMEM_CLASSES within this GPU's shared memory per block; NotSupported if there is none
+    or the GPU is older than Turing (sm_75). The choice reads the limit, not the architecture's number."""
+    if arch < 75:
+        raise NotSupported(f"sm_{arch}: the kernel needs sm_75 (Turing) or newer")
+    fitting = [size for size in SMEM_CLASSES if size <= smem]
+    if not fitting:
+        raise NotSupported(
+            f"sm_{arch} has {smem:,} bytes of shared memory per block; the kernel needs 65,536"
+        )
+    return fitting[0]
+
+
+@functools.lru_cache(maxsize=None)  # called on every forward: pure, so computed once per shape and GPU
+def launch_params(arch, smem, dot, xdt, wdt, D, H, E, R):
+    """{kernel: (constexprs, num_warps, num_stages)} for a GPU of compute capability `arch` (86 for
+    sm_86) with `smem` bytes of opt-in shared memory per block; arch None is the interpreter. dot: the matmul
+    dtype; xdt, wdt: x's and the weights'. NotSupported when nothing fits. Tiles: docs/kernel.md."""
     EX = triton.next_power_of_2(E)
-    EPR = EX * R
-    half, sm90 = dot != torch.float32, arch is not None and arch >= 90  # (the interpreter: no warps, stages)
-    prec = "tf32" if arch is not None and not half else "ieee"
-    c = dict(H=H, E=E, R=R, EX=EX, DOT=TL[dot], PREC=prec, GATE_PREC="tf32x3" if prec == "tf32" else prec)
+    expert_cols = EX * R
+    half = dot != torch.float32
     wide = max(torch.finfo(xdt).bits, torch.finfo(wdt).bits) // 8  # bytes per loaded element
-    if EPR <= 256 and half:
-        fwd = dict(c, BM=64, BK=64, BN=64 if EPR * wide <= 512 else 32)
-    elif EPR <= 512:
-        fwd = dict(c, BM=32, BK=64 if wide == 2 or EPR <= 256 else 32, BN=32)
+    if arch is None:  # the interpreter: no warps, stages or shared memory; the largest class's tiles
+        limit = SMEM_CLASSES[0]
+        precision = "ieee"
     else:
-        fwd = dict(c, BM=16, BK=16, BN=16)  # (BK 32 spilled 24 bytes on sm_80 under triton 3.8)
-    few = half and EPR <= 256  # 16-bit, E R <= 256: 4 warps, splits of 64 columns (or one expert)
-    tok = dict(c, BM=16, BK=64 if EPR * wide <= 1024 else 32, KC=64, NS=triton.cdiv(EPR, max(R, 64) if few else 256))
-    wts = dict(c, BW=64, BD=64, BT=64 if wide == 2 or half else 32, CHUNK=4096)  # see weight_grid
-    return {"fwd": (fwd, 8, 3 if sm90 and EPR <= 512 and half else 2),
-            "bwd_tokens": (tok, 4 if few else 8, 2), "bwd_weights": (wts, 4, 4 if sm90 else 3)}
+        limit = smem_class(arch, smem)
+        if dot == torch.bfloat16 and arch < 80:
+            raise NotSupported(f"sm_{arch} has no bf16 tensor cores (moa.runtime picks fp16 there)")
+        precision = "tf32" if arch >= 80 and not half else "ieee"  # TF32 came with sm_80
+    common = dict(
+        H=H,
+        E=E,
+        R=R,
+        EX=EX,
+        DOT=TL[dot],
+        PREC=precision,
+        GATE_PREC="tf32x3" if precision == "tf32" else precision,
+    )
+    fwd = _forward_tiles(limit, half, wide, expert_cols)
+    if fwd is None:
+        raise NotSupported(
+            f"no forward tiles fit {smem:,} bytes of shared memory at E = {E}, R = {R} "
+            f"with {str(dot)[6:]} matmuls"
+        )
+    tiles, warps, stages = fwd
+    forward = (dict(common, **tiles), warps, stages)
+    if limit == 65536:  # Turing: tl.dot runs on the FMA units there (no mma), narrow steps and 8 warps
+        token_tiles = dict(common, BM=16, BK=32, KC=32, NS=triton.cdiv(expert_cols, 64))
+        weight_tiles = dict(common, BW=64, BD=64, BT=32, CHUNK=4096)
+        # (at E R = 128, 8 warps spilled 4-8 bytes in the token kernel: ptxas capped them at 64 registers)
+        token_warps = 4 if expert_cols == 128 else 8
+        return {
+            "fwd": forward,
+            "bwd_tokens": (token_tiles, token_warps, 1),
+            "bwd_weights": (weight_tiles, 8, 2),
+        }
+    # 16-bit, E R <= 256: 4 warps, expert splits of 64 columns (or one expert)
+    few = half and expert_cols <= 256
+    split_cols = max(R, 64) if few else 256
+    # BK 32 for wide loads, and for fp32 matmuls at E R = 128 (BK 64: 255 registers, 20 B spilled on sm_120)
+    narrow = expert_cols * wide > 1024 or (not half and expert_cols == 128)
+    token_tiles = dict(common, BM=16, BK=32 if narrow else 64, KC=64, NS=triton.cdiv(expert_cols, split_cols))
+    weight_tiles = dict(common, BW=64, BD=64, BT=64 if wide == 2 or half else 32, CHUNK=4096)
+    # the weight kernel on sm_80: 4 stages (3 spilled 4 B in 16-bit), 8 warps for fp32 (4 spilled 24 B)
+    weight_warps = 8 if limit == 166912 and not half else 4
+    return {
+        "fwd": forward,
+        "bwd_tokens": (token_tiles, 4 if few else 8, 2),
+        "bwd_weights": (weight_tiles, weight_warps, 4 if limit >= 166912 else 3),
+    }
 
 
+def _forward_tiles(limit, half, wide, expert_cols):
+    """(tiles, warps, stages) of the forward for a shared-memory class; None if none fits. The forward
+    holds a (BK, E*R) slice of Wd, then an (E*R, BN) slice of Wu, per pipeline stage (the compile report
+    measures what it needs)."""
+    if limit == 65536:  # Turing (FMA matmuls): one stage, the smallest tiles; fp32 at E R = 128: 4 warps
+        warps = 4 if expert_cols == 128 and not half else 8
+        return None if expert_cols > 256 else (dict(BM=16, BK=16, BN=16), warps, 1)
+    if expert_cols <= 256 and half:
+        stages = 3 if limit == 232448 else 2
+        return dict(BM=64, BK=64, BN=64 if expert_cols * wide <= 512 else 32), 8, stages
+    if expert_cols <= 512 and limit >= 166912:
+        stages = 3 if limit == 232448 and half else 2
+        return dict(BM=32, BK=64 if wide == 2 or expert_cols <= 256 else 32, BN=32), 8, stages
+    if expert_cols <= 256:  # fp32, E R <= 256, 99 KB class
+        return dict(BM=32, BK=64, BN=32), 8, 2
+    if expert_cols <= 512:  # E R = 512, 99 KB class: narrower up-projection steps
+        return dict(BM=32 if half else 16, BK=32, BN=16), 8, 2
+    if half or limit >= 166912:  # E R = 1024 (BK 32 spilled 24 bytes on sm_80 under triton 3.8)
+        return dict(BM=16, BK=16, BN=16), 8, 2
+    return None  # fp32 at E R = 1024 holds two (16, 1024) fp32 tiles: more than 99 KB
+
+
+def weight_grid(meta, D, H, E, R):
+    """Programs of _moa_bwd_weights: [dWd; dW1] tiles, [dWu; dbu] tiles, dW2 tiles."""
+    col_tiles = math.ceil(D / meta["BD"])
+    num_down_tiles = math.ceil((E * R + H) / meta["BW"]) * col_tiles
+    num_up_tiles = math.ceil((E * R + E) / meta["BW"]) * col_tiles
+    return num_down_tiles, num_up_tiles, math.ceil(H / meta["BD"])
+
+
+# -----------------------------------------------------------------------------
+# Autograd and the wrapper
 def _new(shape, like, dtype=None):  # an output buffer, NaN when the tests set POISON
     out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
     return out.fill_(float("nan")) if POISON else out
+
+
+def _aligned(t):
+    """t contiguous and 16-byte aligned (a copy only for a view that starts mid-vector): the kernels are
+    compiled, and checked by the compile report, for aligned pointers."""
+    t = t.contiguous()
+    return t if t.data_ptr() % ALIGN == 0 else t.clone()
+
+
+def device_guard(t):
+    """Launch on t's GPU, not the current one (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def params_for(x, w_dtype, D, H, E, R):
+    """(the matmul dtype, launch_params) of a call on x's device, autocast included."""
+    dot = x.dtype if x.is_cuda else torch.float32  # the interpreter computes in fp32
+    if x.is_cuda and x.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
+        dot = torch.get_autocast_dtype("cuda")
+    if not x.is_cuda:
+        return dot, launch_params(None, None, dot, x.dtype, w_dtype, D, H, E, R)
+    arch, smem = device_limits(x.device.index)
+    return dot, launch_params(arch, smem, dot, x.dtype, w_dtype, D, H, E, R)
 
 
 class FusedMoA(torch.autograd.Function):
     """Saves x, the gates and the weights; the backward recomputes the rest."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, wd, bd, wu, bu, top_k, temperature):
-        weights = [t.contiguous() for t in (w1, b1, w2, b2, wd, bd, wu, bu)]
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()                                   # (N, D)
-        (N, D), H, E, R = x2.shape, w1.shape[0], w2.shape[0], wd.shape[1]
-        y, gates = _new((N, D), x2), _new((N, E), x2, torch.float32)
-        ctx.dot = x.dtype if x.is_cuda else torch.float32  # the matmul dtype; interpreter: fp32
-        if x.is_cuda and x.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
-            ctx.dot = torch.get_autocast_dtype("cuda")  # (autocast is off in backward: keep it)
-        arch = _capability(x.device)[0] * 10 if x.is_cuda else None  # None: the interpreter
-        ctx.params = launch_params(arch, ctx.dot, x.dtype, w1.dtype, D, H, E, R)
-        meta, warps, stages = ctx.params["fwd"]
-        _moa_fwd_kernel[(math.ceil(N / meta["BM"]),)](  # (a grid of 0 programs launches nothing)
-            x2, *weights, y, gates, N, D, float(temperature), TOP_K=top_k, num_warps=warps,
-            num_stages=stages, **meta)
+    def forward(ctx, x, w1, b1, w2, b2, wd, bd, wu, bu, top_k, temperature, dot, params):
+        weights = [_aligned(t) for t in (w1, b1, w2, b2, wd, bd, wu, bu)]
+        x2 = _aligned(x.reshape(-1, x.shape[-1]))  # (N, D)
+        N, D = x2.shape
+        E = w2.shape[0]
+        y = _new((N, D), x2)
+        gates = _new((N, E), x2, torch.float32)
+        meta, warps, stages = params["fwd"]
+        with device_guard(x2):
+            _moa_fwd_kernel[(math.ceil(N / meta["BM"]),)](  # (a grid of 0 programs launches nothing)
+                x2,
+                *weights,
+                y,
+                gates,
+                N,
+                D,
+                temperature,
+                TOP_K=top_k,
+                num_warps=warps,
+                num_stages=stages,
+                **meta,
+            )
         ctx.save_for_backward(x2, gates, *weights)
-        ctx.temperature, ctx.x_shape = temperature, x.shape
+        ctx.temperature = temperature
+        ctx.x_shape = x.shape
+        ctx.dot = dot  # autocast is off in the backward: keep the forward's matmul dtype
+        ctx.params = params
         ctx.set_materialize_grads(False)  # an unused output's gradient is None: no zeros launch
         return y.reshape(x.shape), gates.reshape(*x.shape[:-1], E)
 
     @staticmethod
     def backward(ctx, dy, dgates):  # dgates is None unless the gates were used
         x, gates, *weights = ctx.saved_tensors
-        w1, b1, w2, b2, wd, bd, wu, bu = weights
-        (N, D), H, E, R = x.shape, w1.shape[0], w2.shape[0], wd.shape[1]
+        w1, b1, w2, _, wd, bd, wu, bu = weights  # (the token kernel has no use for b2)
+        N, D = x.shape
+        E, H = w2.shape
+        R = wd.shape[1]
         dx = _new((N, D), x)
-        dy = torch.zeros_like(x) if dy is None else dy.reshape(N, D).contiguous()
+        dy = torch.zeros_like(x) if dy is None else _aligned(dy.reshape(N, D))
         p1 = _new((N, E * R + 2 * H + 16), x, ctx.dot)  # [da | du | v | dz] in the matmul dtype
-        p2 = _new((N, E * R + 16), x, ctx.dot)          # [g h | g]
-        meta, warps, stages = ctx.params["bwd_tokens"]
-        dgx = gates if dgates is None else dgates.reshape(N, E).contiguous()  # a dummy when unused
-        _moa_bwd_tokens[(math.ceil(N / meta["BM"]),)](
-            x, dy, gates, dgx, w1, b1, w2, wd, bd, wu, bu, dx, p1, p2, N, D, float(ctx.temperature),
-            HAS_DG=dgates is not None, num_warps=warps, num_stages=stages, **meta)
-        meta, warps, stages = ctx.params["bwd_weights"]
-        n1, n2, n3 = weight_grid(meta, D, H, E, R)
-        chunks, sizes = max(1, math.ceil(N / meta["CHUNK"])), [t.numel() for t in weights]
-        flat = _new((chunks, sum(sizes)), x, torch.float32)  # fp32 gradients, a copy per chunk
-        _moa_bwd_weights[(n1 + n2 + n3, chunks)](x, dy, p1, p2, *flat[0].split(sizes), N, D, n1, n2, sum(sizes),
-                                                 num_warps=warps, num_stages=stages, **meta)
-        # the chunks' copies summed in a fixed order (no atomics): reproducible; fp32 weights, one chunk: no op
-        flat = (flat.sum(0, keepdim=True) if chunks > 1 else flat).to(w1.dtype)
-        grads = [p.view(t.shape) for p, t in zip(flat[0].split(sizes), weights)]
-        return dx.reshape(ctx.x_shape), *grads, None, None
+        p2 = _new((N, E * R + 16), x, ctx.dot)  # [g h | g]
+        dgates_in = gates if dgates is None else _aligned(dgates.reshape(N, E))  # a dummy when unused
+        # the 8 fp32 gradients in one buffer, each view starting 16-byte aligned; one copy per token chunk
+        sizes = [t.numel() for t in weights]
+        padded = [math.ceil(n / 4) * 4 for n in sizes]
+        tok_meta, tok_warps, tok_stages = ctx.params["bwd_tokens"]
+        wt_meta, wt_warps, wt_stages = ctx.params["bwd_weights"]
+        chunks = max(1, math.ceil(N / wt_meta["CHUNK"]))
+        flat = _new((chunks, sum(padded)), x, torch.float32)
+        grad_views = [v[:n] for v, n in zip(flat[0].split(padded), sizes)]
+        num_down_tiles, num_up_tiles, num_w2_tiles = weight_grid(wt_meta, D, H, E, R)
+        with device_guard(x):
+            _moa_bwd_tokens[(math.ceil(N / tok_meta["BM"]),)](
+                x,
+                dy,
+                gates,
+                dgates_in,
+                w1,
+                b1,
+                w2,
+                wd,
+                bd,
+                wu,
+                bu,
+                dx,
+                p1,
+                p2,
+                N,
+                D,
+                ctx.temperature,
+                HAS_DG=dgates is not None,
+                num_warps=tok_warps,
+                num_stages=tok_stages,
+                **tok_meta,
+            )
+            _moa_bwd_weights[(num_down_tiles + num_up_tiles + num_w2_tiles, chunks)](
+                x,
+                dy,
+                p1,
+                p2,
+                *grad_views,
+                N,
+                D,
+                num_down_tiles,
+                num_up_tiles,
+                sum(padded),
+                num_warps=wt_warps,
+                num_stages=wt_stages,
+                **wt_meta,
+            )
+        # the chunks' copies summed in a fixed order (no atomics): reproducible; one chunk: nothing to sum
+        if chunks > 1:
+            flat = flat.sum(0, keepdim=True)
+        flat = flat.to(w1.dtype)  # fp32 weights: no op
+        grads = [v[:n].view(t.shape) for v, n, t in zip(flat[0].split(padded), sizes, weights)]
+        return dx.reshape(ctx.x_shape), *grads, None, None, None, None
 
 
-def fused_moa(x, gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b, top_k, temperature):
-    """moa.moa_reference's signature and semantics, differentiable in x and the 8 weights: returns
-    (y like x, gates (..., E) fp32). A ValueError names the first bad argument."""
-    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.dtype not in TL:
-        raise ValueError(f"x must be a float32/float16/bfloat16 tensor (..., D), got {x!r:.60}")
-    D, H, E, R = x.shape[-1], len(gate_w1), len(gate_w2), down_w.shape[1] if down_w.dim() == 3 else 0
-    if D == 0 or D % 16 or not {H, R} <= {16, 32, 64, 128} or not 1 <= E <= 16 \
-            or triton.next_power_of_2(E) * R > 1024:  # beyond, the up-projection outgrows smem
-        raise ValueError("need D a multiple of 16, H and R in (16, 32, 64, 128), 1 <= E <= 16, "
-                         f"E R <= 1024; got D={D}, H={H}, R={R}, E={E}")
+def _check_shapes(x, gate_w1, gate_w2, down_w, weights):
+    """D, H, E, R of a call, or a ValueError (NotSupported for a shape outside the kernel's range)."""
+    D = x.shape[-1]
+    H = len(gate_w1)
+    E = len(gate_w2)
+    R = down_w.shape[1] if down_w.dim() == 3 else 0
+    # beyond E R = 1024 the forward's up-projection tile outgrows shared memory
+    if (
+        D == 0
+        or D % 16
+        or not {H, R} <= {16, 32, 64, 128}
+        or not 1 <= E <= 16
+        or triton.next_power_of_2(E) * R > 1024
+    ):
+        raise NotSupported(
+            "need D a multiple of 16, H and R in (16, 32, 64, 128), 1 <= E <= 16, "
+            f"E R <= 1024; got D={D}, H={H}, R={R}, E={E}"
+        )
     shapes = ((H, D), (H,), (E, H), (E,), (E, R, D), (E, R), (E, D, R), (E, D))
-    weights = (gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b)
     for name, t, shape in zip(NAMES[1:], weights, shapes):
         if tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
         if t.dtype != gate_w1.dtype or t.dtype not in (x.dtype, torch.float32):
             raise ValueError(f"{name}.dtype is {t.dtype}: the weights need one dtype, x's or fp32")
+    return D, H, E, R
+
+
+def check_temperature(temperature):
+    """The temperature as the kernel uses it, an fp32 number: one that rounds to 0, a subnormal or inf is
+    refused (the logits would be inf or NaN)."""
+    fp32 = torch.finfo(torch.float32)
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not fp32.tiny <= temperature <= fp32.max
+    ):
+        raise ValueError(
+            f"temperature must be a number in [{fp32.tiny:.3g}, {fp32.max:.3g}] (a normal "
+            f"positive fp32 value), got {temperature!r}"
+        )
+    return float(temperature)
+
+
+def fused_moa(x, gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b, top_k, temperature):
+    """moa.moa_reference's signature and semantics, differentiable in x and the 8 weights: returns
+    (y like x, gates (..., E) fp32). A ValueError names the first bad argument; NotSupported (a ValueError)
+    says why the kernel cannot run this call on this device."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.dtype not in TL:
+        raise ValueError(f"x must be a float32/float16/bfloat16 tensor (..., D), got {x!r:.60}")
+    weights = (gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b)
+    D, H, E, R = _check_shapes(x, gate_w1, gate_w2, down_w, weights)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
         raise ValueError(f"top_k must be an int in [1, E={E}], got {top_k!r}")
-    if not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if x.device.type != "cuda" and not INTERPRET:
+    temperature = check_temperature(temperature)
+    if not x.is_cuda and not INTERPRET:
         raise ValueError("CPU tensors need TRITON_INTERPRET=1 set before importing kernels/")
-    return FusedMoA.apply(x, *weights, top_k, temperature)
+    dot, params = params_for(x, gate_w1.dtype, D, H, E, R)
+    N = x.numel() // D
+    chunk = params["bwd_weights"][0]["CHUNK"]
+    if math.ceil(N / chunk) > GRID_Y_MAX:
+        raise NotSupported(
+            f"{N:,} tokens in one call: the weight-gradient grid would need "
+            f"{math.ceil(N / chunk):,} chunks of {chunk}, more than CUDA's {GRID_Y_MAX:,} "
+            f"(at most {GRID_Y_MAX * chunk:,} tokens)"
+        )
+    return FusedMoA.apply(x, *weights, top_k, temperature, dot, params)
 
 
-def weight_grid(meta, D, H, E, R):
-    """Programs of _moa_bwd_weights: [dWd_all; dW1] tiles, [dWu; dbu] tiles, dWg2 tiles."""
-    n1 = math.ceil((E * R + H) / meta["BW"]) * math.ceil(D / meta["BD"])
-    return n1, math.ceil((E * R + E) / meta["BW"]) * math.ceil(D / meta["BD"]), math.ceil(H / meta["BD"])
+if __name__ == "__main__":  # the old spelling, `python -m kernels.fused_moa --compile-report ...`: an alias
+    import sys
 
-
-if __name__ == "__main__":
-    from kernels.report import main
-    main()
+    if sys.argv[1:2] != ["--compile-report"]:
+        print(
+            "usage: python -m kernels.fused_moa --compile-report [the flags of python -m kernels.report]\n"
+            "error: need --compile-report",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    # a new process runs the report, so this module never imports it (report.py imports this one)
+    os.execv(sys.executable, [sys.executable, "-m", "kernels.report", *sys.argv[2:]])

@@ -5,6 +5,7 @@ each). A benchmark, not a test: pytest does not collect it.
 
     python tests/bench_data.py [cpu|cuda]
 """
+
 import os
 import sys
 import tempfile
@@ -59,9 +60,15 @@ if __name__ == "__main__":
             best = min(best, time.perf_counter() - t)
         t3 = time.perf_counter()
         per_sample = NYUTorchDataset(OpenedPerWorker(Path(tmp) / "syn.mat", n), size)
-        dl = torch.utils.data.DataLoader(torch.utils.data.Subset(per_sample, items), batch_size=B, shuffle=True,
-                                         drop_last=True, num_workers=workers, multiprocessing_context="spawn",
-                                         persistent_workers=True)  # spawn: no h5py state crosses a fork
+        dl = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(per_sample, items),
+            batch_size=B,
+            shuffle=True,
+            drop_last=True,
+            num_workers=workers,
+            multiprocessing_context="spawn",
+            persistent_workers=True,
+        )  # spawn: no h5py state crosses a fork
         best_dl = float("inf")
         for epoch in range(3):  # best of 3 epochs for both, so the comparison is fair
             t = time.perf_counter()

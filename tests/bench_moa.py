@@ -3,15 +3,17 @@ Benchmark of the fused MoA kernel (kernels/) against three PyTorch baselines, me
 `loop` (the authors' style: route, then one small MLP per expert, defined here), `dense` (moa.moa_reference) and
 `compiled` (torch.compile of moa_reference). Forward and forward+backward; each row prints microseconds per call,
 the speed-up of `fused` over each baseline (x = baseline time / fused time) and the fused kernel's effective
-bandwidth against the HBM floor (read x, write y, read the weights; + read dy, write dx, write the gradients).
-dtype "autocast": fp32 x and fp32 weights under bf16 autocast, the way train.py runs the layer.
+bandwidth against the HBM floor of kernels/report.py (2A + W + G forward, 5A + 3W + 2G forward + backward).
+dtype "autocast": fp32 x and fp32 weights under moa.runtime's autocast (bf16; fp16 on a GPU without bf16), the
+way train.py runs the layer.
 A benchmark, not a test (pytest does not collect it); GPU timings use triton.testing.do_bench (median).
 
     python tests/bench_moa.py [--sizes 400,3200,25600] [--dtypes autocast,bf16,fp32] [--top-k 4,1] [--no-compile]
     python tests/bench_moa.py --sweep [--budget 150]   # GPU: launch-parameter candidates, checked and timed
-    ncu --profile-from-start off ... python tests/bench_moa.py --profile   # GPU: DRAM bytes (docs/kernel.md)
+    ncu --profile-from-start off ... python tests/bench_moa.py --profile   # GPU: DRAM bytes (docs/kernel-log.md)
     TRITON_INTERPRET=1 python tests/bench_moa.py --smoke      # tiny CPU run through the interpreter (< 1 min)
 """
+
 import argparse
 import json
 import math
@@ -27,8 +29,13 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moa  # noqa: E402
 from kernels.fused_moa import fused_moa  # noqa: E402
+from kernels.report import hbm_floor  # noqa: E402
 
 DTYPES = {"autocast": torch.float32, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def amp_dtype():  # the autocast dtype train.py uses on this GPU: bf16, or fp16 where the GPU has no bf16
+    return moa.runtime("cuda").dtype
 
 
 def weight_shapes(D, E=4, R=64, H=128):
@@ -41,11 +48,13 @@ def moa_loop(x, gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b, 
     logits = F.linear(F.relu(F.linear(x, gate_w1, gate_b1)), gate_w2, gate_b2) / temperature
     if top_k < logits.shape[-1]:
         idx = logits.topk(top_k, dim=-1).indices
-        logits = logits.masked_fill(~torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, True), -math.inf)
+        logits = logits.masked_fill(
+            ~torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, True), -math.inf
+        )
     gates = logits.softmax(-1)
     y = x
     for e in range(down_w.shape[0]):
-        y = y + gates[..., e:e + 1] * F.linear(F.gelu(F.linear(x, down_w[e], down_b[e])), up_w[e], up_b[e])
+        y = y + gates[..., e : e + 1] * F.linear(F.gelu(F.linear(x, down_w[e], down_b[e])), up_w[e], up_b[e])
     return y, gates
 
 
@@ -76,38 +85,59 @@ def run(sizes, dtypes, top_ks, D, use_compile, as_json):
     src = torch.empty(2 ** (28 if on_gpu else 22), dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
     copy_bw = 2 * src.numel() / seconds(lambda: dst.copy_(src), on_gpu)  # bytes/s, read + write
-    print(f"{torch.cuda.get_device_name() if on_gpu else 'CPU (interpreter)'}, torch {torch.__version__}, "
-          f"triton {triton.__version__}; D={D} E={E} R={R} H={H}; copy bandwidth {copy_bw / 1e9:.0f} GB/s\n"
-          "x<name> = <name> us / fused us; x floor = fused time / (floor bytes / copy bandwidth)")
-    print(f"{'dtype':>8} {'k':>2} {'N':>6} {'mode':>7} " + " ".join(f"{n + ' us':>11}" for n in providers)
-          + " " + " ".join(f"{'x' + n:>9}" for n in providers if n != "fused") + f" {'GB/s':>7} {'x floor':>7}")
+    print(
+        f"{torch.cuda.get_device_name() if on_gpu else 'CPU (interpreter)'}, torch {torch.__version__}, "
+        f"triton {triton.__version__}; D={D} E={E} R={R} H={H}; copy bandwidth {copy_bw / 1e9:.0f} GB/s\n"
+        "x<name> = <name> us / fused us; x floor = fused time / (floor bytes / copy bandwidth)"
+    )
+    print(
+        f"{'dtype':>8} {'k':>2} {'N':>6} {'mode':>7} "
+        + " ".join(f"{n + ' us':>11}" for n in providers)
+        + " "
+        + " ".join(f"{'x' + n:>9}" for n in providers if n != "fused")
+        + f" {'GB/s':>7} {'x floor':>7}"
+    )
     for name in dtypes:  # (the weights are fp32 for "autocast" and "fp32")
         dtype = DTYPES[name]
-        ws = [(torch.randn(sh, generator=gen) * (sh[-1] ** -0.5 if len(sh) > 1 else 0.1)).to(dev, dtype)
-              for sh in shapes]
+        ws = [
+            (torch.randn(sh, generator=gen) * (sh[-1] ** -0.5 if len(sh) > 1 else 0.1)).to(dev, dtype)
+            for sh in shapes
+        ]
         wbytes = sum(w.numel() * w.element_size() for w in ws)
         for top_k in top_ks:
             for N in sizes:
                 x = torch.randn(N, D, generator=gen).to(dev, dtype)
                 dy = torch.randn(N, D, generator=gen).to(dev, dtype)
                 for mode in ("fwd", "fwd+bwd"):
-                    act = N * D * x.element_size()
-                    floor = 2 * act + wbytes if mode == "fwd" else 4 * act + 2 * wbytes
-                    us = {p: time_one(fn, x, dy, ws, top_k, tau, mode, name, on_gpu) * 1e6
-                          for p, fn in providers.items()}
+                    fwd_floor, both_floor = hbm_floor(N * D * x.element_size(), wbytes, N * E * 4)
+                    floor = fwd_floor if mode == "fwd" else both_floor
+                    us = {
+                        p: time_one(fn, x, dy, ws, top_k, tau, mode, name, on_gpu) * 1e6
+                        for p, fn in providers.items()
+                    }
                     ratios = {p: us[p] / us["fused"] for p in providers if p != "fused"}
                     gbps = floor / us["fused"] * 1e-3
-                    print(f"{name:>8} {top_k:>2} {N:>6} {mode:>7} " + " ".join(f"{us[p]:11.1f}" for p in providers)
-                          + " " + " ".join(f"{r:9.2f}" for r in ratios.values())
-                          + f" {gbps:7.0f} {us['fused'] * 1e-6 * copy_bw / floor:7.2f}", flush=True)
+                    print(
+                        f"{name:>8} {top_k:>2} {N:>6} {mode:>7} "
+                        + " ".join(f"{us[p]:11.1f}" for p in providers)
+                        + " "
+                        + " ".join(f"{r:9.2f}" for r in ratios.values())
+                        + f" {gbps:7.0f} {us['fused'] * 1e-6 * copy_bw / floor:7.2f}",
+                        flush=True,
+                    )
                     if as_json:
-                        print(json.dumps(dict(dtype=name, top_k=top_k, N=N, mode=mode, us=us, vs_fused=ratios,
-                                              gbps=gbps)))
+                        print(
+                            json.dumps(
+                                dict(
+                                    dtype=name, top_k=top_k, N=N, mode=mode, us=us, vs_fused=ratios, gbps=gbps
+                                )
+                            )
+                        )
 
 
 def time_one(fn, x, dy, ws, top_k, tau, mode, name, on_gpu):
     leaves = [t.detach().requires_grad_(mode != "fwd") for t in [x] + ws]
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if name == "autocast" and on_gpu else nullcontext()
+    amp = torch.autocast("cuda", dtype=amp_dtype()) if name == "autocast" and on_gpu else nullcontext()
 
     def call():
         with amp, torch.set_grad_enabled(mode != "fwd"):
@@ -116,6 +146,7 @@ def time_one(fn, x, dy, ws, top_k, tau, mode, name, on_gpu):
             torch.autograd.backward(y, dy.to(y.dtype))
             for t in leaves:
                 t.grad = None
+
     try:
         return seconds(call, on_gpu)
     except Exception as err:  # noqa: BLE001 - e.g. out of memory or a compile failure: report it, go on
@@ -125,15 +156,31 @@ def time_one(fn, x, dy, ws, top_k, tau, mode, name, on_gpu):
 
 SWEEP = {  # per kernel: candidate overrides of launch_params' choice (tile sizes, warps, stages). Each list
     # starts with today's tiles at other stages: ncu found the forward at 1 block per SM and the weight kernel
-    # at 2, bounded by registers and by shared memory (docs/kernel.md, "What bounds each kernel")
-    "fwd": [dict(stages=2)] + [dict(BM=bm, BN=bn, warps=w, stages=st)
-                               for bm, w in ((128, 8), (64, 4), (64, 8), (32, 4)) for bn in (64, 128) for st in (2, 3)],
-    "bwd_tokens": [dict(stages=3)] + [dict(BM=bm, NS=ns, warps=w) for bm in (64, 32, 16) for ns in (2, 4, 1)
-                                      for w in (8, 4) if bm * 256 // ns <= 8192],
+    # at 2, bounded by registers and by shared memory (docs/kernel-log.md, "What bounds each kernel")
+    "fwd": [dict(stages=2)]
+    + [
+        dict(BM=bm, BN=bn, warps=w, stages=st)
+        for bm, w in ((128, 8), (64, 4), (64, 8), (32, 4))
+        for bn in (64, 128)
+        for st in (2, 3)
+    ],
+    "bwd_tokens": [dict(stages=3)]
+    + [
+        dict(BM=bm, NS=ns, warps=w)
+        for bm in (64, 32, 16)
+        for ns in (2, 4, 1)
+        for w in (8, 4)
+        if bm * 256 // ns <= 8192
+    ],
     # CHUNK 1 << 30: all tokens in one chunk, each weight tile's program loops over all of them
-    "bwd_weights": [dict(stages=3), dict(stages=2)] + [
-        dict(BW=bw, BD=bd, BT=bt, CHUNK=chunk, warps=w) for chunk in (4096, 1 << 30)
-        for bw, bd in ((128, 128), (128, 64), (64, 64)) for bt in (64, 32) for w in (8, 4)],
+    "bwd_weights": [dict(stages=3), dict(stages=2)]
+    + [
+        dict(BW=bw, BD=bd, BT=bt, CHUNK=chunk, warps=w)
+        for chunk in (4096, 1 << 30)
+        for bw, bd in ((128, 128), (128, 64), (64, 64))
+        for bt in (64, 32)
+        for w in (8, 4)
+    ],
 }
 
 
@@ -142,13 +189,16 @@ def sweep(sizes, budget, D=768, limit=None):
     autocast (fp32 without a GPU), E = top_k = 4. A candidate is checked against moa_reference (relative error
     of y, dx and d down_w at N = 512), then timed: the forward alone for "fwd", forward + backward otherwise."""
     import kernels.fused_moa as fm
+
     base, on_gpu = fm.launch_params, torch.cuda.is_available()
     dev = "cuda" if on_gpu else "cpu"
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else nullcontext()
+    amp = torch.autocast("cuda", dtype=amp_dtype()) if on_gpu else nullcontext()
     E, R, H, tau = 4, 64, 128, 2.0
     gen = torch.Generator().manual_seed(0)
     shapes = weight_shapes(D, E, R, H)
-    ws = [(torch.randn(sh, generator=gen) * (sh[-1] ** -0.5 if len(sh) > 1 else 0.1)).to(dev) for sh in shapes]
+    ws = [
+        (torch.randn(sh, generator=gen) * (sh[-1] ** -0.5 if len(sh) > 1 else 0.1)).to(dev) for sh in shapes
+    ]
     check_n = 512 if on_gpu else sizes[0]
     xs = {N: torch.randn(N, D, generator=gen).to(dev) for N in [check_n] + sizes}
     dys = {N: torch.randn(N, D, generator=gen).to(dev) for N in xs}
@@ -162,9 +212,12 @@ def sweep(sizes, budget, D=768, limit=None):
             return [y.detach().float(), leaves[0].grad, leaves[5].grad]
 
     want = call(moa.moa_reference, check_n)
-    arch = torch.cuda.get_device_capability()[0] * 10 if on_gpu else None
-    print(f"{torch.cuda.get_device_name() if on_gpu else 'CPU (interpreter)'}, triton {triton.__version__}; "
-          f"launch_params today: {base(arch, torch.bfloat16, torch.float32, torch.float32, D, H, E, R)}")
+    arch, smem = fm.device_limits(torch.cuda.current_device()) if on_gpu else (None, None)
+    dot = amp_dtype() if on_gpu else torch.float32
+    print(
+        f"{torch.cuda.get_device_name() if on_gpu else 'CPU (interpreter)'}, triton {triton.__version__}; "
+        f"launch_params today: {base(arch, smem, dot, torch.float32, torch.float32, D, H, E, R)}"
+    )
     for kernel, candidates in SWEEP.items():
         mode = "fwd" if kernel == "fwd" else "fwd+bwd"
         print(f"\n# {kernel}: {mode} us per call at N = {sizes}; err: relative error against the reference")
@@ -180,6 +233,7 @@ def sweep(sizes, budget, D=768, limit=None):
                 meta, warps, stages = p[kernel]
                 p[kernel] = ({**meta, **meta_over}, over.get("warps", warps), over.get("stages", stages))
                 return p
+
             fm.launch_params = patched
             try:
                 got = call(fused_moa, check_n)
@@ -194,14 +248,14 @@ def sweep(sizes, budget, D=768, limit=None):
 
 
 def profile(sizes, dtypes, D=768):
-    """For ncu (docs/kernel.md): the fused forward, then the backward, once per dtype and N, each alone between
+    """For ncu (docs/kernel-log.md): the fused forward, then the backward, once per dtype and N, each alone between
     cudaProfilerStart and Stop with L2 flushed before it (in training, other layers run in between). fp32
     weights, as the traffic model of kernels/report.py: "bf16" is bf16 x with them, "autocast" fp32 x."""
     E, R, H, tau = 4, 64, 128, 2.0
     gen = torch.Generator().manual_seed(0)
     shapes = weight_shapes(D, E, R, H)
     ws = [torch.randn(sh, generator=gen).cuda().requires_grad_() for sh in shapes]
-    flush = torch.empty(2 ** 28, dtype=torch.uint8, device="cuda")  # 256 MB, well over any L2
+    flush = torch.empty(2**28, dtype=torch.uint8, device="cuda")  # 256 MB, well over any L2
 
     def region(fn, profiled):  # run fn alone, after an L2 flush; profiled: under ncu
         flush.zero_()
@@ -213,8 +267,9 @@ def profile(sizes, dtypes, D=768):
         if profiled:
             torch.cuda.profiler.stop()
         return out
+
     for name in dtypes:
-        amp = torch.autocast("cuda", torch.bfloat16, enabled=name == "autocast")
+        amp = torch.autocast("cuda", amp_dtype(), enabled=name == "autocast")
         for N in sizes:
             x = torch.randn(N, D, generator=gen).to("cuda", DTYPES[name]).requires_grad_()
             dy = torch.randn(N, D, generator=gen).to("cuda", DTYPES[name])
@@ -231,12 +286,13 @@ def summarize_ncu(path, sizes, dtypes, D=768):
     """Read the ncu CSV of --profile (--csv --print-units base) and print, per dtype and N, the DRAM bytes and
     the kernels' GPU time of the forward and of forward + backward, against the floor of kernels/report.py."""
     import csv
+
     lines = Path(path).read_text().splitlines()
     head = [i for i, line in enumerate(lines) if line.startswith('"ID"')]
     if not head:
-        sys.exit(f"{path}: no ncu CSV header (\"ID\",...): run ncu with --csv --print-units base")
+        sys.exit(f'{path}: no ncu CSV header ("ID",...): run ncu with --csv --print-units base')
     kernels = {}  # ID -> {"name", metric: value}
-    for r in csv.DictReader(lines[head[0]:]):
+    for r in csv.DictReader(lines[head[0] :]):
         k = kernels.setdefault(int(r["ID"]), {"name": r["Kernel Name"]})
         k[r["Metric Name"]] = float(r["Metric Value"].replace(",", ""))
     metrics = ("dram__bytes_read.sum", "dram__bytes_write.sum", "gpu__time_duration.sum")
@@ -256,9 +312,11 @@ def summarize_ncu(path, sizes, dtypes, D=768):
         act = N * D * (2 if name == "bf16" else 4)
         mb = [(k["dram__bytes_read.sum"] + k["dram__bytes_write.sum"]) / 1e6 for k in ks]
         us = [k["gpu__time_duration.sum"] / 1e3 for k in ks]  # ns
-        fwd_floor, floor = (2 * act + wbytes) / 1e6, (4 * act + 2 * wbytes) / 1e6
-        print(f"{name:>8} {N:6} {mb[0]:7.2f} {fwd_floor:6.2f} {mb[0] / fwd_floor:6.2f} {sum(mb):11.2f} "
-              f"{floor:6.2f} {sum(mb) / floor:6.2f} {len(ks):9} {us[0]:7.1f} {sum(us[1:]):7.1f}")
+        fwd_floor, floor = [b / 1e6 for b in hbm_floor(act, wbytes, N * 4 * 4)]  # E = 4 fp32 gates
+        print(
+            f"{name:>8} {N:6} {mb[0]:7.2f} {fwd_floor:6.2f} {mb[0] / fwd_floor:6.2f} {sum(mb):11.2f} "
+            f"{floor:6.2f} {sum(mb) / floor:6.2f} {len(ks):9} {us[0]:7.1f} {sum(us[1:]):7.1f}"
+        )
 
 
 if __name__ == "__main__":
@@ -271,7 +329,9 @@ if __name__ == "__main__":
     p.add_argument("--smoke", action="store_true", help="N=64, D=64, fp32, no torch.compile: a CPU check")
     p.add_argument("--sweep", action="store_true", help="GPU: time launch-parameter candidates per kernel")
     p.add_argument("--budget", type=float, default=150, help="seconds for --sweep")
-    p.add_argument("--profile", action="store_true", help="GPU, under ncu: one fused fwd and bwd per dtype and N")
+    p.add_argument(
+        "--profile", action="store_true", help="GPU, under ncu: one fused fwd and bwd per dtype and N"
+    )
     p.add_argument("--ncu-csv", help="summarize the ncu CSV of --profile (same --sizes and --dtypes)")
     args = p.parse_args()
     try:
@@ -294,7 +354,9 @@ if __name__ == "__main__":
     elif args.profile:
         profile(sizes, dtypes)
     elif args.smoke:
-        torch.set_num_threads(1)  # the interpreter's numpy and torch's thread pool otherwise fight over the cores
+        torch.set_num_threads(
+            1
+        )  # the interpreter's numpy and torch's thread pool otherwise fight over the cores
         run([64], ["fp32"], [4], 64, False, args.json)
     else:
         run(sizes, dtypes, top_ks, 768, not args.no_compile, args.json)

@@ -8,6 +8,7 @@ collect it.
 
     python tests/bench_train.py [--steps 10] [--device auto] [--batch-size 8] [--profile]
 """
+
 import argparse
 import sys
 import time
@@ -45,11 +46,17 @@ def images_per_second(model, batches, steps, dev, dtype, sync):
 def profiled(model, batches, steps, dev, dtype, sync, title):
     """Steps of images_per_second under the torch profiler; prints its top ops by GPU and by CPU time."""
     from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         images_per_second(model, batches, steps, dev, dtype, sync)
     print(f"\n# profile: {title}, {steps + 2} steps")
     for key in ("self_cuda_time_total", "self_cpu_time_total"):
         print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=50))
+
+
+def set_moa_impl(model, impl):  # every MoA layer's implementation: auto, triton or torch
+    for layer in model.moa:
+        layer.impl = impl
 
 
 if __name__ == "__main__":
@@ -59,7 +66,7 @@ if __name__ == "__main__":
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--profile", action="store_true", help="also print the torch profiler's top ops (CUDA)")
     args = p.parse_args()
-    dev, dtype = moa.runtime(args.device)
+    dev, dtype = moa.runtime(args.device)[:2]
     bs, on_gpu = args.batch_size, dev.type == "cuda"
     if args.profile and not on_gpu:
         p.error("--profile needs a CUDA device")
@@ -71,25 +78,30 @@ if __name__ == "__main__":
     t_preload = time.perf_counter() - t0
     fast = images_per_second(model, fast_batches, args.steps, dev, dtype, sync)
     if on_gpu:  # the same path with the PyTorch MoA, then each again under the profiler
-        moa.MOA_IMPL = "torch"
+        set_moa_impl(model, "torch")
         fast_torch = images_per_second(model, fast_batches, args.steps, dev, dtype, sync)
         for impl in ("auto", "torch") if args.profile else ():
-            moa.MOA_IMPL = impl
+            set_moa_impl(model, impl)
             profiled(model, fast_batches, args.steps, dev, dtype, sync, f"MoA {impl}, batch {bs}")
-        moa.MOA_IMPL = "auto"
-    naive_batches = torch.utils.data.DataLoader(NYUTorchDataset(ds, 224), batch_size=bs, shuffle=True,
-                                                num_workers=2, drop_last=True)
-    moa.MOA_IMPL, moa_reference = "torch", moa.moa_reference
+        set_moa_impl(model, "auto")
+    naive_batches = torch.utils.data.DataLoader(
+        NYUTorchDataset(ds, 224), batch_size=bs, shuffle=True, num_workers=2, drop_last=True
+    )
+    set_moa_impl(model, "torch")
+    moa_reference = moa.moa_reference
     moa.moa_reference = moa_loop  # the eager per-expert loop in place of the dense reference
     try:
         naive = images_per_second(model, naive_batches, args.steps, dev, dtype, sync)
     finally:
-        moa.MOA_IMPL, moa.moa_reference = "auto", moa_reference
+        set_moa_impl(model, "auto")
+        moa.moa_reference = moa_reference
     name = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"{name}, torch {torch.__version__}, batch {bs} at 224, {args.steps} timed steps, random ViT-B/32")
     print(f"preload of {len(ds)} frames: {t_preload:.1f} s")
     print(f"naive (DataLoader + eager per-expert loop): {naive:7.2f} img/s")
     print(f"train.py path (preloaded + default MoA)   : {fast:7.2f} img/s   ({fast / naive:.2f}x)")
     if on_gpu:
-        print(f"train.py path, --moa-impl torch           : {fast_torch:7.2f} img/s   ({fast_torch / naive:.2f}x)")
+        print(
+            f"train.py path, --moa-impl torch           : {fast_torch:7.2f} img/s   ({fast_torch / naive:.2f}x)"
+        )
     print(f"projected 30-epoch recipe (23,850 samples): {23850 / fast / 60:.1f} min")

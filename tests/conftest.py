@@ -9,8 +9,10 @@ Shared pytest setup for the whole suite.
 - `http_server` is a throwaway HTTP server on 127.0.0.1 for the download tests: it honours Range
   requests and can be told to cut a transfer short or to answer with an error status.
 """
+
 import os
 import torch
+
 if not torch.cuda.is_available():  # no GPU: run Triton kernels through the CPU interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must come before any kernel import
 
@@ -29,7 +31,7 @@ import pytest
 import clip_vit
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"                     # real files for tests; may be absent
+SHARED = ROOT.parent / "shared"  # real files for tests; may be absent
 SHARED_DATA = SHARED / "data"
 REAL_CLIP_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clip"
 
@@ -65,6 +67,7 @@ def real_clip_cache():
 
 # -----------------------------------------------------------------------------
 # a tiny HTTP server on 127.0.0.1 for download tests
+
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):  # keep pytest output clean
@@ -128,15 +131,24 @@ def http_server():
 # -----------------------------------------------------------------------------
 # train.py / evaluate.py as a user runs them: subprocesses on a tiny random CLIP and synthetic rooms
 
-SMALL = ["--input-size", "64", "--bottleneck", "16", "--gate-hidden", "16", "--num-bins", "16",
-         "--synthetic-frames", "12", "--batch-size", "4", "--log-interval", "1"]
+SMALL = (
+    "--input-size 64 --bottleneck 16 --gate-hidden 16 --num-bins 16 "
+    "--synthetic-frames 12 --batch-size 4 --log-interval 1"
+).split()
 
 
 def _run(script, *args, ok=True, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, str(ROOT / script), *map(str, args)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # its own process group: a hung run is killed whole
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )  # its own process group: a hung run is killed whole
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -158,16 +170,29 @@ def run_script():
 def small_clip(tmp_path_factory):
     """A tiny random CLIP (ViT with width 64, 64x64 inputs) saved as a state dict."""
     path = tmp_path_factory.mktemp("clip") / "small_clip.pt"
-    torch.save(clip_vit.random_state_dict(embed_dim=32, image_resolution=64, vision_layers=12, vision_width=64,
-                                          patch=32, width=64, heads=1, layers=1), path)
+    torch.save(
+        clip_vit.random_state_dict(
+            embed_dim=32,
+            image_resolution=64,
+            vision_layers=12,
+            vision_width=64,
+            patch=32,
+            width=64,
+            heads=1,
+            layers=1,
+        ),
+        path,
+    )
     return path
 
 
 @pytest.fixture(scope="session")
 def train_small(small_clip):
     """train_small(out, *extra, clip=small_clip, **run_kw): train.py on synthetic data at toy sizes."""
+
     def train(out, *extra, clip=small_clip, **kw):
         return _run("train.py", "--data", "synthetic", "--clip", clip, "--out", out, *SMALL, *extra, **kw)
+
     return train
 
 
@@ -182,9 +207,11 @@ def trained(train_small, tmp_path_factory):
 @pytest.fixture(scope="session")
 def fails():
     """fails(result, name): non-zero exit, no traceback, exactly one `error:` line, and it names `name`."""
+
     def check(r, name):
         assert r.returncode != 0
         assert "Traceback" not in r.stderr, r.stderr[-2000:]
         lines = [line for line in r.stderr.strip().splitlines() if "error:" in line]
         assert len(lines) == 1 and str(name) in lines[0], r.stderr[-2000:]
+
     return check

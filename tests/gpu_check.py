@@ -13,6 +13,7 @@ Each section runs in a subprocess whose timeout is cut to what is left of the bu
 down and the next section runs. The markdown report (device, versions, date, a part per section) is rewritten
 after every section, and copied into $OUT when that variable is set. Exit status 0 only if every section passed.
 """
+
 import argparse
 import datetime
 import json
@@ -59,7 +60,9 @@ class Report:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("\n".join(parts) + "\n")
         out = Path(os.environ.get("OUT", "")) / self.path.name
-        if os.environ.get("OUT") and out.resolve() != self.path.resolve():  # the report may be in $OUT already
+        if (
+            os.environ.get("OUT") and out.resolve() != self.path.resolve()
+        ):  # the report may be in $OUT already
             shutil.copy(self.path, out)
 
     @property
@@ -81,8 +84,15 @@ def guarded(report, title, fn):
 def run_cmd(cmd, timeout):
     """Run cmd in ROOT in its own process group; return (returncode or None on timeout, output, seconds)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
     try:
         out, _ = proc.communicate(timeout=max(timeout, 1))
         rc = proc.returncode
@@ -129,7 +139,16 @@ def check_tests(deadline):
 
 
 def check_bench(deadline):
-    cmd = [sys.executable, "tests/bench_moa.py", "--sizes", "400,3200,25600", "--dtypes", "autocast", "--top-k", "4"]
+    cmd = [
+        sys.executable,
+        "tests/bench_moa.py",
+        "--sizes",
+        "400,3200,25600",
+        "--dtypes",
+        "autocast",
+        "--top-k",
+        "4",
+    ]
     rc, out, _ = run_cmd(cmd, deadline.cut(TIMEOUTS["bench"]))
     return rc == 0 and "nan" not in out, f"`{' '.join(cmd[1:])}`\n\n" + fenced(out)
 
@@ -139,9 +158,27 @@ def check_training(deadline, runs):
     lines, curves = [], {}
     for impl in ("triton", "torch"):
         out_dir = runs / impl
-        cmd = [sys.executable, "train.py", "--data", "synthetic", "--clip", "random", "--moa-impl", impl,
-               "--max-steps", "50", "--log-interval", "1", "--out", str(out_dir), "--overwrite", "--batch-size",
-               "8", "--epochs", "100"]
+        cmd = [
+            sys.executable,
+            "train.py",
+            "--data",
+            "synthetic",
+            "--clip",
+            "random",
+            "--moa-impl",
+            impl,
+            "--max-steps",
+            "50",
+            "--log-interval",
+            "1",
+            "--out",
+            str(out_dir),
+            "--overwrite",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "100",
+        ]
         rc, out, secs = run_cmd(cmd, deadline.cut(TIMEOUTS["train"]))
         if rc != 0:
             return False, f"`{' '.join(cmd[1:])}` failed ({rc}):\n\n" + fenced(out)
@@ -151,9 +188,14 @@ def check_training(deadline, runs):
         speed = statistics.median(r["img_s"] for r in warm)
         lines.append(f"| {impl} | {len(rows)} | {speed:.1f} | {curves[impl][-1]:.4f} | {secs:.0f} |")
     ok, worst, n = losses_agree(curves["triton"], curves["torch"])
-    table = ["| --moa-impl | steps | img/s (median, steps 6+) | last loss | wall s |", "|---|---|---|---|---|"]
-    verdict = f"losses {'agree' if ok else 'DIFFER'}: max relative difference {worst:.2e} over {n} steps " \
-              f"(tolerance {LOSS_RTOL})"
+    table = [
+        "| --moa-impl | steps | img/s (median, steps 6+) | last loss | wall s |",
+        "|---|---|---|---|---|",
+    ]
+    verdict = (
+        f"losses {'agree' if ok else 'DIFFER'}: max relative difference {worst:.2e} over {n} steps "
+        f"(tolerance {LOSS_RTOL})"
+    )
     return ok, "\n".join(table + lines) + "\n\n" + verdict
 
 
@@ -167,31 +209,57 @@ def check_eval(deadline, runs):
         if impl == "torch" and deadline.cut(TIMEOUTS["eval"]) < 45:
             lines.append("| torch | skipped: out of budget | | | | |")
             break
-        cmd = [sys.executable, "evaluate.py", str(runs / "triton" / "ckpt.pt"), "--data", "synthetic", "--limit",
-               "654", "--moa-impl", impl]
+        cmd = [
+            sys.executable,
+            "evaluate.py",
+            str(runs / "triton" / "ckpt.pt"),
+            "--data",
+            "synthetic",
+            "--limit",
+            "654",
+            "--moa-impl",
+            impl,
+        ]
         rc, out, secs = run_cmd(cmd, deadline.cut(TIMEOUTS["eval"]))
         if rc != 0:
             return False, f"`{' '.join(cmd[1:])}` failed ({rc}):\n\n" + fenced(out)
         result = json.loads(out.strip().splitlines()[-1])  # evaluate.py's last line
         m = result["metrics"]
-        lines.append(f"| {impl} | {secs:.0f} | {result['n_images']} | {m['d1']:.4f} | {m['abs_rel']:.4f} | "
-                     f"{m['rmse']:.4f} |")
+        lines.append(
+            f"| {impl} | {secs:.0f} | {result['n_images']} | {m['d1']:.4f} | {m['abs_rel']:.4f} | "
+            f"{m['rmse']:.4f} |"
+        )
     return True, "\n".join(lines) + "\n\n(wall time includes start-up: imports, model, 654 synthetic frames)"
 
 
 def header():
     import torch
     import triton
+
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
     cap = ".".join(map(str, torch.cuda.get_device_capability())) if torch.cuda.is_available() else "-"
     now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    return (f"# GPU check\n\n{dev} (sm {cap}), torch {torch.__version__} (CUDA {torch.version.cuda}), "
-            f"triton {triton.__version__}, python {sys.version.split()[0]}, {now}\n")
+    text = (
+        f"# GPU check\n\n{dev} (sm {cap}), torch {torch.__version__} (CUDA {torch.version.cuda}), "
+        f"triton {triton.__version__}, python {sys.version.split()[0]}, {now}\n"
+    )
+    if torch.cuda.is_available():  # what the kernel's tiles and the training precision are chosen from
+        sys.path.insert(0, str(ROOT))
+        import moa
+        from kernels import fused_moa as fm
+
+        arch, smem = fm.device_limits(torch.cuda.current_device())
+        text += (
+            f"\nsm_{arch}, {smem:,} bytes of opt-in shared memory per block; training precision: "
+            f"{moa.runtime('cuda').precision}\n"
+        )
+    return text
 
 
 def main(argv=None):
     args = parse_args(argv)
     import torch
+
     if not torch.cuda.is_available():
         print("error: tests/gpu_check.py needs a CUDA device", file=sys.stderr)
         return 2
@@ -199,7 +267,9 @@ def main(argv=None):
     report = Report(args.report, header())
     runs = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     guarded(report, "1. kernel tests (compiled)", lambda: check_tests(deadline))
-    guarded(report, "2. training: throughput and losses, triton vs torch", lambda: check_training(deadline, runs))
+    guarded(
+        report, "2. training: throughput and losses, triton vs torch", lambda: check_training(deadline, runs)
+    )
     guarded(report, "3. kernel benchmark", lambda: check_bench(deadline))
     guarded(report, "4. evaluation, 654 synthetic frames", lambda: check_eval(deadline, runs))
     shutil.rmtree(runs, ignore_errors=True)

@@ -9,9 +9,10 @@ repository's `kernels/` folder (the Triton MoA kernel) shadows it whenever the r
 sys.path, as it is under pytest. Run with `python -I` from another folder, this script sees only
 site-packages, so the two packages named `kernels` never meet. It imports nothing from the project.
 
-inputs.pt: {"images": (B, 3, 224, 224), "text": (B, 77) token ids}. outputs.pt: {"state_dict": HF's
+inputs.pt: {"images": (B, 3, 224, 224), "wide": (B, 3, H, W) of another grid, "text": (B, 77) token ids}. outputs.pt: {"state_dict": HF's
 weights, fp16-rounded where OpenAI's file is fp16, "image": (B, 512), "text": (B, 512), "logits": (B, B)}.
 """
+
 import sys
 
 import torch
@@ -28,10 +29,25 @@ def features(out):
 
 def main(inputs_path, outputs_path):
     inputs = torch.load(inputs_path, weights_only=True)
-    text_config = dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8, num_hidden_layers=12,
-                       max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", eos_token_id=49407)
-    vision_config = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                         image_size=224, patch_size=32, hidden_act="quick_gelu")
+    text_config = dict(
+        hidden_size=512,
+        intermediate_size=2048,
+        num_attention_heads=8,
+        num_hidden_layers=12,
+        max_position_embeddings=77,
+        vocab_size=49408,
+        hidden_act="quick_gelu",
+        eos_token_id=49407,
+    )
+    vision_config = dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_attention_heads=12,
+        num_hidden_layers=12,
+        image_size=224,
+        patch_size=32,
+        hidden_act="quick_gelu",
+    )
     config = transformers.CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=512)
     torch.manual_seed(0)
     hf = transformers.CLIPModel(config).eval()
@@ -42,10 +58,18 @@ def main(inputs_path, outputs_path):
             if not any(s in name for s in FP32_NAMES):
                 p.copy_(p.half().float())
         image = features(hf.get_image_features(pixel_values=inputs["images"]))
+        # another grid: HF resizes the positional embedding bicubically (align_corners=False), as we do
+        wide = features(hf.get_image_features(pixel_values=inputs["wide"], interpolate_pos_encoding=True))
         text = features(hf.get_text_features(input_ids=inputs["text"]))
         logits = hf(input_ids=inputs["text"], pixel_values=inputs["images"]).logits_per_image
-    outputs = {"state_dict": hf.state_dict(), "image": image, "text": text, "logits": logits,
-               "versions": f"transformers {transformers.__version__}"}
+    outputs = {
+        "state_dict": hf.state_dict(),
+        "image": image,
+        "wide": wide,
+        "text": text,
+        "logits": logits,
+        "versions": f"transformers {transformers.__version__}",
+    }
     torch.save(outputs, outputs_path)
 
 

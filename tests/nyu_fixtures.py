@@ -10,6 +10,7 @@ uint8, depths (N, 480, 640) float32.
 - frames_to_tensors / NYUTorchDataset: one frame at a time through data_nyu's resize, for a plain DataLoader:
   the per-sample reference PreloadedBatches is tested and benchmarked against.
 """
+
 import time
 
 import numpy as np
@@ -21,6 +22,7 @@ import data_nyu
 def write_v73(path, images, depths, raw_depths=None, scene_types=None):
     """scene_types: one name per frame (default: all "kitchen"), stored as MATLAB strings like the real file."""
     import h5py
+
     images, depths = np.asarray(images, np.uint8), np.asarray(depths, np.float32)
     assert images.ndim == 4 and images.shape[3] == 3 and depths.shape == images.shape[:3]
     if scene_types is None:
@@ -35,8 +37,15 @@ def write_v73(path, images, depths, raw_depths=None, scene_types=None):
         for i, s in enumerate(scene_types):  # MATLAB char arrays: uint16 codes, shape (L, 1)
             d = refs.create_dataset(f"s{i}", data=np.array([[ord(c)] for c in s], np.uint16))
             sceneTypes[0, i] = d.ref
-    text = ("MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: "
-            + time.strftime("%a %b %d %H:%M:%S %Y") + " HDF5 schema 1.00 .").ljust(116).encode()
+    text = (
+        (
+            "MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: "
+            + time.strftime("%a %b %d %H:%M:%S %Y")
+            + " HDF5 schema 1.00 ."
+        )
+        .ljust(116)
+        .encode()
+    )
     header = text + b"\x00" * 8 + b"\x00\x02" + b"IM"  # 116 text, 8 subsys offset, version 0x0200, endian
     assert len(header) == 128
     with open(path, "r+b") as fh:
@@ -45,8 +54,12 @@ def write_v73(path, images, depths, raw_depths=None, scene_types=None):
 
 def write_v5(path, images, depths, raw_depths=None, scene_types=None):
     import scipy.io
+
     images, depths = np.asarray(images, np.uint8), np.asarray(depths, np.float32)
-    m = {"images": images.transpose(1, 2, 3, 0), "depths": depths.transpose(1, 2, 0)}  # (H, W, 3, N), (H, W, N)
+    m = {
+        "images": images.transpose(1, 2, 3, 0),
+        "depths": depths.transpose(1, 2, 0),
+    }  # (H, W, 3, N), (H, W, N)
     if raw_depths is not None:
         m["rawDepths"] = np.asarray(raw_depths, np.float32).transpose(1, 2, 0)
     if scene_types is not None:
@@ -59,8 +72,14 @@ def write_v5(path, images, depths, raw_depths=None, scene_types=None):
 
 def write_splits(path, train_1based, test_1based):
     import scipy.io
-    scipy.io.savemat(path, {"trainNdxs": np.asarray(train_1based, np.uint16).reshape(-1, 1),
-                            "testNdxs": np.asarray(test_1based, np.uint16).reshape(-1, 1)})
+
+    scipy.io.savemat(
+        path,
+        {
+            "trainNdxs": np.asarray(train_1based, np.uint16).reshape(-1, 1),
+            "testNdxs": np.asarray(test_1based, np.uint16).reshape(-1, 1),
+        },
+    )
 
 
 def asymmetric_frames(n, h=480, w=640):

@@ -4,6 +4,7 @@ its shipped vocabulary, downloads against a local HTTP server, clear errors for 
 and the zero-shot command line.
 Run: python -m pytest -q tests/test_clip_vit.py
 """
+
 import hashlib
 import importlib.util
 import io
@@ -19,7 +20,15 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import clip_vit
-from clip_fixtures import hf_to_openai, official_dtypes, small_state_dict, write_torchscript_archive
+from clip_fixtures import (
+    hf_to_openai,
+    official_dtypes,
+    openai_reference,
+    resnet_state_dict,
+    small_resnet_state_dict,
+    small_state_dict,
+    write_torchscript_archive,
+)
 
 
 def rel_err(a, b):
@@ -38,11 +47,20 @@ def hf_reference(tmp_path_factory):
         pytest.skip("transformers is not installed (pip install -r requirements-dev.txt)")
     tmp = tmp_path_factory.mktemp("hf")
     torch.manual_seed(1)
-    inputs = {"images": torch.randn(2, 3, 224, 224), "text": clip_vit.tokenize(["a diagram", "a photo of a chair."])}
+    inputs = {
+        "images": torch.randn(2, 3, 224, 224),
+        "wide": torch.randn(1, 3, 256, 384),  # an 8x12 grid: the positional embedding resized from 7x7
+        "text": clip_vit.tokenize(["a diagram", "a photo of a chair."]),
+    }
     torch.save(inputs, tmp / "inputs.pt")
     script = Path(__file__).with_name("hf_reference.py")
-    run = subprocess.run([sys.executable, "-I", str(script), "inputs.pt", "outputs.pt"], cwd=tmp,
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-I", str(script), "inputs.pt", "outputs.pt"],
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     outputs = torch.load(tmp / "outputs.pt", weights_only=True)
     sd = official_dtypes(hf_to_openai(outputs["state_dict"]))
@@ -61,6 +79,9 @@ def test_parity_with_huggingface(hf_reference):
     assert img.shape == (2, 512) and txt.shape == (2, 512)
     assert rel_err(img, hf["image"]) < 1e-4, rel_err(img, hf["image"])
     assert rel_err(txt, hf["text"]) < 1e-4, rel_err(txt, hf["text"])
+    with torch.no_grad():
+        wide = model.encode_image(inputs["wide"])
+    assert rel_err(wide, hf["wide"]) < 1e-4, rel_err(wide, hf["wide"])  # bicubic, as HF: not nearest
     assert rel_err(logits, hf["logits"]) < 1e-4
 
 
@@ -68,10 +89,100 @@ def test_the_repository_kernels_folder_cannot_shadow_an_installed_kernels_packag
     """The failure this guards against: transformers >= 5 imports Hugging Face's `kernels`, and with the
     repository root on sys.path (as under pytest) it found ours instead. In the isolated process that the
     parity test uses, `kernels` resolves to site-packages, or to nothing, never to this repository."""
-    probe = "import importlib.util, sys; s = importlib.util.find_spec('kernels'); print(s.origin if s else None)"
+    probe = (
+        "import importlib.util, sys; s = importlib.util.find_spec('kernels'); print(s.origin if s else None)"
+    )
     run = subprocess.run([sys.executable, "-I", "-c", probe], cwd=tmp_path, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert str(Path(__file__).resolve().parents[1] / "kernels") not in run.stdout, run.stdout
+
+
+# -----------------------------------------------------------------------------
+# parity with OpenAI's own clip/model.py (PyPI openai-clip), both towers, on archives in the official layout:
+# fp16 weights as the real files store them, read by clip_vit without TorchScript, by OpenAI through torch.jit
+
+
+def _openai_parity(path, image_size, n_images=2, logits=True):
+    """[(ours, OpenAI's)] encode_image, encode_text (and logits) for the archive at path, on random pixels and
+    two prompts shorter than the context (so the EOT token is not the last position)."""
+    ours, ref = clip_vit.load(path), openai_reference(path)
+    assert all(p.dtype == torch.float32 for p in ours.parameters()) and not ours.training
+    g = torch.Generator().manual_seed(3)
+    images = torch.randn(n_images, 3, image_size, image_size, generator=g)
+    text = clip_vit.tokenize(["a diagram", "This object is a little remote"])
+    with torch.no_grad():
+        pairs = [
+            (ours.encode_image(images), ref.encode_image(images)),
+            (ours.encode_text(text), ref.encode_text(text)),
+        ]
+        if logits:
+            pairs.append((ours(images, text)[0], ref(images, text)[0]))
+    return pairs
+
+
+def _assert_parity(pairs):
+    for name, (a, b) in zip(("encode_image", "encode_text", "logits"), pairs):
+        assert a.shape == b.shape, (name, a.shape, b.shape)
+        assert rel_err(a, b) < 1e-4, (name, rel_err(a, b))
+
+
+def test_vit_parity_with_openai_model_py(tmp_path):
+    """A second independent check of the ViT towers, beside Hugging Face's: QuickGELU's 1.702, the causal mask,
+    the text features at the EOT token, the class token and ln_post all show here."""
+    sd = clip_vit.random_state_dict(
+        embed_dim=64,
+        image_resolution=64,
+        vision_layers=2,
+        vision_width=128,
+        patch=32,
+        width=128,
+        heads=2,
+        layers=2,
+        seed=4,
+    )  # 2 heads per tower
+    path = write_torchscript_archive(official_dtypes(sd), tmp_path / "vit.pt")
+    _assert_parity(_openai_parity(path, 64))
+
+
+def test_resnet_parity_with_openai_model_py(tmp_path):
+    """A small CLIP ResNet: the stem, anti-aliased Bottlenecks with and without a downsampling shortcut, the
+    BatchNorms (random statistics: not the identity) and the attention pool, fp16 convolutions."""
+    sd = official_dtypes(small_resnet_state_dict(seed=2))
+    assert sd["visual.layer2.0.conv1.weight"].dtype == torch.float16
+    assert sd["visual.layer2.0.bn1.num_batches_tracked"].dtype == torch.int64
+    path = write_torchscript_archive(sd, tmp_path / "rn.pt")
+    model = clip_vit.load(path)
+    assert isinstance(model.visual, clip_vit.ModifiedResNet)
+    assert [len(model.visual.layer1), len(model.visual.layer2)] == [1, 2]  # read off the keys
+    _assert_parity(_openai_parity(path, 64))
+
+
+def test_rn50_parity_with_openai_model_py_at_full_size(tmp_path):
+    """RN50's image tower at its real sizes: layers (3, 4, 6, 3), 2048 channels, 1024-d output, 224x224 (the
+    text tower, ViT-B/32's, made small here to save time: the Hugging Face test has it at full size)."""
+    sd = resnet_state_dict(seed=5, width=64, heads=1, layers=1)
+    path = write_torchscript_archive(official_dtypes(sd), tmp_path / "RN50.pt")
+    model = clip_vit.load(path)
+    assert sum(p.numel() for p in model.visual.parameters()) == 38_316_896  # RN50's image tower: 38.32M
+    pairs = _openai_parity(path, 224, n_images=1, logits=False)
+    assert pairs[0][0].shape == (1, 1024)
+    _assert_parity(pairs)
+    with torch.no_grad():  # DepthCLIP's input: layer4's map, 2048 x 13 x 17 for a 416x544 crop
+        assert model.visual.features(torch.zeros(1, 3, 416, 544)).shape == (1, 2048, 13, 17)
+
+
+def test_build_model_tells_the_towers_apart():
+    vit = clip_vit.build_model(small_state_dict())
+    resnet = clip_vit.build_model(small_resnet_state_dict())
+    assert isinstance(vit.visual, clip_vit.VisionTransformer)
+    assert isinstance(resnet.visual, clip_vit.ModifiedResNet)
+    assert [len(getattr(resnet.visual, f"layer{i}")) for i in (1, 2, 3, 4)] == [1, 2, 1, 1]
+    sd = small_resnet_state_dict()
+    del sd["visual.layer2.1.bn2.running_var"]
+    with pytest.raises(RuntimeError, match="Missing key"):  # strict, as for the ViT
+        clip_vit.build_model(sd)
+    with pytest.raises(ValueError, match="not a CLIP state dict"):
+        clip_vit.build_model({"visual.conv1.weight": torch.zeros(1)})
 
 
 # -----------------------------------------------------------------------------
@@ -114,7 +225,9 @@ def test_pos_embed_identity_and_interpolation():
         big = m.visual.pos_embed(3, 6)
     assert big.shape == (19, 64) and torch.equal(big[0], pe[0])  # the class position is never resized
     grid = big[1:, 0].reshape(3, 6)
-    assert torch.allclose(grid, grid[:1].expand(3, 6)) and grid[0, -1] > grid[0, 0]  # rows equal: no transpose
+    assert (
+        torch.allclose(grid, grid[:1].expand(3, 6)) and grid[0, -1] > grid[0, 0]
+    )  # rows equal: no transpose
 
 
 # -----------------------------------------------------------------------------
@@ -139,12 +252,14 @@ def test_bad_files(tmp_path):
     _bad(tmp_path / "notes.txt", "not a CLIP ViT weights file")  # once just "101"
     for i, obj in enumerate([[1, 2], {"model": {}}]):  # a torch.save file, but no CLIP state dict
         torch.save(obj, tmp_path / f"other{i}.pt")
-        _bad(tmp_path / f"other{i}.pt", "not a CLIP ViT state dict")
+        _bad(tmp_path / f"other{i}.pt", "not a CLIP state dict")
 
     sd = small_state_dict()
-    cases = {"missing_key": ("ln_final.bias", None, "Missing key"),
-             "extra_key": ("visual.extra", torch.zeros(3), "Unexpected key"),
-             "bad_shape": ("visual.ln_post.bias", torch.zeros(7), "size mismatch")}
+    cases = {
+        "missing_key": ("ln_final.bias", None, "Missing key"),
+        "extra_key": ("visual.extra", torch.zeros(3), "Unexpected key"),
+        "bad_shape": ("visual.ln_post.bias", torch.zeros(7), "size mismatch"),
+    }
     for name, (key, value, match) in cases.items():
         d = {k: v for k, v in sd.items() if k != key}
         if value is not None:
@@ -156,7 +271,9 @@ def test_foreign_global_is_refused(tmp_path):
     class Evil:
         def __reduce__(self):
             import os
+
             return (os.system, ("echo pwned",))
+
     path = tmp_path / "evil.pt"
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("evil/data.pkl", pickle.dumps(Evil(), protocol=2))
@@ -168,18 +285,29 @@ def test_foreign_global_is_refused(tmp_path):
 # the tokenizer, with the vocabulary shipped beside clip_vit.py
 
 TABLE = [  # ids from openai/CLIP's own tokenizer
-    ("a diagram", [320, 22697]), ("a dog", [320, 1929]), ("a cat", [320, 2368]),
-    ("Hello, World!", [3306, 267, 1002, 256]), ("a photo of a chair.", [320, 1125, 539, 320, 4269, 269]),
-    ("  multiple   spaces\n\tand TABS ", [6470, 9006, 537, 29163]), ("don't", [847, 713]),
-    ("don\u2019t", [847, 713]), ("I'm here", [328, 880, 763]), ("1234", [272, 273, 274, 275]),
-    ("na\u00efve caf\u00e9", [1097, 35689, 563, 15304]), ("&amp; &lt;3", [261, 283, 274]),
-    ("\U0001F600 emoji", [7334, 16327]), ("<|startoftext|>hi<|endoftext|>", [49406, 1883, 49407]),
-    ("\ufb01ne", [3797]), ("\uff21\uff22\uff23", [5334]), ("This object is giant", [589, 14115, 533, 4687]),
+    ("a diagram", [320, 22697]),
+    ("a dog", [320, 1929]),
+    ("a cat", [320, 2368]),
+    ("Hello, World!", [3306, 267, 1002, 256]),
+    ("a photo of a chair.", [320, 1125, 539, 320, 4269, 269]),
+    ("  multiple   spaces\n\tand TABS ", [6470, 9006, 537, 29163]),
+    ("don't", [847, 713]),
+    ("don\u2019t", [847, 713]),
+    ("I'm here", [328, 880, 763]),
+    ("1234", [272, 273, 274, 275]),
+    ("na\u00efve caf\u00e9", [1097, 35689, 563, 15304]),
+    ("&amp; &lt;3", [261, 283, 274]),
+    ("\U0001f600 emoji", [7334, 16327]),
+    ("<|startoftext|>hi<|endoftext|>", [49406, 1883, 49407]),
+    ("\ufb01ne", [3797]),
+    ("\uff21\uff22\uff23", [5334]),
+    ("This object is giant", [589, 14115, 533, 4687]),
     ("This object is extremely close", [589, 14115, 533, 6519, 2660]),
     ("This object is close", [589, 14115, 533, 2660]),
     ("This object is not in distance", [589, 14115, 533, 783, 530, 7964]),
     ("This object is a little remote", [589, 14115, 533, 320, 1274, 9687]),
-    ("This object is far", [589, 14115, 533, 2384]), ("This object is unseen", [589, 14115, 533, 19069]),
+    ("This object is far", [589, 14115, 533, 2384]),
+    ("This object is unseen", [589, 14115, 533, 19069]),
     ("A person riding a motorcycle", [320, 2533, 6765, 320, 10297]),
 ]
 
@@ -187,7 +315,9 @@ TABLE = [  # ids from openai/CLIP's own tokenizer
 @pytest.fixture(scope="module")
 def vocab():
     path = clip_vit.VOCAB_PATH
-    assert path.parent == Path(clip_vit.__file__).resolve().parent and (path.parent / "LICENSE-vocab").exists()
+    assert (
+        path.parent == Path(clip_vit.__file__).resolve().parent and (path.parent / "LICENSE-vocab").exists()
+    )
     assert hashlib.sha256(path.read_bytes()).hexdigest() == clip_vit.VOCAB_SHA256
     return path
 
@@ -228,7 +358,9 @@ def test_tokenizer_fuzz(vocab, text):
 def test_download_progress_and_checksum(http_server, tmp_path, capsys):
     data = bytes(range(256)) * 20000  # 5 MB
     http_server.routes["/f.bin"] = {"data": data}
-    out = clip_vit.download(http_server.url + "/f.bin", tmp_path / "f.bin", sha256=hashlib.sha256(data).hexdigest())
+    out = clip_vit.download(
+        http_server.url + "/f.bin", tmp_path / "f.bin", sha256=hashlib.sha256(data).hexdigest()
+    )
     assert out.read_bytes() == data and not (tmp_path / "f.bin.part").exists()
     err = capsys.readouterr().err
     assert "f.bin" in err and "MB/s" in err and "5.1 MB" in err  # size and rate
@@ -240,8 +372,10 @@ def test_download_progress_and_checksum(http_server, tmp_path, capsys):
 def test_download_cut_then_resumed_by_the_next_call(http_server, tmp_path):
     data = bytes(range(251)) * 8000
     http_server.routes["/f.bin"] = {"data": data, "cut_after": 300_000}
-    with pytest.raises(clip_vit.UserError, match="connection closed at 300000 of 2008000 bytes; run again "
-                                                 "to resume, or fetch it by hand") as e:
+    with pytest.raises(
+        clip_vit.UserError,
+        match="connection closed at 300000 of 2008000 bytes; run again to resume, or fetch it by hand",
+    ) as e:
         clip_vit.download(http_server.url + "/f.bin", tmp_path / "f.bin")
     assert str(e.value).startswith(f"{tmp_path / 'f.bin'}: ") and not (tmp_path / "f.bin").exists()
     assert (tmp_path / "f.bin.part").stat().st_size == 300_000
@@ -290,6 +424,35 @@ def test_load_by_name_downloads_once_into_cache(http_server, monkeypatch, tmp_pa
     assert len(http_server.requests) == 2
 
 
+def test_rn50_by_name_downloads_resumably_checks_sha256_and_caches(http_server, monkeypatch, tmp_path):
+    assert (
+        clip_vit.official_sha256("RN50") == "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762"
+    )
+    assert clip_vit.MODELS["RN50"].endswith("/RN50.pt")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    archive = write_torchscript_archive(official_dtypes(small_resnet_state_dict()), tmp_path / "src.pt")
+    data = archive.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    url = f"{http_server.url}/clip/{sha}/RN50.pt"
+    http_server.routes[f"/clip/{sha}/RN50.pt"] = {"data": data, "cut_after": len(data) // 3}
+    monkeypatch.setitem(clip_vit.MODELS, "RN50", url)
+    cached = tmp_path / "clip" / "RN50.pt"
+    with pytest.raises(clip_vit.UserError, match="run again to resume"):  # the connection drops
+        clip_vit.load("RN50")
+    assert not cached.exists() and (tmp_path / "clip" / "RN50.pt.part").stat().st_size == len(data) // 3
+    model = clip_vit.load("RN50")  # resumed where it stopped, checked, read
+    assert isinstance(model.visual, clip_vit.ModifiedResNet) and cached.read_bytes() == data
+    assert http_server.requests[1][1] == f"bytes={len(data) // 3}-"
+    clip_vit.load("RN50")  # from the cache
+    assert len(http_server.requests) == 2
+    monkeypatch.setitem(clip_vit.MODELS, "RN50", f"{http_server.url}/clip/{'0' * 64}/RN50.pt")
+    http_server.routes[f"/clip/{'0' * 64}/RN50.pt"] = {"data": data}
+    cached.unlink()
+    with pytest.raises(clip_vit.UserError, match="SHA-256 mismatch"):  # not the file the URL names
+        clip_vit.load("RN50")
+    assert not cached.exists()
+
+
 def test_shipped_vocab_needs_no_network_or_cache(monkeypatch, tmp_path, vocab):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
@@ -306,8 +469,10 @@ def test_missing_or_damaged_vocab_is_one_clear_error(monkeypatch, tmp_path, voca
     monkeypatch.setattr(clip_vit, "VOCAB_PATH", broken)
     with pytest.raises(clip_vit.UserError) as e:
         clip_vit.SimpleTokenizer()
-    assert str(e.value) == (f"{broken}: missing or not the official vocabulary (SHA-256 {clip_vit.VOCAB_SHA256}); "
-                            "restore it from the repository")
+    assert str(e.value) == (
+        f"{broken}: missing or not the official vocabulary (SHA-256 {clip_vit.VOCAB_SHA256}); "
+        "restore it from the repository"
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -329,6 +494,7 @@ def test_atomic_write_respects_the_umask(tmp_path):
     def disk_full(f):
         f.write(b"half")
         raise RuntimeError("disk full")
+
     with pytest.raises(RuntimeError):  # a failed write leaves the old file and no temp file
         clip_vit.atomic_write(tmp_path / "a.txt", disk_full)
     assert (tmp_path / "a.txt").read_text() == "a" and not list(tmp_path.glob(".*.tmp"))
@@ -336,6 +502,7 @@ def test_atomic_write_respects_the_umask(tmp_path):
 
 def test_command_line_zero_shot(tmp_path):
     from PIL import Image
+
     Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "red.png")
     torch.save(small_state_dict(), tmp_path / "small.pt")  # --clip random works too, but takes longer
     cli = [sys.executable, clip_vit.__file__, str(tmp_path / "red.png"), "a red square", "a dog"]
@@ -348,12 +515,14 @@ def test_command_line_zero_shot(tmp_path):
     r = subprocess.run(cli + ["--clip", str(tmp_path / "none.pt")], capture_output=True, text=True, env=env)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert [line for line in r.stderr.splitlines() if "error:" in line] == [
-        f"error: {tmp_path / 'none.pt'}: no such file (and not a model name: ViT-B/32, random)"]
+        f"error: {tmp_path / 'none.pt'}: no such file (and not a model name: ViT-B/32, RN50, random)"
+    ]
 
 
 def test_preprocess_matches_openai_recipe():
     from PIL import Image
     import numpy as np
+
     rgb = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     x = clip_vit.preprocess(Image.fromarray(rgb))
     # torchvision's Resize(224, bicubic) + CenterCrop(224) on 640x480, as openai's transform does it
@@ -371,6 +540,7 @@ def test_real_weights_classify_clip_png(vocab, shared_file, real_clip_cache):
     if not path.exists():
         pytest.skip(f"{path} not present (the real weights are optional)")
     from PIL import Image
+
     model = clip_vit.load(path)
     image = clip_vit.preprocess(Image.open(shared_file("clip", "CLIP.png"))).unsqueeze(0)
     with torch.no_grad():

@@ -4,6 +4,7 @@ splits.mat and 10 real NYU frames when the shared test data is present; download
 server; and the metrics. CPU only, a few seconds.
     python -m pytest -q tests/test_data_nyu.py
 """
+
 import hashlib
 
 import h5py
@@ -16,7 +17,14 @@ import clip_vit
 import data_nyu
 from clip_vit import UserError
 from data_nyu import depth_metrics, NYUDepthV2, PreloadedBatches
-from nyu_fixtures import NYUTorchDataset, asymmetric_frames, frames_to_tensors, write_splits, write_v5, write_v73
+from nyu_fixtures import (
+    NYUTorchDataset,
+    asymmetric_frames,
+    frames_to_tensors,
+    write_splits,
+    write_v5,
+    write_v73,
+)
 
 SCENES = ["kitchen", "office", "living_room", "bathroom"]
 
@@ -112,9 +120,12 @@ def test_real_splits(shared_file):
 
 def test_real_pixels_roundtrip(tmp_path, shared_file):
     from PIL import Image
+
     root = shared_file("nyu2_mini_test")
     images = np.stack([np.array(Image.open(root / f"image_{i}.png").convert("RGB")) for i in range(10)])
-    depths = np.stack([np.array(Image.open(root / f"depth_{i}.png")) for i in range(10)]).astype(np.float32) / 1000
+    depths = (
+        np.stack([np.array(Image.open(root / f"depth_{i}.png")) for i in range(10)]).astype(np.float32) / 1000
+    )
     assert images.shape == (10, 480, 640, 3) and depths.shape == (10, 480, 640)
     path = tmp_path / "nyu_depth_v2_labeled.mat"
     write_v73(path, images, depths, scene_types=["kitchen"] * 10)
@@ -137,17 +148,20 @@ def _bad_random_bytes(tmp_path, frames):
 
 def _bad_without(key, message):
     """A labeled file with the variable `key` deleted, and the error expected for it."""
+
     def make(tmp_path, frames):
         p = tmp_path / f"no_{key}.mat"
         write_v73(p, *frames)
         with h5py.File(p, "r+") as f:
             del f[key]
         return p, message
+
     return make
 
 
-_bad_no_images = _bad_without("images", "not NYU's labeled file: images, depths, sceneTypes are None, "
-                                        "(4, 640, 480), (1, 4)")
+_bad_no_images = _bad_without(
+    "images", "not NYU's labeled file: images, depths, sceneTypes are None, (4, 640, 480), (1, 4)"
+)
 _bad_no_scene_types = _bad_without("sceneTypes", "sceneTypes are (4, 3, 640, 480), (4, 640, 480), None, not")
 
 
@@ -172,12 +186,14 @@ def _bad_truncated(tmp_path, frames):
     write_v73(good, *frames)
     p = tmp_path / "truncated.mat"
     data = good.read_bytes()
-    p.write_bytes(data[:len(data) // 2])
-    return p, "truncated (HDF5: "
+    p.write_bytes(data[: len(data) // 2])
+    return p, "truncated: "
 
 
-@pytest.mark.parametrize("make", [_bad_random_bytes, _bad_no_images, _bad_no_scene_types, _bad_frame_counts,
-                                  _bad_truncated, _bad_v5])
+@pytest.mark.parametrize(
+    "make",
+    [_bad_random_bytes, _bad_no_images, _bad_no_scene_types, _bad_frame_counts, _bad_truncated, _bad_v5],
+)
 def test_bad_files(tmp_path, frames, make):
     path, problem = make(tmp_path, frames)
     with pytest.raises(UserError) as e:
@@ -200,9 +216,12 @@ def test_missing_file_downloads_only_when_meant(tmp_path, monkeypatch, http_serv
     a path into a missing folder is a typo: refused, and no folder is made."""
     http_server.routes["/labeled.mat"] = {"data": b"never served"}
     monkeypatch.setattr(data_nyu, "URL", http_server.url + "/labeled.mat")
-    cases = [(tmp_path / "absent.mat", None, "--download"), (tmp_path / "absent.mat", False, "--download"),
-             (tmp_path / data_nyu.FILE_NAME, False, "2.97 GB"),
-             (tmp_path / "typo" / data_nyu.FILE_NAME, True, "no folder")]
+    cases = [
+        (tmp_path / "absent.mat", None, "--download"),
+        (tmp_path / "absent.mat", False, "--download"),
+        (tmp_path / data_nyu.FILE_NAME, False, "2.97 GB"),
+        (tmp_path / "typo" / data_nyu.FILE_NAME, True, "no folder"),
+    ]
     for path, download, says in cases:
         with pytest.raises(UserError) as e:
             NYUDepthV2(path, download=download)
@@ -303,10 +322,10 @@ def test_frames_to_tensors_alignment(size):
         # centre gives exactly 0.5 there, and nearest may pick either side; a crop or shift moves it by pixels)
         c = int(np.argmax(d[0, 0].numpy() > 3.0))  # first output column on the far side of the depth step
         row = img[0, 0].numpy()
-        assert c > 0 and row[c - 1] <= 0.52 and row[c] >= 0.48, (edge_col, c, row[c - 2:c + 2])
+        assert c > 0 and row[c - 1] <= 0.52 and row[c] >= 0.48, (edge_col, c, row[c - 2 : c + 2])
         r = int(np.argmax(d[0, :, w - 1].numpy() > 6.5))  # first row below the horizontal depth step
         col = 1 - img[2, :, w - 1].numpy()  # blue switches off below the row edge
-        assert r > 0 and col[r - 1] <= 0.52 and col[r] >= 0.48, (edge_row, r, col[r - 2:r + 2])
+        assert r > 0 and col[r - 1] <= 0.52 and col[r] >= 0.48, (edge_row, r, col[r - 2 : r + 2])
 
 
 def test_frames_to_tensors_keeps_holes():
@@ -365,7 +384,9 @@ def test_preloaded_shapes_and_mask():
     assert torch.equal(b["depth"], want)
     assert torch.equal(b["mask"], (want > 1e-3) & (want < 10))
     assert b["mask"].any() and not b["mask"].all()
-    img = b["image"] * torch.tensor(clip_vit.STD).view(1, 3, 1, 1) + torch.tensor(clip_vit.MEAN).view(1, 3, 1, 1)
+    img = b["image"] * torch.tensor(clip_vit.STD).view(1, 3, 1, 1) + torch.tensor(clip_vit.MEAN).view(
+        1, 3, 1, 1
+    )
     raw = torch.from_numpy(np.stack(ds.rgbs[:4])).permute(0, 3, 1, 2).float() / 255
     assert (img - raw).abs().max() < 1e-5  # CLIP-normalised, undone exactly
 
@@ -476,7 +497,12 @@ def test_depth_metrics_hand_checkable():
     assert m["d1"] == 1 and m["abs_rel"] == 0 and m["rmse"] == 0 and m["silog"] == 0
     pred = np.full((480, 640), 2.6)  # ratio 1.3: fails delta_1, passes delta_2
     m = depth_metrics(pred, gt)
-    assert m["d1"] == 0 and m["d2"] == 1 and m["abs_rel"] == pytest.approx(0.3) and m["rmse"] == pytest.approx(0.6)
+    assert (
+        m["d1"] == 0
+        and m["d2"] == 1
+        and m["abs_rel"] == pytest.approx(0.3)
+        and m["rmse"] == pytest.approx(0.6)
+    )
     assert m["sq_rel"] == pytest.approx(0.36 / 2) and m["log10"] == pytest.approx(np.log10(1.3))
     assert m["rmse_log"] == pytest.approx(np.log(1.3)) and m["silog"] == pytest.approx(0, abs=1e-6)
     # only the Eigen crop counts: a wrong prediction outside it changes nothing, inside it does
@@ -493,8 +519,130 @@ def test_depth_metrics_hand_checkable():
     pred[100:210] = 50
     pred[300, 300] = np.inf
     m = depth_metrics(torch.tensor(pred), torch.tensor(gt2))
-    assert m["d1"] == pytest.approx(1 - 1 / ((471 - 45 - 110) * 560)) and np.isfinite(m["rmse"])
-    assert m["rmse"] == pytest.approx(np.sqrt(8 ** 2 / ((471 - 45 - 110) * 560)))  # inf clamped to 10
-    assert depth_metrics(pred, np.zeros_like(gt)) is None
+    assert m["d1"] == pytest.approx(1 - 1 / ((471 - 45 - 110) * 560)) and torch.isfinite(m["rmse"])
+    assert m["rmse"] == pytest.approx(np.sqrt(8**2 / ((471 - 45 - 110) * 560)))  # inf clamped to 10
+    assert all(np.isnan(float(v)) for v in depth_metrics(pred, np.zeros_like(gt)).values())
     with pytest.raises(ValueError, match="480x640"):
         depth_metrics(np.ones((10, 10)), np.ones((10, 10)))
+
+
+def bts_metrics(pred, gt, box=None, clamp=True):
+    """The oracle: BTS/AdaBins' metrics in numpy float64 on one image, as data_nyu computed them
+    before they moved to torch; box (r0, r1, c0, c1) or None; clamp=False for the authors' script.
+    -> {KEYS: float}, or None without a valid pixel."""
+    pred = np.asarray(pred, np.float64)
+    gt = np.asarray(gt, np.float64)
+    if box is not None:
+        r0, r1, c0, c1 = box
+        pred = pred[r0:r1, c0:c1]
+        gt = gt[r0:r1, c0:c1]
+    valid = (gt > 1e-3) & (gt < 10)
+    if not valid.any():
+        return None
+    p = np.nan_to_num(pred[valid], nan=1e-3)
+    if clamp:
+        p = np.clip(p, 1e-3, 10)
+    g = gt[valid]
+    ratio = np.maximum(g / p, p / g)
+    e = np.log(p) - np.log(g)
+    return {
+        "d1": (ratio < 1.25).mean(),
+        "d2": (ratio < 1.25**2).mean(),
+        "d3": (ratio < 1.25**3).mean(),
+        "abs_rel": (np.abs(g - p) / g).mean(),
+        "sq_rel": ((g - p) ** 2 / g).mean(),
+        "rmse": np.sqrt(((g - p) ** 2).mean()),
+        "rmse_log": np.sqrt((e**2).mean()),
+        "log10": np.abs(np.log10(p) - np.log10(g)).mean(),
+        "silog": 100 * np.sqrt(max((e**2).mean() - e.mean() ** 2, 0)),
+    }
+
+
+def rough_frames(n, seed=0, h=480, w=640):
+    """Predictions and ground truth with everything a metric must survive: holes (0), ground truth
+    out of range (negative, 10 and above, NaN), predictions out of range (negative, 0, above 10,
+    inf, NaN), and one frame with no valid pixel at all."""
+    rng = np.random.default_rng(seed)
+    gt = rng.uniform(0.2, 9.9, (n, h, w))
+    pred = gt * rng.uniform(0.5, 1.6, (n, h, w))
+    where = rng.random((n, h, w))
+    gt[where < 0.1] = 0
+    gt[(where > 0.1) & (where < 0.12)] = 10.5
+    gt[(where > 0.12) & (where < 0.13)] = -1
+    gt[(where > 0.13) & (where < 0.135)] = np.nan
+    gt[-1] = 0  # the last frame: all holes
+    odd = rng.random((n, h, w))
+    pred[odd < 0.02] = 30
+    pred[(odd > 0.02) & (odd < 0.03)] = -2
+    pred[(odd > 0.03) & (odd < 0.04)] = 0
+    pred[(odd > 0.04) & (odd < 0.045)] = np.inf
+    pred[(odd > 0.045) & (odd < 0.05)] = np.nan
+    return pred.astype(np.float32), gt.astype(np.float32)
+
+
+def assert_metrics_equal(got, expected, tol=1e-9):
+    """got {KEYS: 0-d tensor} against the oracle's dict (or None: every metric NaN)."""
+    for k in data_nyu.KEYS:
+        value = float(got[k])
+        if expected is None:
+            assert np.isnan(value), k
+        else:
+            assert abs(value - expected[k]) <= tol * max(1, abs(expected[k])), (k, value, expected[k])
+
+
+def test_delta_thresholds_are_powers_of_1_25():
+    """Ratios 1.0, 1.3, 1.6, 2.0 and 3.0: below 1.25 one pixel, below 1.25^2 = 1.5625 two, below
+    1.25^3 = 1.953 three (1.25 * 2 = 2.5 and 1.25 * 3 = 3.75 would let in four and five)."""
+    gt = np.full((1, 5), 2.0)
+    pred = gt * np.array([1.0, 1.3, 1.6, 2.0, 3.0])
+    m = depth_metrics(pred, gt, crop="none")
+    assert (float(m["d1"]), float(m["d2"]), float(m["d3"])) == (0.2, 0.4, 0.6)
+    m = depth_metrics(gt, pred, crop="none")  # the other way round: the same ratios
+    assert (float(m["d1"]), float(m["d2"]), float(m["d3"])) == (0.2, 0.4, 0.6)
+
+
+@pytest.mark.parametrize("crop", ["eigen", "depthclip", "garg", "none"])
+@pytest.mark.parametrize("clamp", [True, False])
+def test_batched_metrics_equal_the_numpy_oracle(crop, clamp):
+    """A batch of frames at once, in float64 torch, against the numpy formulation one frame at a
+    time, to 1e-9: holes, ground truth and predictions out of range, a frame without a valid pixel
+    (NaN there, None for the oracle). Without the clamp the predictions stay positive, as the
+    authors' script clamps before it scales."""
+    pred, gt = rough_frames(3, seed=len(crop) + clamp)
+    if not clamp:
+        pred = np.abs(np.nan_to_num(pred, nan=1.0, posinf=20.0)) + 0.5
+    got = depth_metrics(torch.from_numpy(pred), torch.from_numpy(gt), crop=crop, clamp=clamp)
+    assert got["d1"].shape == (3,) and got["d1"].dtype == torch.float64
+    for i in range(3):
+        expected = bts_metrics(pred[i], gt[i], data_nyu.CROPS[crop], clamp=clamp)
+        assert_metrics_equal({k: v[i] for k, v in got.items()}, expected)
+    stacked = depth_metrics(np.stack([pred, pred[::-1]]), gt, crop=crop, clamp=clamp)  # broadcast
+    assert stacked["rmse"].shape == (2, 3)
+    torch.testing.assert_close(stacked["rmse"][0], got["rmse"], rtol=1e-12, atol=0, equal_nan=True)
+
+
+def test_mean_metrics_leaves_out_frames_without_a_valid_pixel():
+    pred, gt = rough_frames(3, seed=5)
+    rows = [depth_metrics(pred[:2], gt[:2]), depth_metrics(pred[2], gt[2])]  # (2,) and () scores
+    means = data_nyu.mean_metrics(rows)
+    for k in data_nyu.KEYS:
+        per_frame = [bts_metrics(pred[i], gt[i], data_nyu.CROPS["eigen"])[k] for i in range(2)]
+        assert means[k] == pytest.approx(np.mean(per_frame), rel=1e-12)
+    assert all(np.isnan(v) for v in data_nyu.mean_metrics([]).values())
+
+
+def test_frames_reads_runs_of_frames_as_the_dataset_serves_them(tmp_path, v73, frames):
+    """NYUDepthV2.frames (one HDF5 read per run of consecutive frame numbers) returns exactly what
+    ds[i] does, for positions in any order, repeated, and across gaps in the split."""
+    splits = tmp_path / "splits.mat"
+    write_splits(splits, [2], [1, 3, 4])  # test frames 0, 2, 3 (0-based): a gap, then a run
+    ds = NYUDepthV2(v73, split="test", splits_path=splits, download=False)
+    positions = [2, 0, 1, 2]
+    rgb, depth = ds.frames(positions)
+    assert rgb.shape == (4, 480, 640, 3) and rgb.dtype == np.uint8
+    assert depth.shape == (4, 480, 640) and depth.dtype == np.float32
+    for k, i in enumerate(positions):
+        np.testing.assert_array_equal(rgb[k], ds[i][0])
+        np.testing.assert_array_equal(depth[k], ds[i][1])
+    with pytest.raises(IndexError):
+        ds.frames([3])

@@ -4,6 +4,7 @@ incrementally written report (and its copy into $OUT), the section guard, the ti
 the loss-curve comparison.
 Run: python -m pytest -q tests/test_gpu_check.py
 """
+
 import json
 import os
 import subprocess
@@ -45,6 +46,7 @@ def test_a_failing_section_is_recorded_and_the_next_one_runs(tmp_path):
 
     def boom():
         raise RuntimeError("no such GPU")
+
     assert gpu_check.guarded(report, "a", boom) is False
     assert gpu_check.guarded(report, "b", lambda: (True, "ok")) is True
     text = (tmp_path / "r.md").read_text()
@@ -55,22 +57,32 @@ def test_loss_comparison():
     assert gpu_check.losses_agree([2.0, 1.5, 1.2], [2.0, 1.5, 1.2]) == (True, 0.0, 3)
     ok, worst, n = gpu_check.losses_agree([2.0, 1.51], [2.0, 1.5], rtol=0.01)
     assert ok and worst == pytest.approx(0.01 / 1.5) and n == 2
-    assert not gpu_check.losses_agree([2.0, 1.6], [2.0, 1.5], rtol=0.02)[0]      # 6.7 % at step 2
-    assert not gpu_check.losses_agree([2.0], [2.0, 1.5])[0]                       # a run stopped early
+    assert not gpu_check.losses_agree([2.0, 1.6], [2.0, 1.5], rtol=0.02)[0]  # 6.7 % at step 2
+    assert not gpu_check.losses_agree([2.0], [2.0, 1.5])[0]  # a run stopped early
     assert not gpu_check.losses_agree([], [])[0]
     assert not gpu_check.losses_agree([float("nan")], [1.0])[0]
 
 
 def test_read_log_keeps_step_records(tmp_path):
     log = tmp_path / "log.jsonl"
-    log.write_text("\n".join(json.dumps(r) for r in [{"step": 1, "loss": 2.0, "img_s": 30.0}, {"epoch": 0},
-                                                     {"step": 2, "loss": 1.9, "img_s": 31.0}]) + "\n")
+    log.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"step": 1, "loss": 2.0, "img_s": 30.0},
+                {"epoch": 0},
+                {"step": 2, "loss": 1.9, "img_s": 31.0},
+            ]
+        )
+        + "\n"
+    )
     assert [r["loss"] for r in gpu_check.read_log(log)] == [2.0, 1.9]
 
 
 def test_commands_time_out_and_the_budget_cuts_timeouts():
-    rc, out, secs = gpu_check.run_cmd([sys.executable, "-c", "import time; print('started', flush=True); "
-                                      "time.sleep(30)"], timeout=1.5)
+    rc, out, secs = gpu_check.run_cmd(
+        [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(30)"], timeout=1.5
+    )
     assert rc is None and "started" in out and "timed out" in out and secs < 20
     assert gpu_check.run_cmd([sys.executable, "-c", "print('hi')"], timeout=30)[:2] == (0, "hi\n")
     deadline = gpu_check.Deadline(5)
@@ -80,8 +92,13 @@ def test_commands_time_out_and_the_budget_cuts_timeouts():
 
 
 def test_without_cuda_it_stops_with_one_error_line(tmp_path):
-    proc = subprocess.run([sys.executable, "tests/gpu_check.py", "--report", str(tmp_path / "r.md")],
-                          cwd=gpu_check.ROOT, capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    proc = subprocess.run(
+        [sys.executable, "tests/gpu_check.py", "--report", str(tmp_path / "r.md")],
+        cwd=gpu_check.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
+    )
     assert proc.returncode == 2 and proc.stderr.strip() == "error: tests/gpu_check.py needs a CUDA device"
     assert not (tmp_path / "r.md").exists()

@@ -1,9 +1,12 @@
 """
 moa.py: the MoA layer against a per-token loop, parameter counts, gradient flow, the fp32
 residual stream, shapes, the similarity head and the zero-shot model, both losses on hand-computed
-values, the scene context, runtime(), checkpoints, and a learning test on a small random CLIP.
+values, the scene context, runtime(), checkpoints, and a learning test on a small random CLIP; then
+time to first depth: text features in checkpoints, building without random init, the mapped CLIP
+reader, lazy imports.
 Run: python -m pytest -q tests/test_moa.py
 """
+
 import math
 import types
 
@@ -14,6 +17,7 @@ import torch.nn.functional as F
 
 import clip_vit
 import moa
+from kernels import fused_moa as fused_moa_module
 
 
 def rand_weights(D=16, H=8, E=4, R=6, seed=0, dtype=torch.float64):
@@ -25,8 +29,14 @@ def rand_weights(D=16, H=8, E=4, R=6, seed=0, dtype=torch.float64):
 def paper_moa(**kw):
     """A MoA layer with the paper's sizes (DepthConfig's defaults), kw overriding them."""
     cfg = moa.DepthConfig()
-    sizes = dict(dim=768, num_experts=cfg.num_experts, bottleneck=cfg.bottleneck,
-                 gate_hidden=cfg.gate_hidden, top_k=cfg.top_k, temperature=cfg.temperature)
+    sizes = dict(
+        dim=768,
+        num_experts=cfg.num_experts,
+        bottleneck=cfg.bottleneck,
+        gate_hidden=cfg.gate_hidden,
+        top_k=cfg.top_k,
+        temperature=cfg.temperature,
+    )
     return moa.MoA(**{**sizes, **kw})
 
 
@@ -36,8 +46,10 @@ def per_token_loop(x, w1, b1, w2, b2, dw, db, uw, ub, top_k, temperature):
     ys, gs = [], []
     for t in flat:
         hidden = [max(0.0, float(w1[j] @ t + b1[j])) for j in range(w1.shape[0])]
-        logits = [(sum(w2[e, j] * hidden[j] for j in range(len(hidden))) + b2[e]) / temperature
-                  for e in range(w2.shape[0])]
+        logits = [
+            (sum(w2[e, j] * hidden[j] for j in range(len(hidden))) + b2[e]) / temperature
+            for e in range(w2.shape[0])
+        ]
         kept = sorted(range(len(logits)), key=lambda e: (-float(logits[e]), e))[:top_k]
         z = sum(math.exp(float(logits[e])) for e in kept)
         gates = torch.zeros(len(logits), dtype=x.dtype)
@@ -83,8 +95,16 @@ def test_moa_parameter_counts_identity_init_and_top_k_zero_means_all():
     assert 0 < layer.last_entropy <= math.log(4) + 1e-6
     with torch.no_grad():
         layer.up_w.normal_()
-    ws = [layer.gate_w1, layer.gate_b1, layer.gate_w2, layer.gate_b2,
-          layer.down_w, layer.down_b, layer.up_w, layer.up_b]
+    ws = [
+        layer.gate_w1,
+        layer.gate_b1,
+        layer.gate_w2,
+        layer.gate_b2,
+        layer.down_w,
+        layer.down_b,
+        layer.up_w,
+        layer.up_b,
+    ]
     dense = moa.moa_reference(x, *ws, 4, 2.0)[0]
     torch.testing.assert_close(layer(x), dense)  # top_k=0: all 4 experts
     layer.top_k = 1
@@ -94,21 +114,32 @@ def test_moa_parameter_counts_identity_init_and_top_k_zero_means_all():
 def test_a_failing_triton_kernel_names_the_way_out(monkeypatch):
     def broken(*args):
         raise RuntimeError("no kernel image is available\nfor this device")
-    monkeypatch.setattr(moa, "fused_moa", broken)
-    monkeypatch.setattr(moa, "MOA_IMPL", "triton")
-    expected = (r"^--moa-impl triton: .*RuntimeError: no kernel image is available for this device"
-                r".*--moa-impl torch$")
+
+    monkeypatch.setattr(fused_moa_module, "fused_moa", broken)
+    expected = (
+        r"^--moa-impl triton: .*RuntimeError: no kernel image is available for this device"
+        r".*--moa-impl torch$"
+    )
     with pytest.raises(clip_vit.UserError, match=expected):
-        paper_moa(dim=16, bottleneck=4, gate_hidden=8)(torch.randn(1, 3, 16))
+        paper_moa(dim=16, bottleneck=4, gate_hidden=8, impl="triton")(torch.randn(1, 3, 16))
 
 
 # -----------------------------------------------------------------------------
 # the depth model on small random CLIPs
 
+
 def tiny_clip(layers=12, width=64, res=64, seed=0):
-    sd = clip_vit.random_state_dict(embed_dim=32, image_resolution=res, vision_layers=layers,
-                                    vision_width=width, patch=32, width=64, heads=1, layers=1,
-                                    seed=seed)
+    sd = clip_vit.random_state_dict(
+        embed_dim=32,
+        image_resolution=res,
+        vision_layers=layers,
+        vision_width=width,
+        patch=32,
+        width=64,
+        heads=1,
+        layers=1,
+        seed=seed,
+    )
     return clip_vit.build_model(sd)
 
 
@@ -155,6 +186,7 @@ def test_residual_stream_stays_fp32_under_bf16_autocast():
 
     def record(module, args, out):
         seen.append((type(module).__name__, args[0].dtype, out.dtype))
+
     for module in [*blocks, *model.moa, blocks[3].mlp]:
         module.register_forward_hook(record)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -187,8 +219,9 @@ def test_scene_context_normalises_each_prompt_then_the_mean(monkeypatch):
     """With a stub text tower giving [10, 0] and [0, 1], the context is the renormalised mean of the
     unit vectors, [1, 1] / sqrt 2; averaging the raw features first would give [0.995, 0.0995]."""
     monkeypatch.setattr(clip_vit, "tokenize", fake_tokenize)
-    stub = types.SimpleNamespace(token_embedding=nn.Embedding(1, 1),
-                                 encode_text=lambda ids: torch.tensor([[10.0, 0.0], [0.0, 1.0]]))
+    stub = types.SimpleNamespace(
+        token_embedding=nn.Embedding(1, 1), encode_text=lambda ids: torch.tensor([[10.0, 0.0], [0.0, 1.0]])
+    )
     c = moa.scene_context(stub, ["kitchen", "classroom"])
     torch.testing.assert_close(c, torch.tensor([1.0, 1.0]) / math.sqrt(2))
 
@@ -208,9 +241,15 @@ def test_distance_prompts_are_tokenised_as_the_text_tower_expects():
     encode = clip.encode_text
     clip.encode_text = lambda ids: fed.append(ids) or encode(ids)
     model = moa.MoADepthCLIP(clip, small_cfg(head="similarity", use_context=False))
-    words = {"giant": [4687], "extremely close": [6519, 2660], "close": [2660],
-             "not in distance": [783, 530, 7964], "a little remote": [320, 1274, 9687],
-             "far": [2384], "unseen": [19069]}
+    words = {
+        "giant": [4687],
+        "extremely close": [6519, 2660],
+        "close": [2660],
+        "not in distance": [783, 530, 7964],
+        "a little remote": [320, 1274, 9687],
+        "far": [2384],
+        "unseen": [19069],
+    }
     (ids,) = fed
     for row, word_ids in zip(ids.tolist(), words.values()):
         expected = [49406, 589, 14115, 533, *word_ids, 49407]
@@ -223,8 +262,14 @@ def zero_shot_model(monkeypatch, sim_bins=7):
     """The zero-shot model evaluate.py builds: frozen CLIP, an identity adapter after block 11."""
     monkeypatch.setattr(clip_vit, "tokenize", fake_tokenize)
     clip = tiny_clip(seed=3)
-    cfg = small_cfg(head="similarity", use_context=False, use_moa=False, moa_layers=(11,),
-                    trainable_blocks=0, sim_bins=sim_bins)
+    cfg = small_cfg(
+        head="similarity",
+        use_context=False,
+        use_moa=False,
+        moa_layers=(11,),
+        trainable_blocks=0,
+        sim_bins=sim_bins,
+    )
     return clip, moa.MoADepthCLIP(clip, cfg).eval()
 
 
@@ -238,10 +283,10 @@ def test_similarity_head_is_depthclip_on_clips_own_tokens(monkeypatch):
     image = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         out = model(image)
-        tokens = clip.visual.transformer(clip.visual.embed(image))[:, 1:]   # (2, 2*3, 64)
+        tokens = clip.visual.transformer(clip.visual.embed(image))[:, 1:]  # (2, 2*3, 64)
         emb = F.normalize(clip.visual.ln_post(tokens) @ clip.visual.proj, dim=-1)
         text = F.normalize(clip.encode_text(fake_tokenize(["x"] * 7)), dim=-1)
-        probs = (100 * emb @ text.T / 0.1).softmax(-1)                      # (2, 6, 7)
+        probs = (100 * emb @ text.T / 0.1).softmax(-1)  # (2, 6, 7)
         grid = (probs @ torch.tensor([1.0, 1.5, 2.0, 2.25, 2.5, 2.75, 3.0])).view(2, 1, 2, 3)
     assert set(out) == {"depth"} and out["depth"].shape == (2, 1, 64, 96)
     ref = F.interpolate(grid, size=(64, 96), mode="bilinear", align_corners=False)
@@ -305,7 +350,7 @@ def test_composite_loss_hand_computed():
     # a flat 2 m prediction of a flat 1 m scene, by hand: g = ln 2 everywhere, SSIM of two constants
     loss, terms = moa.composite_loss(torch.full((1, 1, 3, 3), 2.0), torch.ones(1, 1, 3, 3))
     silog_bts = 10 * math.sqrt(0.15) * math.log(2)
-    c1 = 0.01 ** 2
+    c1 = 0.01**2
     # the sigma terms are 0: SSIM = (2 mu_p mu_g + C1) / (mu_p^2 + mu_g^2 + C1)
     ssim_term = (1 - (2 * 2 * 1 + c1) / (4 + 1 + c1)) / 2
     expected = {"silog": silog_bts, "grad": 0.0, "ssim": ssim_term, "l1": 1.0}
@@ -321,6 +366,95 @@ def test_composite_loss_hand_computed():
     holes = torch.zeros(1, 1, 3, 3)
     zero, terms = moa.depth_loss({"depth": pred}, holes, holes > 0, small_cfg(loss="composite"))
     assert zero.item() == 0 and zero.requires_grad and terms == {}
+
+
+def ssim_by_loops(x, y, padding):
+    """Per-pixel SSIM of 2-D lists x, y over 3x3 windows, written out with loops: this test's own oracle.
+    padding "zeros" (the zeros count in each 3x3 mean) or "reflect" (mirrored, the edge not repeated)."""
+    H, W = len(x), len(x[0])
+
+    def at(m, i, j):  # m[i][j], with the padding outside the map
+        inside = 0 <= i < H and 0 <= j < W
+        if padding == "zeros" and not inside:
+            return 0.0
+        i = abs(i) if i < H else 2 * (H - 1) - i  # reflect: row -1 is row 1, row H is row H - 2
+        j = abs(j) if j < W else 2 * (W - 1) - j
+        return m[i][j]
+
+    c1, c2 = 0.01**2, 0.03**2
+    out = []
+    for i in range(H):
+        row = []
+        for j in range(W):
+            window = [
+                (at(x, i + di, j + dj), at(y, i + di, j + dj)) for di in (-1, 0, 1) for dj in (-1, 0, 1)
+            ]
+            mx = sum(a for a, _ in window) / 9
+            my = sum(b for _, b in window) / 9
+            vx = sum(a * a for a, _ in window) / 9 - mx**2
+            vy = sum(b * b for _, b in window) / 9 - my**2
+            cov = sum(a * b for a, b in window) / 9 - mx * my
+            row.append((2 * mx * my + c1) * (2 * cov + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+        out.append(row)
+    return out
+
+
+def test_composite_loss_total_counts_the_smoothness_term():
+    """A non-flat prediction (its smoothness term is not 0), every term by hand: the total is
+    1.0 SILog + 0.5 grad + 0.2 SSIM + 0.1 L1, so a term weighted 0 (or left out) fails."""
+    rows = [[1.0, 2.0], [3.0, 5.0]]
+    pred = torch.tensor([[rows]])  # (1, 1, 2, 2)
+    loss, terms = moa.composite_loss(pred, torch.ones_like(pred))
+    g = [math.log(v) for v in (1.0, 2.0, 3.0, 5.0)]  # ln pred - ln 1
+    silog_bts = 10 * math.sqrt(sum(v * v for v in g) / 4 - 0.85 * (sum(g) / 4) ** 2)
+    grad = (1 + 2) / 2 + (2 + 3) / 2  # mean |x difference| + mean |y difference|
+    l1 = (0 + 1 + 2 + 4) / 4
+    ssim = ssim_by_loops(rows, [[1.0, 1.0], [1.0, 1.0]], "reflect")
+    ssim_term = sum((1 - s) / 2 for row in ssim for s in row) / 4
+    expected = {"silog": silog_bts, "grad": grad, "ssim": ssim_term, "l1": l1}
+    assert terms == pytest.approx(expected, rel=1e-5)
+    total = 1.0 * silog_bts + 0.5 * grad + 0.2 * ssim_term + 0.1 * l1
+    assert loss.item() == pytest.approx(total, rel=1e-5)
+
+
+def test_composite_loss_padding_and_averaging_ours_and_the_authors():
+    """Flat 2 m prediction of a flat 1 m scene, 3x3. Reflection padding keeps every window flat, so each
+    pixel has the centre's SSIM (4 + C1) / (5 + C1). The authors' zero padding brings zeros into the 9-pixel
+    means of the edge and corner pixels: by hand, a corner has means 8/9 and 4/9, variances 80/81 and 20/81,
+    covariance 40/81; an edge pixel 4/3, 2/3, 8/9, 2/9 and 4/9 (both near 0.64 against the centre's 0.8)."""
+    c1, c2 = 0.01**2, 0.03**2
+
+    def ssim(mx, my, vx, vy, cov):
+        return (2 * mx * my + c1) * (2 * cov + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+
+    centre = ssim(2, 1, 0, 0, 0)
+    corner = ssim(8 / 9, 4 / 9, 80 / 81, 20 / 81, 40 / 81)
+    edge = ssim(4 / 3, 2 / 3, 8 / 9, 2 / 9, 4 / 9)
+    assert centre == pytest.approx((4 + c1) / (5 + c1)) and corner == pytest.approx(0.64, abs=1e-3)
+    pred = torch.full((1, 1, 3, 3), 2.0)
+    gt = torch.ones(1, 1, 3, 3)
+    _, ours = moa.composite_loss(pred, gt, "ours")
+    _, authors = moa.composite_loss(pred, gt, "authors")
+    assert ours["ssim"] == pytest.approx((1 - centre) / 2, rel=1e-5)
+    assert authors["ssim"] == pytest.approx((4 * (1 - corner) + 4 * (1 - edge) + (1 - centre)) / 18, rel=1e-5)
+    # a hole (gt 0) at the top-left: ours averages SSIM and L1 over the 8 valid pixels, the authors' over all
+    # 9, where the hole's L1 is the predicted 2 m itself; SILog and smoothness are the same in both
+    gt[0, 0, 0, 0] = 0
+    _, ours = moa.composite_loss(pred, gt, "ours")
+    _, authors = moa.composite_loss(pred, gt, "authors")
+    assert ours["l1"] == pytest.approx(1.0) and authors["l1"] == pytest.approx((8 * 1 + 2) / 9)
+    rows_p = pred[0, 0].tolist()
+    rows_g = gt[0, 0].tolist()
+    reflect = [s for row in ssim_by_loops(rows_p, rows_g, "reflect") for s in row]
+    zeros = [s for row in ssim_by_loops(rows_p, rows_g, "zeros") for s in row]
+    assert ours["ssim"] == pytest.approx(sum((1 - s) / 2 for s in reflect[1:]) / 8, rel=1e-5)  # valid only
+    assert authors["ssim"] == pytest.approx(sum((1 - s) / 2 for s in zeros) / 9, rel=1e-5)  # every pixel
+    assert ours["silog"] == pytest.approx(authors["silog"]) and ours["grad"] == authors["grad"] == 0
+    # depth_loss passes the config's form on
+    out = {"depth": pred}
+    mask = gt > 0
+    via_cfg = moa.depth_loss(out, gt, mask, small_cfg(loss="composite", composite="authors"))[1]
+    assert via_cfg == pytest.approx(authors)
 
 
 def test_loss_holes_empty_mask_and_perfect_prediction():
@@ -389,29 +523,166 @@ def test_checkpoint_round_trip_and_what_does_not_fit(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(moa.from_checkpoint(ckpt)(image)["depth"], model(image)["depth"])
     config = ckpt["model_config"]
-    bad = [({**ckpt, "model_config": {**config, "num_bins": 32}},  # another model
-            r"^x\.pt: tensors \['cls_head.bias', 'cls_head.weight'\] do not fit"),
-           ({**ckpt, "model_config": {**config, "future": 1}},  # a newer version's checkpoint
-            r"^x\.pt: model_config fields .* \['future'\]$"),
-           ({**ckpt, "clip": {**clip_id, "sha256": "0" * 64}},  # other CLIP weights
-            r"^x\.pt: trained on CLIP weights 000000000000\.\.\., but ")]
+    bad = [
+        (
+            {**ckpt, "model_config": {**config, "num_bins": 32}},  # another model
+            r"^x\.pt: tensors \['cls_head.bias', 'cls_head.weight'\] do not fit",
+        ),
+        (
+            {**ckpt, "model_config": {**config, "future": 1}},  # a newer version's checkpoint
+            r"^x\.pt: model_config fields .* \['future'\]$",
+        ),
+        (
+            {**ckpt, "clip": {**clip_id, "sha256": "0" * 64}},  # other CLIP weights
+            r"^x\.pt: trained on CLIP weights 000000000000\.\.\., but ",
+        ),
+    ]
     for broken, expected in bad:
         with pytest.raises(clip_vit.UserError, match=expected):
             moa.from_checkpoint(broken, where="x.pt")
     junk, other = tmp_path / "junk.pt", tmp_path / "other.pt"
     junk.write_bytes(b"\x00junk" * 100)
     torch.save({"model": {}}, other)
-    for file, problem in [(tmp_path / "nope.pt", "no such checkpoint file"),
-                          (junk, "not a readable checkpoint"),
-                          (other, "not a MoA-DepthCLIP checkpoint")]:
+    for file, problem in [
+        (tmp_path / "nope.pt", "no such checkpoint file"),
+        (junk, r"not a checkpoint \(train.py writes a zip archive"),
+        (other, "not a MoA-DepthCLIP checkpoint"),
+    ]:
         with pytest.raises(clip_vit.UserError, match=f"{file.name}: {problem}"):
             moa.load_checkpoint(file)
 
 
 def test_runtime_decides_device_and_dtype():
-    assert moa.runtime("cpu") == (torch.device("cpu"), None)
+    assert moa.runtime("cpu") == (torch.device("cpu"), None, False, "fp32")  # (GPUs: tests/test_fused_moa.py)
     assert moa.runtime("auto")[0].type == ("cuda" if torch.cuda.is_available() else "cpu")
     n = torch.cuda.device_count()
     for bad in ("tpu", f"cuda:{n}", "cuda:x") + (() if n else ("cuda",)):
         with pytest.raises(clip_vit.UserError, match=f"^--device {bad}: not on this machine"):
             moa.runtime(bad)
+
+
+# -----------------------------------------------------------------------------
+# time to first depth: text features stored in the checkpoint, no random initialisation, lazy imports
+
+
+def text_tower_off(monkeypatch):
+    """Make every way into the text tower raise: its forward and the tokenizer before it."""
+
+    def off(*args, **kwargs):
+        raise AssertionError("the text tower ran")
+
+    monkeypatch.setattr(clip_vit.CLIP, "encode_text", off)
+    monkeypatch.setattr(clip_vit, "tokenize", off)
+
+
+@pytest.mark.parametrize("kw", [dict(num_bins=16), dict(head="similarity", use_context=False)])
+def test_checkpoint_carries_text_features_and_loading_runs_no_text_tower(tmp_path, monkeypatch, kw):
+    clip_file = str(tmp_path / "clip.pt")
+    torch.save(tiny_clip().state_dict(), clip_file)
+    model = moa.MoADepthCLIP(clip_vit.load(clip_file), small_cfg(**kw)).eval()
+    with torch.no_grad():
+        for m in model.moa:  # a trained part that differs from a fresh one
+            m.up_w.normal_(0, 0.1)
+    clip_id = {"name": clip_file, "sha256": moa.clip_sha256(clip_file)}
+    moa.save_checkpoint(tmp_path / "ckpt.pt", model, clip=clip_id)
+    ckpt = moa.load_checkpoint(tmp_path / "ckpt.pt")
+    stored = ckpt["text_features"]
+    name = "text" if kw.get("head") == "similarity" else "context"
+    assert stored["clip_sha256"] == clip_id["sha256"] and set(stored) == {"clip_sha256", name}
+    assert torch.equal(stored[name], getattr(model, name))
+    image = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = model(image)
+        with monkeypatch.context() as patch:
+            text_tower_off(patch)
+            got = moa.from_checkpoint(ckpt)(image)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        # a checkpoint from before (none stored) or one whose entry is for other CLIP weights: the
+        # text tower runs, as it always did, and the stored tensors are not used
+        calls = []
+        encode = clip_vit.CLIP.encode_text
+        monkeypatch.setattr(clip_vit.CLIP, "encode_text", lambda *a: calls.append(1) or encode(*a))
+        old = {k: v for k, v in ckpt.items() if k != "text_features"}
+        other = {**ckpt, "text_features": {"clip_sha256": "0" * 64, name: torch.zeros_like(stored[name])}}
+        for made_before in (old, other):
+            got = moa.from_checkpoint(made_before)(image)
+            assert all(torch.equal(got[k], want[k]) for k in want)
+        assert len(calls) == 2
+
+
+def test_no_random_init_draws_nothing_and_builds_the_same_clip():
+    """build_model constructs CLIP under no_random_init and takes the state dict's tensors: the
+    weights, buffers and outputs are those of a CLIP built with random weights and then loaded,
+    and no random number is drawn. What is not random (fills, aranges) still runs."""
+    sd = clip_vit.random_state_dict(
+        embed_dim=32,
+        image_resolution=64,
+        vision_layers=2,
+        vision_width=64,
+        patch=32,
+        width=64,
+        heads=1,
+        layers=2,
+        seed=3,
+    )
+    reference = clip_vit.CLIP(32, 64, 2, 64, 32, 77, 49408, 64, 1, 2)
+    reference.load_state_dict(sd)
+    state = torch.random.get_rng_state()
+    built = clip_vit.build_model(dict(sd))
+    assert torch.equal(torch.random.get_rng_state(), state)  # nothing drawn
+    assert built.state_dict().keys() == reference.state_dict().keys()
+    assert all(torch.equal(a, reference.state_dict()[k]) for k, a in built.state_dict().items())
+    image = torch.randn(2, 3, 64, 64)
+    ids = clip_vit.tokenize(["a dog", "a photo of a kitchen."])
+    with torch.no_grad():
+        assert torch.equal(built(image, ids)[0], reference.eval()(image, ids)[0])
+    state = torch.random.get_rng_state()
+    with clip_vit.no_random_init():
+        norm = nn.LayerNorm(4)
+        steps = torch.arange(3.0) * 2
+        linear = nn.Linear(3, 2)
+        adapter = moa.MoA(16, 4, 8, 8, 0, 2.0)  # linear_init: Tensor.uniform_
+    assert torch.equal(norm.weight, torch.ones(4)) and torch.equal(norm.bias, torch.zeros(4))
+    assert torch.equal(adapter.up_w, torch.zeros(4, 16, 8)) and adapter.down_w.shape == (4, 8, 16)
+    assert torch.equal(steps, torch.tensor([0.0, 2.0, 4.0])) and linear.weight.shape == (2, 3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_clip_archive_is_read_in_place_and_never_written(tmp_path):
+    """The reader maps the archive: its tensors equal torch.jit.load's, writing to one leaves the
+    file as it was, and a member stored compressed (not as torch writes) is read all the same."""
+    import zipfile
+    from clip_fixtures import official_dtypes, small_state_dict, write_torchscript_archive
+
+    path = write_torchscript_archive(official_dtypes(small_state_dict()), tmp_path / "vit.pt")
+    before = clip_vit.sha256sum(path)
+    jit = torch.jit.load(str(path)).state_dict()
+    sd = clip_vit.read_torchscript_state_dict(path)
+    assert sd.keys() == jit.keys()
+    assert all(torch.equal(sd[k], v) and sd[k].dtype == v.dtype for k, v in jit.items())
+    sd["ln_final.weight"].add_(1.0)  # fp32 in the file: a view of the mapped bytes
+    assert clip_vit.sha256sum(path) == before
+    assert torch.equal(clip_vit.read_torchscript_state_dict(path)["ln_final.weight"], jit["ln_final.weight"])
+    deflated = tmp_path / "deflated.pt"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    sd = clip_vit.read_torchscript_state_dict(deflated)
+    assert all(torch.equal(sd[k], v) for k, v in jit.items())
+
+
+def test_scripts_import_no_optional_heavy_package():
+    """evaluate.py and train.py start without triton (the CUDA kernel's), h5py or scipy (NYU files)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, evaluate, train; heavy = {'triton', 'h5py', 'scipy', 'sympy'} & set(sys.modules); "
+        "print(sorted(heavy))"
+    )
+    root = Path(moa.__file__).parent
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"

@@ -4,9 +4,9 @@ resume, kill-and-resume equivalence, Ctrl-C, the non-finite-loss stop, the paper
 what training moves, and every user mistake ending in one `error:` line.
 Run: python -m pytest -q tests/test_train.py
 """
+
 import json
 import os
-import runpy
 import shlex
 import signal
 import subprocess
@@ -19,10 +19,10 @@ import torch
 
 import clip_vit
 import moa
+import train
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--input-size", "64", "--bottleneck", "16", "--gate-hidden", "16", "--num-bins", "16",
-         "--synthetic-frames", "12", "--batch-size", "4"]
+SMALL = "--input-size 64 --bottleneck 16 --gate-hidden 16 --num-bins 16 --synthetic-frames 12 --batch-size 4".split()
 
 
 @pytest.fixture
@@ -42,9 +42,15 @@ def offline(monkeypatch, tmp_path):
 def start(args, **kw):
     """train.py as a background process that Ctrl-C reaches (a shell may start it with SIGINT ignored)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT, env=env,
-                            text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        **kw,
+    )
 
 
 def wait_for(path, proc):
@@ -55,6 +61,7 @@ def wait_for(path, proc):
 
 def logs(out):
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
 
 # -----------------------------------------------------------------------------
 # runs that work
@@ -69,8 +76,12 @@ def test_end_to_end_train_resume_evaluate(small_clip, tmp_path, run_script, trai
     r = train_small(tmp_path / "run", "--epochs", "2", "--val-frac", "0.1", "--head-lr", "1e-4", "--resume")
     assert "resumed from" in r.stdout and "step 4/4" in r.stdout
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
-    assert ckpt["epoch"] == 1 and ckpt["step"] == 4 and ckpt["clip"]["sha256"] == clip_vit.sha256sum(small_clip)
-    assert all(not k.startswith("visual.") or k.startswith("visual.transformer.resblocks.") for k in ckpt["model"])
+    assert (
+        ckpt["epoch"] == 1 and ckpt["step"] == 4 and ckpt["clip"]["sha256"] == clip_vit.sha256sum(small_clip)
+    )
+    assert all(
+        not k.startswith("visual.") or k.startswith("visual.transformer.resblocks.") for k in ckpt["model"]
+    )
     entries = logs(tmp_path / "run")
     val = [e for e in entries if "val_d1" in e]
     assert len(val) == 2 and all("val_binned_d1" in e and "val_regressed_rmse" in e for e in val)
@@ -91,13 +102,26 @@ def test_paper_recipe_trains_on_every_train_frame(small_clip, tmp_path, run_scri
     """The default (--val-frac 0) holds nothing out: every frame of the official-layout train split is a
     training frame, and ckpt.pt is the last epoch (no best.pt)."""
     from nyu_fixtures import asymmetric_frames, write_splits, write_v73
+
     images, depths, raw = asymmetric_frames(7)
     scenes = ["kitchen", "office", "kitchen", "bedroom", "office", "kitchen", "office"]
     write_v73(tmp_path / "nyu.mat", images, depths, raw_depths=raw, scene_types=scenes)
     train = [1, 2, 3, 4, 6]
     write_splits(tmp_path / "splits.mat", train, [5, 7])
-    r = run_script("train.py", "--data", tmp_path / "nyu.mat", "--clip", small_clip, "--out", tmp_path / "run",
-                   "--epochs", "1", *SMALL[:8], "--batch-size", "1")
+    r = run_script(
+        "train.py",
+        "--data",
+        tmp_path / "nyu.mat",
+        "--clip",
+        small_clip,
+        "--out",
+        tmp_path / "run",
+        "--epochs",
+        "1",
+        *SMALL[:8],
+        "--batch-size",
+        "1",
+    )
     assert f"data: {len(train)} train frames, 0 held out" in r.stdout
     assert f"step {len(train)}/{len(train)}" in r.stdout  # one step per frame at batch 1: all were used
     assert not (tmp_path / "run" / "best.pt").exists()
@@ -108,7 +132,7 @@ def test_paper_recipe_trains_on_every_train_frame(small_clip, tmp_path, run_scri
 
 
 def test_training_moves_exactly_what_it_should(small_clip, tmp_path, monkeypatch):
-    """train.py itself, run in this process, three steps: every trainable parameter (image blocks 8-11,
+    """train.main itself, run in this process, three steps: every trainable parameter (image blocks 8-11,
     each MoA, every head) has moved, no frozen one has, and AdamW holds exactly the trainable ones."""
     start_values = []
 
@@ -118,33 +142,167 @@ def test_training_moves_exactly_what_it_should(small_clip, tmp_path, monkeypatch
             start_values.append({n: p.detach().cpu().clone() for n, p in self.named_parameters()})
 
     monkeypatch.setattr(moa, "MoADepthCLIP", Recorded)
-    monkeypatch.setattr(moa, "MOA_IMPL", moa.MOA_IMPL)  # train.py sets it from --moa-impl
-    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # train.py installs its own
-    monkeypatch.setattr(sys, "argv", ["train.py", "--data", "synthetic", "--clip", str(small_clip),
-                                      "--out", str(tmp_path / "run"), *SMALL, "--max-steps", "3"])
-    run = runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
-    model, optimizer = run["model"], run["optimizer"]
-    assert run["step"] == 3 and len(start_values) == 1
+    args = train.parse_args(
+        [
+            "--data",
+            "synthetic",
+            "--clip",
+            str(small_clip),
+            "--out",
+            str(tmp_path / "run"),
+            *SMALL,
+            "--max-steps",
+            "3",
+        ]
+    )
+    model, optimizer = train.main(args)
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 3 and len(start_values) == 1
 
     def should_train(name):
         if name.startswith("visual.transformer.resblocks."):
             return int(name.split(".")[3]) >= 8
         return name.startswith("moa.") or name.startswith(("cls_head.", "reg_head."))
+
     params = dict(model.named_parameters())
     assert {n for n, p in params.items() if p.requires_grad} == {n for n in params if should_train(n)}
     moved = {n for n, p in params.items() if not torch.equal(p.detach().cpu(), start_values[0][n])}
     assert moved == {n for n in params if should_train(n)}
-    for part in ("visual.transformer.resblocks.8.", "visual.transformer.resblocks.11.", "moa.0.", "moa.3.",
-                 "cls_head.", "reg_head."):
+    for part in (
+        "visual.transformer.resblocks.8.",
+        "visual.transformer.resblocks.11.",
+        "moa.0.",
+        "moa.3.",
+        "cls_head.",
+        "reg_head.",
+    ):
         assert any(n.startswith(part) for n in moved), part
     in_optimizer = [id(p) for group in optimizer.param_groups for p in group["params"]]
     assert sorted(in_optimizer) == sorted(id(p) for n, p in params.items() if should_train(n))
 
 
+def test_each_parameter_group_trains_at_its_own_rate(small_clip):
+    """--lr for CLIP's tuned blocks, --adapter-lr for the MoA modules, --head-lr for the fresh heads, all
+    different here, so a rate given to the wrong group fails; 0 means --lr."""
+    clip = clip_vit.load(small_clip)
+    args = train.parse_args(
+        [
+            "--clip",
+            str(small_clip),
+            *SMALL,
+            "--lr",
+            "1e-5",
+            "--adapter-lr",
+            "2e-4",
+            "--head-lr",
+            "3e-4",
+            "--weight-decay",
+            "0.02",
+        ]
+    )
+    model = moa.MoADepthCLIP(clip, train.model_config(args))
+    optimizer = train.make_optimizer(model, args)
+    rate = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    decay = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    expected = {"visual.": 1e-5, "moa.": 2e-4, "cls_head.": 3e-4, "reg_head.": 3e-4}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    for name, p in trainable:
+        (prefix,) = [prefix for prefix in expected if name.startswith(prefix)]
+        assert rate[id(p)] == expected[prefix], name
+        assert decay[id(p)] == 0.02, name
+    assert len(rate) == len(trainable)
+    assert train.describe_rates(optimizer) == "lr 1.0e-05 adapter lr 2.0e-04 head lr 3.0e-04"
+    plain = train.parse_args(["--clip", str(small_clip), *SMALL])  # 0: the same rate as --lr everywhere
+    optimizer = train.make_optimizer(model, plain)
+    assert {group["lr"] for group in optimizer.param_groups} == {1e-5}
+    assert train.make_scheduler(optimizer, plain) is None  # the paper: a constant rate
+
+
+def test_adadepthclip_recipe_sets_what_it_names_and_given_flags_win(small_clip):
+    """--recipe adadepthclip: Table 1 rows 2-4 as the authors' earlier code trained them. The values below
+    are read off their train_vit_b32_losses.py (and their compiled MoA's plain softmax), not off RECIPES."""
+    authors = {
+        "epochs": 50,
+        "batch_size": 8,
+        "lr": 1e-5,
+        "adapter_lr": 1e-4,
+        "weight_decay": 0.01,
+        "lr_schedule": "plateau",
+        "early_stop": 10,
+        "best_by": "loss",
+        "val_frac": 0.05,
+        "train_gt": "raw",
+        "head": "similarity",
+        "sim_bins": 7,
+        "use_context": 0,
+        "loss": "composite",
+        "composite": "authors",
+        "temperature": 1.0,
+    }
+    args = train.parse_args(["--recipe", "adadepthclip", "--clip", "random"])
+    assert {name: getattr(args, name) for name in authors} == authors
+    assert set(train.RECIPES["adadepthclip"]) <= set(authors)  # every value the preset names is checked here
+    cfg = train.model_config(args)
+    assert (cfg.temperature, cfg.composite, cfg.loss, cfg.head, cfg.use_context) == (
+        1.0,
+        "authors",
+        "composite",
+        "similarity",
+        False,
+    )
+    model = moa.MoADepthCLIP(
+        clip_vit.load(small_clip),
+        train.model_config(train.parse_args(["--recipe", "adadepthclip", "--clip", str(small_clip), *SMALL])),
+    )
+    optimizer = train.make_optimizer(model, args)
+    rates = {group["name"]: (group["lr"], group["weight_decay"]) for group in optimizer.param_groups}
+    assert rates["backbone"] == (1e-5, 0.01) and rates["adapters"] == (1e-4, 0.01)
+    scheduler = train.make_scheduler(optimizer, args)
+    assert isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    assert (scheduler.patience, scheduler.factor, scheduler.mode) == (5, 0.5, "min")
+    # a flag given on the command line wins, also one that equals the paper's own default
+    given = train.parse_args(
+        [
+            "--recipe",
+            "adadepthclip",
+            "--clip",
+            "random",
+            "--epochs",
+            "7",
+            "--temperature",
+            "2",
+            "--composite",
+            "ours",
+            "--val-frac",
+            "0.1",
+        ]
+    )
+    assert (given.epochs, given.temperature, given.composite, given.val_frac) == (7, 2.0, "ours", 0.1)
+    assert given.adapter_lr == 1e-4 and given.lr_schedule == "plateau"  # the rest of the preset stays
+    paper = train.parse_args(["--clip", "random"])  # the paper's recipe: the flags' own defaults
+    assert (paper.epochs, paper.adapter_lr, paper.weight_decay, paper.lr_schedule, paper.temperature) == (
+        30,
+        0.0,
+        1e-4,
+        "constant",
+        2.0,
+    )
+
+
 def test_similarity_head_and_composite_loss_end_to_end(tmp_path, train_small, run_script):
     """Table 1's baseline switches in one synthetic run: DepthCLIP's similarity head, the composite loss."""
-    r = train_small(tmp_path / "run", "--epochs", "1", "--head", "similarity", "--use-context", "0",
-                    "--loss", "composite", "--val-frac", "0.1")
+    r = train_small(
+        tmp_path / "run",
+        "--epochs",
+        "1",
+        "--head",
+        "similarity",
+        "--use-context",
+        "0",
+        "--loss",
+        "composite",
+        "--val-frac",
+        "0.1",
+    )
     assert "fused d1 " in r.stdout and "binned" not in r.stdout  # that head has one output
     assert "ssim" in r.stdout and "grad" in r.stdout  # the composite loss's terms are logged
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
@@ -154,8 +312,13 @@ def test_similarity_head_and_composite_loss_end_to_end(tmp_path, train_small, ru
 
 
 def test_help_says_meaning_format_and_default():
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True,
-                       cwd=ROOT, env={**os.environ, "COLUMNS": "200"})
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert r.returncode == 0
     assert "python train.py --data synthetic --clip random --epochs 2" in r.stdout  # the docstring's usage
     for block in r.stdout.split("\n  --")[1:]:  # one per option: "epochs N   passes over ... (default: 30)"
@@ -163,19 +326,138 @@ def test_help_says_meaning_format_and_default():
         if metavar[0] in "ABCDEFGHIJKLMNOPQRSTUVWXYZ{0":  # N, X, PATH, 0/1, {a,b}: it takes a value
             assert "(default:" in block, block
     text = " ".join(r.stdout.split())
-    for phrase in ("0 = same as --lr", "0 = all experts", "--use-moa 0/1", "--moa-layers LIST", "2,5,8,11",
-                   "--fusion {mean,cls,reg}", "--train-gt {dense,raw}", "--bin-spacing {uniform,log}",
-                   "--silog {paper,bts}", "synthetic", "random", "--input-size H,W", "METRES"):
+    for phrase in (
+        "0 = same as --lr",
+        "0 = all experts",
+        "--use-moa 0/1",
+        "--moa-layers LIST",
+        "2,5,8,11",
+        "--fusion {mean,cls,reg}",
+        "--train-gt {dense,raw}",
+        "--bin-spacing {uniform,log}",
+        "--silog {paper,bts}",
+        "synthetic",
+        "random",
+        "--input-size H,W",
+        "METRES",
+    ):
         assert phrase in text, phrase
 
 
 def test_offline_smoke_run_with_an_empty_cache(tmp_path, offline, run_script):
     """The README's smoke run (--data synthetic --clip random, small sizes here) with no network and an
     empty cache: the tokenizer's vocabulary ships in the repository, so nothing is fetched."""
-    r = run_script("train.py", "--data", "synthetic", "--clip", "random", "--out", tmp_path / "smoke",
-                   "--epochs", "1", *SMALL)
+    r = run_script(
+        "train.py",
+        "--data",
+        "synthetic",
+        "--clip",
+        "random",
+        "--out",
+        tmp_path / "smoke",
+        "--epochs",
+        "1",
+        *SMALL,
+    )
     assert "done:" in r.stdout and (tmp_path / "smoke" / "ckpt.pt").exists()
     assert list(offline.rglob("*")) == []  # nothing downloaded, nothing cached
+
+
+def test_plateau_schedule_and_early_stop_and_their_resume(tmp_path, train_small):
+    """--recipe adadepthclip at a rate too small to move any fp32 weight: the validation loss never falls, so
+    ReduceLROnPlateau halves every rate after the 6th epoch without a lower loss (patience 5), and
+    --early-stop 8 ends the run after epoch 8 of 12. A run stopped after 5 epochs and resumed ends the same."""
+    flags = [
+        "--recipe",
+        "adadepthclip",
+        "--lr",
+        "1e-30",
+        "--adapter-lr",
+        "0",
+        "--early-stop",
+        "8",
+        "--val-frac",
+        "0.2",
+        "--device",
+        "cpu",
+    ]
+    r = train_small(tmp_path / "a", *flags, "--epochs", "12")
+    assert "early stop after epoch 8: 8 epochs without a lower validation loss" in r.stdout
+    rows = logs(tmp_path / "a")
+    lr_by_epoch = {row["epoch"]: row["lr"] for row in rows if "lr" in row}
+    assert lr_by_epoch[6] == 1e-30 and lr_by_epoch[7] == pytest.approx(0.5e-30) and max(lr_by_epoch) == 8
+    assert len({row["val_loss"] for row in rows if "val_loss" in row}) == 1  # no epoch lowered it
+    train_small(tmp_path / "b", *flags, "--epochs", "5")
+    r = train_small(tmp_path / "b", *flags, "--epochs", "12", "--resume")
+    assert "early stop after epoch 8" in r.stdout
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert a["scheduler"] == b["scheduler"] and a["bad_epochs"] == b["bad_epochs"] == 8
+    assert [g["lr"] for g in a["optimizer"]["param_groups"]] == [
+        g["lr"] for g in b["optimizer"]["param_groups"]
+    ]
+    r = train_small(tmp_path / "b", *flags, "--epochs", "12", "--resume")  # early stopping ended it
+    assert r.stdout.startswith("nothing to do:") and "raise --early-stop" in r.stdout
+
+
+def test_weights_only_model_pt_evaluates_like_ckpt(trained, run_script):
+    """model.pt (written every epoch beside ckpt.pt) holds the weights, config and CLIP id without AdamW's
+    state: a third of ckpt.pt, and evaluate.py scores it exactly as it scores ckpt.pt."""
+    weights = trained.parent / "model.pt"
+    full = torch.load(trained, weights_only=True)
+    light = torch.load(weights, weights_only=True)
+    assert "optimizer" not in light and "rng" not in light and full["optimizer"]["state"]
+    assert light["clip"] == full["clip"] and light["model_config"] == full["model_config"]
+    assert light["model"].keys() == full["model"].keys()
+    assert all(torch.equal(light["model"][k], full["model"][k]) for k in full["model"])
+    assert weights.stat().st_size < 0.5 * trained.stat().st_size
+    results = []
+    for path in (trained, weights):
+        r = run_script("evaluate.py", path, "--limit", "8")
+        results.append(json.loads(r.stdout.strip().splitlines()[-1])["metrics"])
+    assert results[0] == results[1]
+
+
+def test_resume_with_nothing_left_says_so_and_changes_nothing(tmp_path, train_small):
+    out = tmp_path / "run"
+    train_small(out, "--epochs", "2")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = train_small(out, "--epochs", "2", "--resume")  # exit 0: the run asked for is already complete
+    (line,) = r.stdout.strip().splitlines()
+    assert (
+        line.startswith("nothing to do:") and "2 of --epochs 2 are done" in line and "raise --epochs" in line
+    )
+    assert r.stderr.strip() == ""
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no log line, no checkpoint rewritten
+    r = train_small(out, "--epochs", "1", "--resume")
+    assert "nothing to do:" in r.stdout and "raise --epochs above 2" in r.stdout
+
+
+def test_one_live_run_per_out_and_a_killed_runs_lock_does_not_block(small_clip, tmp_path, train_small, fails):
+    """A second run into an --out that a live run holds stops at once, naming that run's PID; once that run
+    is SIGKILLed, the lock file it leaves (its PID still inside) blocks nobody."""
+    out = tmp_path / "run"
+    first = start(
+        ["--data", "synthetic", "--clip", small_clip, "--out", out, *SMALL, "--epochs", "200"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(out / "ckpt.pt", first)
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            r = train_small(out, "--epochs", "2", *extra, ok=False)
+            fails(r, f"PID {first.pid}")
+            assert "in use by a running train.py" in r.stderr and "training" not in r.stdout
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.kill()
+        first.wait()
+    assert (out / "train.lock").read_text().strip() == str(first.pid)  # stale: its run is gone
+    saved = torch.load(out / "ckpt.pt", weights_only=True)["epoch"]
+    r = train_small(out, "--epochs", str(saved + 2), "--resume")
+    assert f"resumed from {out / 'ckpt.pt'}: epoch {saved + 1}" in r.stdout
+    assert (out / "train.lock").read_text().strip() != str(first.pid)  # the new run's PID
+
 
 # -----------------------------------------------------------------------------
 # interruptions
@@ -185,8 +467,19 @@ def test_kill_and_resume_is_bit_identical(small_clip, tmp_path, train_small):
     """SIGKILL a run once its first checkpoint lands, resume it, and compare with an uninterrupted run.
     On the CPU, where every kernel is deterministic (a GPU's atomic adds are not)."""
     train_small(tmp_path / "a", "--epochs", "4", "--device", "cpu")
-    args = ["--data", "synthetic", "--clip", small_clip, "--out", tmp_path / "b", *SMALL, "--epochs", "4",
-            "--device", "cpu"]
+    args = [
+        "--data",
+        "synthetic",
+        "--clip",
+        small_clip,
+        "--out",
+        tmp_path / "b",
+        *SMALL,
+        "--epochs",
+        "4",
+        "--device",
+        "cpu",
+    ]
     proc = start(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "b" / "ckpt.pt"
     wait_for(ckpt, proc)
@@ -209,8 +502,11 @@ def test_kill_and_resume_is_bit_identical(small_clip, tmp_path, train_small):
 
 def test_ctrl_c_says_how_to_resume_and_the_hint_works(small_clip, tmp_path):
     out = tmp_path / "run"
-    proc = start(["--data", "synthetic", "--clip", small_clip, "--out", out, *SMALL, "--epochs", "200"],
-                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = start(
+        ["--data", "synthetic", "--clip", small_clip, "--out", out, *SMALL, "--epochs", "200"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     wait_for(out / "ckpt.pt", proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -275,6 +571,11 @@ def test_bad_flag(name, tmp_path, offline, train_small, fails):
     extra, named = TRAIN_MISTAKES[name]
     r = train_small(tmp_path / "out", *extra, ok=False)
     fails(r, named)
+    assert (
+        "usage:" not in r.stderr and len(r.stderr.strip().splitlines()) <= 2
+    )  # the error, a pointer to --help
+    if r.returncode == 2:  # a flag error (argparse's exit code): the second line says where help is
+        assert r.stderr.strip().splitlines()[1] == "(python train.py --help lists every flag)"
     assert not (tmp_path / "out").exists() and list(offline.rglob("*")) == []
 
 
@@ -302,8 +603,10 @@ def test_clip_file_that_is_not_clip(tmp_path, offline, train_small, fails):
 
 def test_data_paths_download_only_when_meant(small_clip, tmp_path, offline, run_script, fails):
     def train(data, *extra):
-        return run_script("train.py", "--data", data, "--clip", small_clip, "--out", tmp_path / "out", *extra,
-                          ok=False)
+        return run_script(
+            "train.py", "--data", data, "--clip", small_clip, "--out", tmp_path / "out", *extra, ok=False
+        )
+
     typo = tmp_path / "typo" / "nyu_depth_v2_labeled.mat"
     fails(train(typo), typo)  # a path into a missing folder: no folder, no download
     assert not typo.parent.exists()
@@ -322,8 +625,9 @@ def test_data_paths_download_only_when_meant(small_clip, tmp_path, offline, run_
 
 
 def test_failed_clip_download_says_where_the_file_goes(tmp_path, offline, run_script, fails):
-    r = run_script("train.py", "--data", "synthetic", "--clip", "ViT-B/32", "--out", tmp_path / "out", *SMALL,
-                   ok=False)
+    r = run_script(
+        "train.py", "--data", "synthetic", "--clip", "ViT-B/32", "--out", tmp_path / "out", *SMALL, ok=False
+    )
     path = offline / "clip" / "ViT-B-32.pt"
     fails(r, path)
     assert f"put it at {path} (SHA-256 {clip_vit.official_sha256('ViT-B/32')})" in r.stderr
@@ -334,17 +638,39 @@ def test_bad_data_clip_out_and_images(trained, small_clip, tmp_path, run_script,
     junk = tmp_path / "junk.mat"
     junk.write_bytes(os.urandom(4096))
     fails(run_script("evaluate.py", trained, "--data", junk, ok=False), junk)
-    fails(run_script("train.py", "--data", junk, "--clip", small_clip, "--out", tmp_path / "o", ok=False), junk)
+    fails(
+        run_script("train.py", "--data", junk, "--clip", small_clip, "--out", tmp_path / "o", ok=False), junk
+    )
     half = tmp_path / "half.pt"
     half.write_bytes(small_clip.read_bytes()[:5000])
-    fails(run_script("train.py", "--data", "synthetic", "--clip", half, "--out", tmp_path / "o2", *SMALL,
-                     ok=False), half)
-    fails(run_script("train.py", "--data", "synthetic", "--clip", "ViT-L/99", "--out", tmp_path / "o3", ok=False),
-          "ViT-L/99")
+    fails(
+        run_script(
+            "train.py", "--data", "synthetic", "--clip", half, "--out", tmp_path / "o2", *SMALL, ok=False
+        ),
+        half,
+    )
+    fails(
+        run_script(
+            "train.py", "--data", "synthetic", "--clip", "ViT-L/99", "--out", tmp_path / "o3", ok=False
+        ),
+        "ViT-L/99",
+    )
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a directory")
-    fails(run_script("train.py", "--data", "synthetic", "--clip", small_clip, "--out", blocker / "sub", *SMALL,
-                     ok=False), blocker / "sub")
+    fails(
+        run_script(
+            "train.py",
+            "--data",
+            "synthetic",
+            "--clip",
+            small_clip,
+            "--out",
+            blocker / "sub",
+            *SMALL,
+            ok=False,
+        ),
+        blocker / "sub",
+    )
     assert not any((tmp_path / name).exists() for name in ("o", "o2", "o3"))
     notimg = tmp_path / "photo.jpg"
     notimg.write_text("not an image")
