@@ -74,7 +74,8 @@ class Attention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * d_model))
         self.out_proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x, causal=False):  # causal: token i sees tokens 0..i only (the text tower)
+    # causal: token i sees tokens 0..i only (the text tower)
+    def forward(self, x, causal=False):
         B, L, D = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3D): W_q, W_k, W_v rows
         q, k, v = (t.view(B, L, self.n_head, -1).transpose(1, 2) for t in qkv.split(D, dim=-1))
@@ -94,7 +95,8 @@ class ResidualAttentionBlock(nn.Module):
         )
         self.ln_2 = LayerNorm(d_model)
 
-    def forward(self, x, causal=False):  # x (B, L, D), batch-first (OpenAI's is sequence-first)
+    # x (B, L, D), batch-first (OpenAI's is sequence-first)
+    def forward(self, x, causal=False):
         x = x + self.attn(self.ln_1(x), causal)
         return x + self.mlp(self.ln_2(x))
 
@@ -117,7 +119,8 @@ class VisionTransformer(nn.Module):
         scale = width**-0.5
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        n_tokens = (input_resolution // patch_size) ** 2 + 1  # the patches and the class token
+        # the patches and the class token
+        n_tokens = (input_resolution // patch_size) ** 2 + 1
         self.positional_embedding = nn.Parameter(scale * torch.randn(n_tokens, width))
         self.ln_pre = LayerNorm(width)
         self.transformer = Transformer(width, layers, heads)
@@ -144,7 +147,8 @@ class VisionTransformer(nn.Module):
         x = torch.cat([cls, x], dim=1) + self.pos_embed(gh, gw).to(x.dtype)  # (B, 1+gh*gw, width)
         return self.ln_pre(x)
 
-    def forward(self, x):  # moa.py calls embed and each block itself, to read the tokens in between
+    # moa.py calls embed and each block itself, to read the tokens in between
+    def forward(self, x):
         x = self.transformer(self.embed(x))  # (B, 1+gh*gw, width)
         return self.ln_post(x[:, 0, :]) @ self.proj  # CLS: (B, output_dim)
 
@@ -190,7 +194,8 @@ class AttentionPool2d(nn.Module):
 
     def __init__(self, grid, embed_dim, num_heads, output_dim):
         super().__init__()
-        n_tokens = grid**2 + 1  # the mean and the grid x grid map (7x7 in RN50)
+        # the mean and the grid x grid map (7x7 in RN50)
+        n_tokens = grid**2 + 1
         self.positional_embedding = nn.Parameter(torch.randn(n_tokens, embed_dim) / embed_dim**0.5)
         self.k_proj = nn.Linear(embed_dim, embed_dim)
         self.q_proj = nn.Linear(embed_dim, embed_dim)
@@ -198,7 +203,8 @@ class AttentionPool2d(nn.Module):
         self.c_proj = nn.Linear(embed_dim, output_dim)
         self.num_heads = num_heads
 
-    def forward(self, x):  # x (B, C, h, w): only the trained grid (7x7 for 224x224 inputs) fits
+    # x (B, C, h, w): only the trained grid (7x7 for 224x224 inputs) fits
+    def forward(self, x):
         x = x.flatten(2).transpose(1, 2)  # (B, h*w, C)
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # (B, 1+h*w, C)
         x = x + self.positional_embedding.to(x.dtype)
@@ -228,7 +234,8 @@ class ModifiedResNet(nn.Module):
         self.layer2 = self.make_layer(width * 4, width * 2, layers[1], stride=2)
         self.layer3 = self.make_layer(width * 8, width * 4, layers[2], stride=2)
         self.layer4 = self.make_layer(width * 16, width * 8, layers[3], stride=2)
-        embed_dim = width * 32  # the channels of layer4's output: 2048 in RN50
+        # the channels of layer4's output: 2048 in RN50
+        embed_dim = width * 32
         self.attnpool = AttentionPool2d(input_resolution // 32, embed_dim, heads, output_dim)
 
     @staticmethod
@@ -264,8 +271,10 @@ class CLIP(nn.Module):
         transformer_heads,
         transformer_layers,
     ):
-        super().__init__()  # openai/CLIP's constructor signature: a tuple of layers means a ResNet
-        if isinstance(vision_layers, (tuple, list)):  # the blocks of layer1..4: (3, 4, 6, 3) in RN50
+        # openai/CLIP's constructor signature: a tuple of layers means a ResNet
+        super().__init__()
+        # the blocks of layer1..4: (3, 4, 6, 3) in RN50
+        if isinstance(vision_layers, (tuple, list)):
             self.visual = ModifiedResNet(
                 vision_layers, embed_dim, vision_width * 32 // 64, image_resolution, vision_width
             )
@@ -292,7 +301,8 @@ class CLIP(nn.Module):
     def encode_text(self, text):  # (B, context_length) ids -> (B, embed_dim)
         x = self.token_embedding(text) + self.positional_embedding  # (B, L, width)
         x = self.ln_final(self.transformer(x, causal=True))  # (B, L, width)
-        eot = text.argmax(dim=-1)  # the EOT token has the largest id
+        # the EOT token has the largest id
+        eot = text.argmax(dim=-1)
         return x[torch.arange(x.shape[0]), eot] @ self.text_projection
 
     def forward(self, image, text):
@@ -302,13 +312,15 @@ class CLIP(nn.Module):
         return logits_per_image, logits_per_image.t()
 
 
-JIT_ONLY = ("input_resolution", "context_length", "vocab_size")  # int buffers of the JIT file alone
+# int buffers of the JIT file alone
+JIT_ONLY = ("input_resolution", "context_length", "vocab_size")
 
 
 def build_model(state_dict):
     """The architecture read off a state dict, as openai's build_model does ("visual.proj" means a
     ViT, else a ResNet whose layer counts the keys give), loaded strictly."""
-    towers = {"visual.proj", "visual.attnpool.c_proj.weight"}  # a key that only a ViT, only a ResNet has
+    # a key that only a ViT, only a ResNet has
+    towers = {"visual.proj", "visual.attnpool.c_proj.weight"}
     if not isinstance(state_dict, dict) or not towers & set(state_dict):
         raise ValueError("not a CLIP state dict (no ViT 'visual.proj', no ResNet 'visual.attnpool')")
     # the weights in fp32; other ints (BatchNorm's num_batches_tracked) kept: strict loading wants them
@@ -318,7 +330,8 @@ def build_model(state_dict):
         vision_layers = sum(k.startswith("visual.") and k.endswith(".attn.in_proj_weight") for k in sd)
         grid = round(math.sqrt(sd["visual.positional_embedding"].shape[0] - 1))
         resolution = patch * grid
-    else:  # a ResNet: blocks per stage from the keys "visual.layer{1..4}.{block}.", stride 32 in all
+    # a ResNet: blocks per stage from the keys "visual.layer{1..4}.{block}.", stride 32 in all
+    else:
         stages = [f"visual.layer{i}." for i in (1, 2, 3, 4)]
         vision_layers = tuple(len({k.split(".")[2] for k in sd if k.startswith(s)}) for s in stages)
         vision_width = sd["visual.layer1.0.conv1.weight"].shape[0]
@@ -327,7 +340,8 @@ def build_model(state_dict):
         resolution = 32 * grid
     width = sd["ln_final.weight"].shape[0]
     text_layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks")})
-    with no_random_init():  # sd holds every weight: drawing random ones first would be wasted
+    # sd holds every weight: drawing random ones first would be wasted
+    with no_random_init():
         model = CLIP(
             sd["text_projection"].shape[1],
             resolution,
@@ -360,7 +374,8 @@ def random_state_dict(
 ):
     """Seeded random weights in the official layout, ViT-B/32's sizes by default (smoke runs).
     vision_layers a tuple: a ResNet's, e.g. random_state_dict(**RN50_SIZES) for RN50's."""
-    with torch.random.fork_rng():  # leave the caller's random stream untouched
+    # leave the caller's random stream untouched
+    with torch.random.fork_rng():
         torch.manual_seed(seed)
         return CLIP(
             embed_dim,
@@ -388,7 +403,8 @@ def atomic_write(path, write):
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:  # a new file like any other: the umask applies
+        # a new file like any other: the umask applies
+        with open(tmp, "wb") as f:
             write(f)
         os.replace(tmp, path)
     finally:
@@ -439,7 +455,8 @@ def _download(url, dest, sha256):
     req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
-            if r.status != 206:  # a fresh start, or the server ignored Range: start over
+            # a fresh start, or the server ignored Range: start over
+            if r.status != 206:
                 have = done = 0
             total = have + int(r.headers.get("Content-Length") or 0)
             t0, last = time.time(), 0.0
@@ -461,7 +478,8 @@ def _download(url, dest, sha256):
         if done < total:
             raise ConnectionError(f"connection closed at {done} of {total} bytes")
     except urllib.error.HTTPError as e:
-        if e.code != 416 or not have:  # 416 to a resume: the .part already holds the whole file
+        # 416 to a resume: the .part already holds the whole file
+        if e.code != 416 or not have:
             raise UserError(f"{failed}: HTTP {e.code} {e.reason}; {by_hand}") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         reason = getattr(e, "reason", e)
@@ -489,7 +507,8 @@ class _ArchiveUnpickler(pickle.Unpickler):
         self.zf, self.prefix, self.memory = zf, pkl[: -len("data.pkl")], memory
 
     def find_class(self, module, name):
-        if module.startswith("__torch__"):  # a module: pickle sets its attributes
+        # a module: pickle sets its attributes
+        if module.startswith("__torch__"):
             return types.SimpleNamespace
         if module == "torch" and name in self.dtypes:
             return self.dtypes[name]
@@ -511,7 +530,8 @@ class _ArchiveUnpickler(pickle.Unpickler):
         # torch stores each storage uncompressed and aligned: the tensor is the mapped bytes
         return torch.frombuffer(self.memory, dtype=dtype, count=numel, offset=start)
 
-    def member_start(self, info):  # the file offset of a member's bytes: after its local header
+    # the file offset of a member's bytes: after its local header
+    def member_start(self, info):
         header = self.memory[info.header_offset : info.header_offset + 30]
         if header[:4] != b"PK\x03\x04":
             raise ValueError(f"{info.filename}: no zip local header at {info.header_offset}")
@@ -524,14 +544,16 @@ def read_torchscript_state_dict(path):
     are views of a private (copy-on-write) map of the file: reading costs nothing up front, pages
     are read as the tensors are used, and writing to a tensor never changes the file."""
     with open(path, "rb") as f:
-        memory = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # lives as long as its tensors
+        # lives as long as its tensors
+        memory = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     with zipfile.ZipFile(path) as zf:
         pkl = [n for n in zf.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
         if not pkl:
             raise ValueError("no data.pkl in the archive")
         root = _ArchiveUnpickler(zf, pkl[0], memory).load()
 
-    def tensors(obj, prefix):  # the module tree -> (dotted name, tensor), in attribute order
+    # the module tree -> (dotted name, tensor), in attribute order
+    def tensors(obj, prefix):
         for k, v in vars(obj).items():
             if isinstance(v, torch.Tensor):
                 yield prefix + k, v
@@ -543,7 +565,8 @@ def read_torchscript_state_dict(path):
 
 def load_state_dict(path):
     """A state dict from OpenAI's TorchScript archive (read, never run) or a torch.save file."""
-    if zipfile.is_zipfile(path):  # torch.save files too; only TorchScript has constants.pkl
+    # torch.save files too; only TorchScript has constants.pkl
+    if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
             if any(n.endswith("constants.pkl") for n in zf.namelist()):
                 return read_torchscript_state_dict(path)
@@ -573,7 +596,8 @@ class no_random_init(torch.overrides.TorchFunctionMode):
         if func in self.RANDOM:
             kwargs.pop("generator", None)
             return torch.empty(*args, **kwargs)
-        if func in self.INITIALISERS:  # in place: the tensor itself, left as it is
+        # in place: the tensor itself, left as it is
+        if func in self.INITIALISERS:
             return args[0] if args else kwargs["tensor"]
         return func(*args, **kwargs)
 
@@ -587,13 +611,15 @@ def load(name_or_path="ViT-B/32", device="cpu"):
     if name_or_path in MODELS:
         path = cache_dir() / MODELS[name_or_path].split("/")[-1]
         sha = official_sha256(name_or_path)
-        if not path.is_file() or sha256sum(path) != sha:  # not there yet, or damaged: fetch
+        # not there yet, or damaged: fetch
+        if not path.is_file() or sha256sum(path) != sha:
             download(MODELS[name_or_path], path, sha256=sha)
     elif not path.is_file():
         raise UserError(f"{path}: no such file (and not a model name: {', '.join(MODELS)}, random)")
     try:
         return build_model(load_state_dict(path)).to(device)
-    except Exception as e:  # zip, pickle, torch.load and shape errors all become one clear line
+    # zip, pickle, torch.load and shape errors all become one clear line
+    except Exception as e:
         detail = " ".join(f"{type(e).__name__}: {e}".split())[:500]
         raise UserError(
             f"{path}: not a CLIP ViT weights file, i.e. OpenAI's TorchScript archive "
@@ -619,7 +645,8 @@ def preprocess(image, size=224):
 # the BPE tokenizer (openai/CLIP's simple_tokenizer.py)
 class SimpleTokenizer:
     def __init__(self):
-        import regex  # imported here (ftfy too) so that the model alone needs neither
+        # imported here (ftfy too) so that the model alone needs neither
+        import regex
 
         data = VOCAB_PATH.read_bytes() if VOCAB_PATH.is_file() else b""
         if hashlib.sha256(data).hexdigest() != VOCAB_SHA256:  # say, a damaged clone
@@ -635,7 +662,8 @@ class SimpleTokenizer:
         self.byte_encoder.update({b: chr(256 + i) for i, b in enumerate(others)})
         merges = gzip.decompress(data).decode("utf-8").split("\n")
         merges = [tuple(m.split()) for m in merges[1 : 49152 - 256 - 2 + 1]]
-        symbols = list(self.byte_encoder.values())  # ids: bytes, bytes ending a word, merges
+        # ids: bytes, bytes ending a word, merges
+        symbols = list(self.byte_encoder.values())
         vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
         self.encoder = {v: i for i, v in enumerate(vocab + ["<|startoftext|>", "<|endoftext|>"])}
         self.bpe_ranks = {m: i for i, m in enumerate(merges)}
@@ -654,7 +682,8 @@ class SimpleTokenizer:
             word = list(token[:-1]) + [token[-1] + "</w>"]
             while len(word) > 1:
                 ranks = [self.bpe_ranks.get(pair, math.inf) for pair in zip(word, word[1:])]
-                i = ranks.index(min(ranks))  # the leftmost of the best pairs
+                # the leftmost of the best pairs
+                i = ranks.index(min(ranks))
                 if ranks[i] == math.inf:
                     break
                 word[i : i + 2] = [word[i] + word[i + 1]]
@@ -665,7 +694,8 @@ class SimpleTokenizer:
         import ftfy
 
         text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-        text = " ".join(text.split()).lower()  # runs of whitespace -> one space
+        # runs of whitespace -> one space
+        text = " ".join(text.split()).lower()
         ids = []
         for piece in self.pat.findall(text):
             piece = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
@@ -692,7 +722,8 @@ def tokenize(texts, context_length=77):
 
 
 # -----------------------------------------------------------------------------
-if __name__ == "__main__":  # zero-shot: how well does each label describe the image?
+# zero-shot: how well does each label describe the image?
+if __name__ == "__main__":
     import argparse
     from PIL import Image
 

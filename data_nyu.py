@@ -15,14 +15,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import clip_vit  # CLIP's pixel normalisation, the cache folder, downloads and the UserError
+# CLIP's pixel normalisation, the cache folder, downloads and the UserError
+import clip_vit
 from clip_vit import UserError
 
 FILE_NAME = "nyu_depth_v2_labeled.mat"  # https://cs.nyu.edu/~silberman/datasets/nyu_depth_v2.html
 URL = "http://horatio.cs.nyu.edu/mit/silberman/nyu_depth_v2/" + FILE_NAME
 SPLITS_URL = "http://horatio.cs.nyu.edu/mit/silberman/indoor_seg_sup/splits.mat"
 SPLITS_SHA256 = "6e081404491a8bfba2f066beaa9713ef6046f9007aa5f799f2a350506a580cee"
-MIN_DEPTH, MAX_DEPTH = 1e-3, 10.0  # the usual valid range (BTS, AdaBins), both ends exclusive
+# the usual valid range (BTS, AdaBins), both ends exclusive
+MIN_DEPTH, MAX_DEPTH = 1e-3, 10.0
 
 
 # -----------------------------------------------------------------------------
@@ -33,7 +35,8 @@ def read_splits(path):
 
     try:
         m = scipy.io.loadmat(path)
-    except Exception as e:  # scipy raises ValueError, TypeError, OSError... on a bad file
+    # scipy raises ValueError, TypeError, OSError... on a bad file
+    except Exception as e:
         problem = " ".join(f"{type(e).__name__}: {e}".split())
         raise UserError(f"{path}: cannot read as a MATLAB v5 MAT-file ({problem})") from None
     out = {}
@@ -88,7 +91,8 @@ class NYUDepthV2:
         self.key = "rawDepths" if raw_depth else "depths"
         if self.path.is_dir():
             raise UserError(f"{self.path}: a directory, not NYU's labeled file ({FILE_NAME})")
-        try:  # v7.3 is HDF5 behind a 512-byte MAT header; the bytes decide, not the name
+        # v7.3 is HDF5 behind a 512-byte MAT header; the bytes decide, not the name
+        try:
             self.h5 = h5py.File(self.path, "r", rdcc_nbytes=32 << 20)  # in case chunks span frames
         except OSError as e:
             raise UserError(f"{self.path}: {hdf5_problem(e)}") from None
@@ -126,7 +130,8 @@ class NYUDepthV2:
         return len(self.indices)
 
     def __getitem__(self, i):
-        j = int(self.indices[i])  # IndexError past the end, as a sequence should
+        # IndexError past the end, as a sequence should
+        j = int(self.indices[i])
         try:
             rgb = self.h5["images"][j].transpose(2, 1, 0)  # (3, W, H) -> (H, W, 3)
             depth = self.h5[self.key][j].T  # (W, H) -> (H, W)
@@ -156,8 +161,10 @@ class NYUDepthV2:
                 ) from None
         return rgb.transpose(0, 3, 2, 1), depth.transpose(0, 2, 1)
 
-    def scene(self, i):  # e.g. "kitchen": train.py holds out whole scenes for validation
-        ref = self.h5["sceneTypes"][0, self.indices[i]]  # a reference to a MATLAB string
+    # e.g. "kitchen": train.py holds out whole scenes for validation
+    def scene(self, i):
+        # a reference to a MATLAB string
+        ref = self.h5["sceneTypes"][0, self.indices[i]]
         return "".join(map(chr, self.h5[ref][()].ravel()))  # its uint16 codes (L, 1)
 
 
@@ -186,10 +193,12 @@ class SyntheticDepth:
             raise IndexError(f"frame {i} out of range for {self.n} frames")
         rng = np.random.default_rng([self.seed, i % self.n])
         H, W = self.height, self.width
-        f = 518.8579 * W / 640  # NYU's focal length, scaled to the width
+        # NYU's focal length, scaled to the width
+        f = 518.8579 * W / 640
         dy, dx = np.mgrid[-H / 2 : H / 2, -W / 2 : W / 2].astype(np.float32) / f  # rays (dx, dy, 1)
         floor, ceiling, side, back = rng.uniform([1, 1, 1.5, 4], [1.6, 1.6, 3, 9])  # metres away
-        eps = 1e-6  # a ray parallel to a plane meets it very far away
+        # a ray parallel to a plane meets it very far away
+        eps = 1e-6
         z = np.stack(
             [
                 floor / np.maximum(dy, eps),
@@ -249,7 +258,8 @@ class PreloadedBatches:
         items = range(len(dataset)) if items is None else items
         images = []
         depths = []
-        for s in range(0, len(items), 32):  # 32 frames at a time: batched resizes, bounded memory
+        # 32 frames at a time: batched resizes, bounded memory
+        for s in range(0, len(items), 32):
             rgb, depth = zip(*[dataset[int(j)] for j in items[s : s + 32]])  # b frames each
             img = torch.from_numpy(np.stack(rgb)).to(device).permute(0, 3, 1, 2)  # (b, 3, H, W)
             img, depth = resize(img, torch.from_numpy(np.stack(depth)).to(device)[:, None], size)
@@ -268,7 +278,8 @@ class PreloadedBatches:
     def __iter__(self):
         N = len(self.images)
         seed = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]  # mixes both
-        g = torch.Generator().manual_seed(int(seed))  # the same order and augments after a resume
+        # the same order and augments after a resume
+        g = torch.Generator().manual_seed(int(seed))
         order = torch.randperm(N, generator=g) if self.shuffle else torch.arange(N)
         for sel in order.to(self.device).split(self.batch_size)[: len(self)]:  # (B,) rows
             img = self.images[sel].float() / 255  # (B, 3, h, w) in [0, 1]
@@ -291,7 +302,8 @@ class PreloadedBatches:
 CROPS = {  # (row0, row1, col0, col1), 0-based and end-exclusive on the 480x640 frame
     "eigen": (45, 471, 41, 601),  # BTS, AdaBins, mmsegmentation
     "depthclip": (45, 471, 46, 601),  # DepthCLIP's variant
-    "garg": (195, 476, 23, 616),  # KITTI's Garg crop as the authors' NYU script cuts it
+    # KITTI's Garg crop as the authors' NYU script cuts it
+    "garg": (195, 476, 23, 616),
     "none": None,
 }
 KEYS = ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog")
@@ -308,10 +320,12 @@ def depth_metrics(pred, gt, crop="eigen", clamp=True):
         if tuple(gt.shape[-2:]) != (480, 640):
             raise ValueError(f"the {crop} crop is defined on 480x640 frames, got {tuple(gt.shape)}")
         r0, r1, c0, c1 = CROPS[crop]
-        pred = pred[..., r0:r1, c0:c1]  # only the pixels inside the crop count
+        # only the pixels inside the crop count
+        pred = pred[..., r0:r1, c0:c1]
         gt = gt[..., r0:r1, c0:c1]
     valid = (gt > MIN_DEPTH) & (gt < MAX_DEPTH)
-    count = valid.sum((-2, -1)).double()  # valid pixels per frame; 0 makes every mean NaN
+    # valid pixels per frame; 0 makes every mean NaN
+    count = valid.sum((-2, -1)).double()
     g = torch.where(valid, gt.double(), 1.0)
     p = pred.double().nan_to_num(nan=MIN_DEPTH)
     if clamp:
@@ -324,12 +338,14 @@ def depth_metrics(pred, gt, crop="eigen", clamp=True):
 
     over = p / g
     ratio = torch.maximum(g / p, over)
-    invalid = valid.shape[-2] * valid.shape[-1] - count  # ratio 1 there: below every limit
+    # ratio 1 there: below every limit
+    invalid = valid.shape[-2] * valid.shape[-1] - count
 
     def fraction_below(limit):
         return ((ratio < limit).sum((-2, -1)) - invalid) / count
 
-    e = over.log()  # ln p - ln g; log10 p - log10 g = e / ln 10
+    # ln p - ln g; log10 p - log10 g = e / ln 10
+    e = over.log()
     error = g - p
     squared = error**2
     mean_e = mean(e)
@@ -353,5 +369,6 @@ def mean_metrics(rows):
     if not rows:
         return {k: float("nan") for k in KEYS}
     scored = {k: torch.cat([torch.as_tensor(r[k]).reshape(-1) for r in rows]).cpu() for k in KEYS}
-    kept = ~scored["d1"].isnan()  # NaN: a frame without a valid pixel, not averaged
+    # NaN: a frame without a valid pixel, not averaged
+    kept = ~scored["d1"].isnan()
     return {k: float(v[kept].mean()) if kept.any() else float("nan") for k, v in scored.items()}

@@ -39,17 +39,27 @@ import clip_vit
 import data_nyu
 import moa
 
-FRAME = (480, 640)  # NYU frames; every crop here is defined on them
+# NYU frames; every crop here is defined on them
+FRAME = (480, 640)
 FULL_FRAME = (0, 480, 0, 640)  # rows, cols: the whole frame
-DEPTHCLIP_INPUT = (56, 472, 60, 604)  # rows, cols of the RGB crop DepthCLIP's model sees
-GARG_BOX = data_nyu.CROPS["garg"]  # KITTI's Garg crop, cut as the authors' script cuts it
-AUTHORS_BATCH = 8  # the authors' script scales and pools per batch of 8
-PATCH = 32  # ViT-B/32: one output cell per 32x32 input pixels
-SYNTHETIC_TEST, SYNTHETIC_SEED = 654, 10_000  # NYU's test size; + the run's seed: unseen rooms
-PICTURE_MAX, PICTURE_MIN = 2048, 256  # a picture's long side at most, short side at least (px)
-TEXT = 0.04  # font size / height of a picture's maps: letters >= 2 %
-MIN_FONT = 14  # pixels: the font of a picture of tiny maps
-MADE = []  # the folders this run created: removed again if still empty when it stops early
+# rows, cols of the RGB crop DepthCLIP's model sees
+DEPTHCLIP_INPUT = (56, 472, 60, 604)
+# KITTI's Garg crop, cut as the authors' script cuts it
+GARG_BOX = data_nyu.CROPS["garg"]
+# the authors' script scales and pools per batch of 8
+AUTHORS_BATCH = 8
+# ViT-B/32: one output cell per 32x32 input pixels
+PATCH = 32
+# NYU's test size; + the run's seed: unseen rooms
+SYNTHETIC_TEST, SYNTHETIC_SEED = 654, 10_000
+# a picture's long side at most, short side at least (px)
+PICTURE_MAX, PICTURE_MIN = 2048, 256
+# font size / height of a picture's maps: letters >= 2 %
+TEXT = 0.04
+# pixels: the font of a picture of tiny maps
+MIN_FONT = 14
+# the folders this run created: removed again if still empty when it stops early
+MADE = []
 TURBO = np.array(
     [
         [0.13572138, 4.6153926, -42.66032258, 132.13108234, -152.94239396, 59.28637943],
@@ -65,7 +75,8 @@ TURBO = np.array(
 
 def colorize(x, lo, hi):
     """(H, W) -> (H, W, 3) uint8 in turbo, Google's smoothed rainbow: lo dark blue, hi dark red."""
-    t = np.clip((x - lo) / max(hi - lo, 1e-9), 0, 1)[..., None]  # 0 to 1 across the scale
+    # 0 to 1 across the scale
+    t = np.clip((x - lo) / max(hi - lo, 1e-9), 0, 1)[..., None]
     powers = t ** np.arange(6)  # (H, W, 6): 1, t, ..., t^5; TURBO's rows: R, G, B coefficients
     return (np.clip(powers @ TURBO.T, 0, 1) * 255).astype(np.uint8)
 
@@ -76,9 +87,11 @@ def picture_layout(h, w, rows, cols, header, cells):
     one font size apart, and a cell is as wide as its texts need, so no two labels touch.
     cells: (title, bar labels or ()) per cell. The font is TEXT of the maps' height."""
     size = max(MIN_FONT, round(TEXT * rows * h))
-    font = ImageFont.load_default(size=size)  # Pillow >= 10.1: scalable, no font file needed
+    # Pillow >= 10.1: scalable, no font file needed
+    font = ImageFont.load_default(size=size)
     cell_w = w
-    for title, labels in cells:  # the bar's labels side by side, a font size apart
+    # the bar's labels side by side, a font size apart
+    for title, labels in cells:
         need = sum(font.getlength(label) + size for label in labels)
         cell_w = max(cell_w, math.ceil(font.getlength(title)), math.ceil(need))
     g = {
@@ -100,7 +113,8 @@ def boundary(ok, lo, hi):
     """-> (last, first), ok(last) true and ok(first) false, 0.1 % apart, for an ok that holds up
     to a point and not after it, given ok(lo) true and ok(hi) false."""
     while hi / lo > 1.001:
-        mid = (lo * hi) ** 0.5  # geometric: scales run from 1e-4 to 1e4
+        # geometric: scales run from 1e-4 to 1e4
+        mid = (lo * hi) ** 0.5
         if ok(mid):
             lo = mid
         else:
@@ -113,7 +127,8 @@ def fit_scale(H, W, rows, cols, header, cells):
     on its long side and at least PICTURE_MIN on its short side; else the nearest scale that keeps
     the long side in bounds and, where the photo's shape allows it, the short side."""
 
-    def sides(scale):  # -> (short, long) of the picture
+    # -> (short, long) of the picture
+    def sides(scale):
         g = picture_layout(max(1, round(scale * H)), max(1, round(scale * W)), rows, cols, header, cells)
         return min(g["height"], g["width"]), max(g["height"], g["width"])
 
@@ -143,7 +158,8 @@ def save_picture(path, rgb, pred, gt=None, *, title="", scene=None, crop="eigen"
     map, under a header: title, scene and, with ground truth, the frame's d1 and RMSE within `crop`
     (metrics: this frame's, if already scored; else scored here). Maps keep their pixels unless the
     picture would be too large or too small (fit_scale)."""
-    lo, hi = float(pred.min()), float(pred.max())  # fitted: a 3.5-6.4 m room uses every colour
+    # fitted: a 3.5-6.4 m room uses every colour
+    lo, hi = float(pred.min()), float(pred.max())
     panels = [("prediction", pred)]
     score = ""
     if gt is not None:
@@ -161,7 +177,8 @@ def save_picture(path, rgb, pred, gt=None, *, title="", scene=None, crop="eigen"
     scales = [(0.0, float(a.max())) if name == "|error|" else (lo, hi) for name, a in panels]
     cells = [("RGB", ())]  # (title, colour bar labels) per panel
     cells += [(name, (f"{a:.2f} m", f"{b:.2f} m")) for (name, _), (a, b) in zip(panels, scales)]
-    cols = 2 if len(cells) == 4 else len(cells)  # four maps in 2x2: a picture to see whole
+    # four maps in 2x2: a picture to see whole
+    cols = 2 if len(cells) == 4 else len(cells)
     rows = len(cells) // cols
     H, W = rgb.shape[:2]
     scale = fit_scale(H, W, rows, cols, header, cells)  # resized before colouring: little memory
@@ -186,7 +203,8 @@ def draw_picture(header, cells, images, g, cols):
         y = g["header_h"] + (i // cols) * g["cell_h"]
         draw.text((x, y + size // 8), title, fill="black", font=font)
         canvas.paste(Image.fromarray(image), (x + (cell_w - w) // 2, y + g["title_h"]))
-        if labels:  # a colour bar, its lowest value at the left, its highest at the right
+        # a colour bar, its lowest value at the left, its highest at the right
+        if labels:
             bar_y = y + g["title_h"] + h
             canvas.paste(Image.fromarray(ramp), (x, bar_y))
             draw.text((x, bar_y + g["bar_h"]), labels[0], fill="black", font=font)
@@ -216,15 +234,19 @@ def read_photo(path):
     """Any photo -> uint8 (H, W, 3) RGB, upright (EXIF), from greyscale, RGBA, palette, 16-bit."""
     try:
         im = ImageOps.exif_transpose(Image.open(path))
-        im.load()  # decode now: a broken file fails here, before the model is loaded
+        # decode now: a broken file fails here, before the model is loaded
+        im.load()
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise clip_vit.UserError(f"{path}: not a readable image ({e.__class__.__name__})") from None
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: stretch to 8 bits
+    # 16-bit greyscale: stretch to 8 bits
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         a = np.asarray(im, dtype=np.float64)
         im = Image.fromarray((255 * (a - a.min()) / max(a.max() - a.min(), 1)).astype(np.uint8))
-    if im.mode in ("RGBA", "LA", "P"):  # transparent pixels over white, as a viewer shows them
+    # transparent pixels over white, as a viewer shows them
+    if im.mode in ("RGBA", "LA", "P"):
         im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
-    return np.array(im.convert("RGB"))  # a writable copy: torch warns on read-only arrays
+    # a writable copy: torch warns on read-only arrays
+    return np.array(im.convert("RGB"))
 
 
 @torch.no_grad()
@@ -255,7 +277,8 @@ def predict_maps(model, img, dtype, out_size, flip=False, resize="training"):
         out = model(x)
         mirrored = model(x.flip(-1)) if flip else None
     maps = {}
-    for key in [k for k in moa.OUTPUTS if k in out]:  # the similarity head has only "depth"
+    # the similarity head has only "depth"
+    for key in [k for k in moa.OUTPUTS if k in out]:
         depth = out[key].float()  # (B, 1, h, w)
         if flip:
             depth = 0.5 * (depth + mirrored[key].float().flip(-1))  # mirrored back
@@ -272,8 +295,10 @@ def ceiling_map(gt, input_size, out_size):
     grid = (input_size[0] // PATCH, input_size[1] // PATCH)
     valid = ((gt > data_nyu.MIN_DEPTH) & (gt < data_nyu.MAX_DEPTH)).double()[:, None]  # (B, 1, H, W)
     depth = gt.double()[:, None] * valid
-    depth_mean = F.adaptive_avg_pool2d(depth, grid)  # each cell's sum / its pixels, holes as 0
-    valid_mean = F.adaptive_avg_pool2d(valid, grid)  # each cell's valid share: same cells
+    # each cell's sum / its pixels, holes as 0
+    depth_mean = F.adaptive_avg_pool2d(depth, grid)
+    # each cell's valid share: same cells
+    valid_mean = F.adaptive_avg_pool2d(valid, grid)
     frame_mean = depth.sum((1, 2, 3), keepdim=True) / valid.sum((1, 2, 3), keepdim=True).clamp_min(1)
     cells = torch.where(valid_mean > 0, depth_mean / valid_mean.clamp_min(1e-12), frame_mean)
     up = F.interpolate(cells, size=input_size, mode="bilinear", align_corners=False)
@@ -293,7 +318,8 @@ def protocol_maps(rgb, gt, protocol, model=None, dtype=None, ceiling=None):
     if size == FRAME:
         return maps
     pasted = {}
-    for key, depth in maps.items():  # as DepthCLIP pastes it: zeros around the box
+    # as DepthCLIP pastes it: zeros around the box
+    for key, depth in maps.items():
         pasted[key] = depth.new_zeros(len(depth), *FRAME)
         pasted[key][:, r0:r1, c0:c1] = depth
     return pasted
@@ -318,7 +344,8 @@ def score_per_image(maps, gt, protocol):
     for s in range(0, len(gt), step):
         pred = preds[:, s : s + step]  # (K, b, 480, 640)
         frame_gt = gt[s : s + step]  # (b, 480, 640)
-        if protocol.input_box != FULL_FRAME:  # outside the box the canvas is 0: not scored
+        # outside the box the canvas is 0: not scored
+        if protocol.input_box != FULL_FRAME:
             frame_gt = torch.where(pred > data_nyu.MIN_DEPTH, frame_gt, 0.0)
         parts.append(data_nyu.depth_metrics(pred, frame_gt, crop=protocol.crop))  # {metric: (K, b)}
     metrics = {m: torch.cat([part[m] for part in parts], dim=1) for m in data_nyu.KEYS}
@@ -336,13 +363,15 @@ def score_authors(maps, gt, protocol):
     rows = defaultdict(list)
     size = protocol.group
     for s in range(0, len(gt), size):
-        group_gt = gt[s : s + size].reshape(1, -1, c1 - c0)  # the group as one tall image
+        # the group as one tall image
+        group_gt = gt[s : s + size].reshape(1, -1, c1 - c0)
         group_valid = valid[s : s + size].reshape(1, -1, c1 - c0)
         gt_median = torch.where(group_valid, group_gt, torch.nan).nanmedian().double()
         for key, depth in maps.items():
             pred = depth[s : s + size, r0:r1, c0:c1].reshape(1, -1, c1 - c0)
             pred_median = torch.where(group_valid, pred, torch.nan).nanmedian().double()
-            scaled = pred.double() * (gt_median / pred_median)  # not one valid pixel: NaN, unscored
+            # not one valid pixel: NaN, unscored
+            scaled = pred.double() * (gt_median / pred_median)
             rows[key].append(data_nyu.depth_metrics(scaled, group_gt, crop="none", clamp=False))
     return {
         key: {m: torch.cat([r[m] for r in groups]) for m in data_nyu.KEYS} for key, groups in rows.items()
@@ -351,12 +380,18 @@ def score_authors(maps, gt, protocol):
 
 @dataclass(frozen=True)
 class Protocol:
-    input_box: tuple  # rows, cols of the 480x640 frame the model sees, pasted back there
-    flip: bool  # the mean with the mirrored-back prediction of the mirrored input
-    resize: str  # "training": as the model was trained; "pil-bicubic": the authors' script
-    crop: str  # the pixels scored: a data_nyu.CROPS box (and 1e-3 < gt < 10)
-    group: int  # frames scored together, consecutive in the order given: 1 = each alone
-    average: str  # how the frames' scores make one number
+    # rows, cols of the 480x640 frame the model sees, pasted back there
+    input_box: tuple
+    # the mean with the mirrored-back prediction of the mirrored input
+    flip: bool
+    # "training": as the model was trained; "pil-bicubic": the authors' script
+    resize: str
+    # the pixels scored: a data_nyu.CROPS box (and 1e-3 < gt < 10)
+    crop: str
+    # frames scored together, consecutive in the order given: 1 = each alone
+    group: int
+    # how the frames' scores make one number
+    average: str
     scorer: object  # (maps, gt, protocol) -> {output key: {metric: scores}}
 
 
@@ -365,7 +400,8 @@ PER_GROUP = (
     f"per group of {AUTHORS_BATCH} frames in the authors' list order (scene type, then frame): "
     "median-scaled, pixels pooled, then the mean over groups"
 )
-PROTOCOLS = {  # the order --protocol all runs them (docs/paper-notes.md §7)
+# the order --protocol all runs them (docs/paper-notes.md §7)
+PROTOCOLS = {
     "standard": Protocol(  # BTS, AdaBins
         input_box=FULL_FRAME,
         flip=False,
@@ -375,7 +411,8 @@ PROTOCOLS = {  # the order --protocol all runs them (docs/paper-notes.md §7)
         average=PER_IMAGE,
         scorer=score_per_image,
     ),
-    "standard-depthclip-crop": Protocol(  # the authors' first (compiled) metric function
+    # the authors' first (compiled) metric function
+    "standard-depthclip-crop": Protocol(
         input_box=FULL_FRAME,
         flip=False,
         resize="training",
@@ -436,7 +473,8 @@ def describe(name, protocol, args, n, data, ceiling=None):
     """How a protocol made its numbers: printed first, and kept with them in the JSON line."""
     split = "official test"
     gt = {"raw": "rawDepths", "dense": "depths (in-painted)"}[args.gt]
-    if data == "synthetic":  # generated rooms: their depth is exact, without Kinect holes
+    # generated rooms: their depth is exact, without Kinect holes
+    if data == "synthetic":
         split = "synthetic"
         gt = "exact (synthetic)"
     about = {
@@ -475,13 +513,15 @@ def predict_photos(photos, model, dtype, out_dir=None):
 
 
 class Parser(ArgumentParser):
-    def error(self, message):  # the problem and where to look, not the whole usage
+    # the problem and where to look, not the whole usage
+    def error(self, message):
         self.exit(2, f"error: {message}\npython {self.prog} --help lists every flag\n")
 
 
 def parse_args():
     p = Parser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
-    arg = p.add_argument  # every help line: what it means, its format, its default
+    # every help line: what it means, its format, its default
+    arg = p.add_argument
     arg("ckpt", nargs="?", help="checkpoint written by train.py (or --zero-shot)")
     arg(
         "--ceiling",
@@ -582,7 +622,8 @@ def evaluate_frames(ds, order, protocols, maps_of, device, args):
             maps = maps_of(rgb, gt, protocol)  # {key: (b, 480, 640)}
             for key, metrics in protocol.scorer(maps, gt, protocol).items():
                 rows[name][key].append(metrics)
-        if args.save_vis:  # pictures of the standard protocol's map of the whole frame
+        # pictures of the standard protocol's map of the whole frame
+        if args.save_vis:
             standard = chosen_protocols(args).get("standard", PROTOCOLS["standard"])
             save_pictures(ds, positions, rgb, gt, maps_of(rgb, gt, standard), args)
         print(f"evaluated {s + len(positions)}/{len(order)}", file=sys.stderr)
@@ -590,8 +631,10 @@ def evaluate_frames(ds, order, protocols, maps_of, device, args):
 
 
 def save_pictures(ds, positions, rgb, gt, maps, args):
-    depth = next(iter(maps.values()))  # the fused map (or the ceiling's)
-    for j, i in enumerate(positions):  # named by the frame's position in the split
+    # the fused map (or the ceiling's)
+    depth = next(iter(maps.values()))
+    # named by the frame's position in the split
+    for j, i in enumerate(positions):
         save_picture(
             Path(args.save_vis) / f"{i:04d}.png",
             rgb[j].permute(1, 2, 0).cpu().numpy(),
@@ -613,10 +656,12 @@ def report(rows, scenes, about):
         scores = {
             key: {m: torch.cat([r[m] for r in rs]).cpu() for m in data_nyu.KEYS}
             for key, rs in outputs.items()
-        }  # {key: {metric: one score per frame or group}}
+            # {key: {metric: one score per frame or group}}
+        }
         # the output's name; a model with one output (the similarity head, zero-shot) has "depth" alone
         labels = {key: moa.OUTPUTS.get(key, key) for key in scores}
-        if list(scores) == ["depth"]:  # the one output of a similarity head or zero-shot model: not "fused"
+        # the one output of a similarity head or zero-shot model: not "fused"
+        if list(scores) == ["depth"]:
             labels["depth"] = "depth"
         lines = [(f"all ({labels[key]})", s) for key, s in scores.items()]
         first = next(iter(scores.values()))
@@ -633,7 +678,8 @@ def report(rows, scenes, about):
             scored = int(frames[: len(s["d1"])][~s["d1"].isnan()].sum())
             print(f"{label:<34}{scored:>5}" + "".join(f"{v:>10.4f}" for v in means.values()))
         results[name] = {"protocol": about[name]}
-        for key, s in scores.items():  # JSON has no NaN: null where nothing could be scored
+        # JSON has no NaN: null where nothing could be scored
+        for key, s in scores.items():
             means = data_nyu.mean_metrics([s]).items()
             results[name][labels[key]] = {k: None if math.isnan(v) else v for k, v in means}
     return results
@@ -641,18 +687,23 @@ def report(rows, scenes, about):
 
 def main():
     args = parse_args()
-    device, dtype = moa.runtime(args.device)[:2]  # a device this machine lacks: one error line
+    # a device this machine lacks: one error line
+    device, dtype = moa.runtime(args.device)[:2]
     photos = [(path, read_photo(path)) for path in args.image or []]  # all readable, or stop here
-    if args.ceiling:  # no model: the ground truth on the output grid of a checkpoint's model (or 7x7)
+    # no model: the ground truth on the output grid of a checkpoint's model (or 7x7)
+    if args.ceiling:
         ckpt = moa.load_checkpoint(args.ckpt) if args.ckpt else {}
         model = None
-    elif args.zero_shot:  # DepthCLIP: CLIP as it is, so nothing is trained and no checkpoint read
+    # DepthCLIP: CLIP as it is, so nothing is trained and no checkpoint read
+    elif args.zero_shot:
         clip = clip_vit.load(args.clip or "ViT-B/32")
         ckpt = {}
         if isinstance(clip.visual, clip_vit.ModifiedResNet):  # RN50: DepthCLIP's own code, exactly
             model = moa.DepthCLIPZeroShot(clip).to(device).eval()
-        else:  # a ViT: DepthCLIP's prompts and bins on the ViT's tokens (G23)
-            last = (len(clip.visual.transformer.resblocks) - 1,)  # one adapter there: identity at init
+        # a ViT: DepthCLIP's prompts and bins on the ViT's tokens (G23)
+        else:
+            # one adapter there: identity at init
+            last = (len(clip.visual.transformer.resblocks) - 1,)
             cfg = moa.DepthConfig(head="similarity", use_context=False, use_moa=False, moa_layers=last)
             model = moa.MoADepthCLIP(clip, cfg, moa_impl=args.moa_impl).to(device).eval()
     else:
@@ -664,18 +715,22 @@ def main():
 
     ds, data = open_data(args, ckpt.get("config", {}))
     n = min(len(ds), args.limit or len(ds))  # --limit: the first N frames
-    order = authors_order(ds, n)  # one order for all: per-image scores do not depend on it
+    # one order for all: per-image scores do not depend on it
+    order = authors_order(ds, n)
     protocols = chosen_protocols(args)
-    ceiling = None  # or the input size whose output grid the ceiling is computed on
+    # --ceiling: the input size whose output grid the ceiling is computed on; None: a model runs
+    ceiling = None
     if args.ceiling:
         ceiling = tuple(ckpt.get("model_config", {}).get("input_size", moa.DepthConfig().input_size))
     about = {name: describe(name, p, args, n, data, ceiling) for name, p in protocols.items()}
-    for name, lines in about.items():  # say how the numbers are made before any number appears
+    # say how the numbers are made before any number appears
+    for name, lines in about.items():
         print(f"protocol {name}: " + ", ".join(f"{k}={v}" for k, v in lines.items()), file=sys.stderr)
     maps_of = partial(protocol_maps, model=model, dtype=dtype, ceiling=ceiling)
     rows = evaluate_frames(ds, order, protocols, maps_of, device, args)
     results = report(rows, [ds.scene(i) for i in order], about)
-    first = results[next(iter(protocols))]  # the headline: the first protocol's first output
+    # the headline: the first protocol's first output
+    first = results[next(iter(protocols))]
     headline = next(v for k, v in first.items() if k != "protocol")
     print(
         json.dumps(
@@ -688,10 +743,13 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except clip_vit.UserError as e:  # a problem the user can fix: one line, no traceback
+    # a problem the user can fix: one line, no traceback
+    except clip_vit.UserError as e:
         remove_empty_folders()
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C: one line; every file written is whole (atomic_write)
+    # Ctrl-C: one line; every file written is whole (atomic_write)
+    except KeyboardInterrupt:
         remove_empty_folders()
         print("interrupted: stopped before the end; the files written so far are complete", file=sys.stderr)
-        sys.exit(130)  # 128 + SIGINT: what a shell reports for a program stopped by Ctrl-C
+        # 128 + SIGINT: what a shell reports for a program stopped by Ctrl-C
+        sys.exit(130)

@@ -22,8 +22,10 @@ import torch.nn.functional as F
 import clip_vit
 from clip_vit import UserError
 
-MOA_IMPLS = ("auto", "triton", "torch")  # auto: Triton on CUDA where it can run, else PyTorch
-EPS = 1e-12  # keeps the BTS SILog's sqrt differentiable at 0
+# auto: Triton on CUDA where it can run, else PyTorch
+MOA_IMPLS = ("auto", "triton", "torch")
+# keeps the BTS SILog's sqrt differentiable at 0
+EPS = 1e-12
 # the 27 scene types of NYU's official 795-frame train split (GUESS G10: the paper names two)
 SCENES = (
     "bedroom",
@@ -74,7 +76,8 @@ SIM_TEMPERATURE = 0.1
 COMPOSITE_MIN_GT = 1e-8
 SSIM_C1 = 0.01**2
 SSIM_C2 = 0.03**2
-W_COMPOSITE = {"silog": 1.0, "grad": 0.5, "ssim": 0.2, "l1": 0.1}  # and the weights of its terms
+# the weights of the composite loss's four terms
+W_COMPOSITE = {"silog": 1.0, "grad": 0.5, "ssim": 0.2, "l1": 0.1}
 CHOICES = {
     "fusion": ("mean", "cls", "reg"),
     "loss": ("paper", "composite"),
@@ -89,9 +92,12 @@ OUTPUTS = {"depth": "fused", "depth_cls": "binned", "depth_reg": "regressed"}  #
 
 class Runtime(NamedTuple):
     device: torch.device
-    dtype: torch.dtype | None  # the autocast dtype; None: fp32, no autocast
-    grad_scaler: bool  # fp16 autocast: the loss needs a torch.amp.GradScaler
-    precision: str  # the choice in words, for the log
+    # the autocast dtype; None: fp32, no autocast
+    dtype: torch.dtype | None
+    # fp16 autocast: the loss needs a torch.amp.GradScaler
+    grad_scaler: bool
+    # the choice in words, for the log
+    precision: str
 
 
 def runtime(device="auto"):
@@ -128,7 +134,8 @@ def moa_reference(x, gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, u
     x (..., D); gate_w1 (H, D); gate_w2 (E, H); down_w (E, R, D); up_w (E, D, R)."""
     h = F.relu(F.linear(x, gate_w1, gate_b1))  # (..., H)
     logits = F.linear(h, gate_w2, gate_b2) / temperature  # (..., E)    G(x) / tau
-    if top_k < down_w.shape[0]:  # keep the top_k logits; ties: the lower expert (stable sort)
+    # keep the top_k logits; ties: the lower expert (stable sort)
+    if top_k < down_w.shape[0]:
         idx = logits.sort(dim=-1, descending=True, stable=True).indices[..., :top_k]
         keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, True)
         logits = logits.masked_fill(~keep, float("-inf"))
@@ -139,11 +146,13 @@ def moa_reference(x, gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, u
     return y, gates
 
 
-def linear_init(*shape, fan_in):  # a parameter drawn like nn.Linear's: uniform in +-1/sqrt(fan_in)
+# a parameter drawn like nn.Linear's: uniform in +-1/sqrt(fan_in)
+def linear_init(*shape, fan_in):
     return nn.Parameter(torch.empty(shape).uniform_(-(fan_in**-0.5), fan_in**-0.5))
 
 
-FALLBACK_NOTED = []  # the reasons --moa-impl auto fell back for; the first is printed, once per process
+# the reasons --moa-impl auto fell back for; the first is printed, once per process
+FALLBACK_NOTED = []
 
 
 def note_fallback(reason):
@@ -165,13 +174,16 @@ class MoA(nn.Module):
         super().__init__()
         if impl not in MOA_IMPLS:
             raise ValueError(f"impl must be one of {MOA_IMPLS}, got {impl!r}")
-        self.impl = impl  # auto: the Triton kernel on CUDA where it can run; triton or torch: that one
-        self.kernel_off = None  # auto: why the kernel cannot run here, once it has said so
+        # auto: the Triton kernel on CUDA where it can run; triton or torch: that one
+        self.impl = impl
+        # auto: why the kernel cannot run here, once it has said so
+        self.kernel_off = None
         E, R, H, D = num_experts, bottleneck, gate_hidden, dim
         self.top_k = top_k
         self.temperature = temperature
         self.gated = gated
-        if gated:  # the gate MLP D -> H -> E
+        # the gate MLP D -> H -> E
+        if gated:
             self.gate_w1, self.gate_b1 = linear_init(H, D, fan_in=D), linear_init(H, fan_in=D)
             self.gate_w2, self.gate_b2 = linear_init(E, H, fan_in=H), linear_init(E, fan_in=H)
         self.down_w, self.down_b = linear_init(E, R, D, fan_in=D), linear_init(E, R, fan_in=D)
@@ -180,11 +192,13 @@ class MoA(nn.Module):
         self.up_w, self.up_b = nn.Parameter(torch.zeros(E, D, R)), nn.Parameter(torch.zeros(E, D))
         self.last_entropy = torch.zeros(())
 
-    def forward(self, x):  # x (B, L, D), fp32 also under autocast: the residual sum stays fp32
+    # x (B, L, D), fp32 also under autocast: the residual sum stays fp32
+    def forward(self, x):
         if not self.gated:
             z = F.gelu(F.linear(x, self.down_w[0], self.down_b[0]))  # (B, L, R)
             return x + F.linear(z, self.up_w[0], self.up_b[0])  # (B, L, D)
-        top_k = self.top_k or self.down_w.shape[0]  # 0 = all experts; reference and kernel: a count
+        # 0 = all experts; reference and kernel: a count
+        top_k = self.top_k or self.down_w.shape[0]
         weights = (
             self.gate_w1,
             self.gate_b1,
@@ -200,16 +214,19 @@ class MoA(nn.Module):
             y, gates = self.fused(x, weights, top_k)
         else:
             y, gates = moa_reference(x, *weights, top_k, self.temperature)
-        g = gates.detach().float()  # monitored, not a loss: -sum g log g, one op per step (entr)
+        # monitored, not a loss: -sum g log g, one op per step (entr)
+        g = gates.detach().float()
         self.last_entropy = torch.special.entr(g).sum(-1).mean()
         return y
 
     def fused(self, x, weights, top_k):
         """The Triton kernel. Where it cannot run here (GPU, shape, shared memory), auto runs the PyTorch MoA
         from then on and says why in one line per process; triton stops with one error line."""
-        from kernels import fused_moa as fm  # imported on first use: importing triton takes seconds
+        # imported on first use: importing triton takes seconds
+        from kernels import fused_moa as fm
 
-        try:  # the fp32 stream and fp32 weights as they are: the kernel casts for its matmuls
+        # the fp32 stream and fp32 weights as they are: the kernel casts for its matmuls
+        try:
             return fm.fused_moa(x, *weights, top_k, self.temperature)
         except fm.CANNOT_RUN as e:
             reason = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
@@ -221,7 +238,8 @@ class MoA(nn.Module):
             self.kernel_off = reason
             note_fallback(reason)
             return moa_reference(x, *weights, top_k, self.temperature)
-        except Exception as e:  # a bad argument or a failure of the kernel itself: the way out
+        # a bad argument or a failure of the kernel itself: the way out
+        except Exception as e:
             msg = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
             raise UserError(
                 f"--moa-impl {self.impl}: the Triton MoA kernel failed here ({msg}); "
@@ -233,31 +251,48 @@ class MoA(nn.Module):
 # the depth model
 @dataclass
 class DepthConfig:
-    num_experts: int = 4  # K, Table 2 ablates 1, 2, 4, 8, 16
-    top_k: int = 0  # 0 = all experts (the paper); k < K: our generalisation
+    # K, Table 2 ablates 1, 2, 4, 8, 16
+    num_experts: int = 4
+    # 0 = all experts (the paper); k < K: our generalisation
+    top_k: int = 0
     bottleneck: int = 64  # expert width d_b
-    gate_hidden: int = 128  # gate MLP 768 -> 128 -> K
+    # gate MLP 768 -> 128 -> K
+    gate_hidden: int = 128
     temperature: float = 2.0  # gate softmax temperature tau
-    moa_layers: tuple = (2, 5, 8, 11)  # 0-based, as in the authors' code (GUESS G9)
-    trainable_blocks: int = 4  # the last 4 image blocks are fine-tuned
-    use_moa: bool = True  # False: single adapters, the "Our Baseline" row
-    use_context: bool = True  # the global scene-context vector (dual head only)
-    head: str = "dual"  # "dual": bins + regression; "similarity": DepthCLIP's head
-    sim_bins: int = 7  # GUESS G24: similarity bins, 7 (DepthCLIP's) or 10 (paper)
-    num_bins: int = 128  # N of the dual head, Table 3 ablates 40 ... 200
-    bin_spacing: str = "uniform"  # GUESS G3: "uniform" or "log" over [min_depth, max_depth]
+    # 0-based, as in the authors' code (GUESS G9)
+    moa_layers: tuple = (2, 5, 8, 11)
+    # the last 4 image blocks are fine-tuned
+    trainable_blocks: int = 4
+    # False: single adapters, the "Our Baseline" row
+    use_moa: bool = True
+    # the global scene-context vector (dual head only)
+    use_context: bool = True
+    # "dual": bins + regression; "similarity": DepthCLIP's head
+    head: str = "dual"
+    # GUESS G24: similarity bins, 7 (DepthCLIP's) or 10 (paper)
+    sim_bins: int = 7
+    # N of the dual head, Table 3 ablates 40 ... 200
+    num_bins: int = 128
+    # GUESS G3: "uniform" or "log" over [min_depth, max_depth]
+    bin_spacing: str = "uniform"
     min_depth: float = 1e-3
     max_depth: float = 10.0
-    fusion: str = "mean"  # GUESS G2: "mean" of binned and regressed, or "cls"/"reg"
-    input_size: tuple = (224, 224)  # as in the paper; other multiples of 32 resize the pos-embed
-    loss: str = "paper"  # "paper": §3.4's CE + L1 + SILog; "composite": Table 1's
-    silog: str = "paper"  # GUESS G6: "paper" 10 (Var + 0.85 Mean^2); "bts" 10 sqrt(..)
+    # GUESS G2: "mean" of binned and regressed, or "cls"/"reg"
+    fusion: str = "mean"
+    # as in the paper; other multiples of 32 resize the pos-embed
+    input_size: tuple = (224, 224)
+    # "paper": §3.4's CE + L1 + SILog; "composite": Table 1's
+    loss: str = "paper"
+    # GUESS G6: "paper" 10 (Var + 0.85 Mean^2); "bts" 10 sqrt(..)
+    silog: str = "paper"
     w_cls: float = 1.0
     w_reg: float = 1.0
     w_silog: float = 0.5
-    composite: str = "ours"  # GUESS G25: "ours" or "authors", see composite_loss
+    # GUESS G25: "ours" or "authors", see composite_loss
+    composite: str = "ours"
 
-    def __post_init__(self):  # the similarity head has no input that the context could join
+    # the similarity head has no input that the context could join
+    def __post_init__(self):
         if self.head == "similarity" and self.use_context:
             raise UserError("--head similarity: it has no context input; add --use-context 0")
 
@@ -275,7 +310,8 @@ def scene_context(clip, scenes=SCENES):
     return F.normalize(feats.mean(0), dim=0)
 
 
-def bin_centres(cfg):  # GUESS G3: uniform or log-spaced over [min_depth, max_depth]
+# GUESS G3: uniform or log-spaced over [min_depth, max_depth]
+def bin_centres(cfg):
     if cfg.bin_spacing == "log":
         return torch.logspace(math.log10(cfg.min_depth), math.log10(cfg.max_depth), cfg.num_bins)
     return torch.linspace(cfg.min_depth, cfg.max_depth, cfg.num_bins)
@@ -326,8 +362,10 @@ class MoADepthCLIP(nn.Module):
                 for _ in cfg.moa_layers
             ]
         )
-        from_text = stored_text or text_features(clip, cfg)  # the text tower's part, or its copy
-        if cfg.head == "similarity":  # DepthCLIP's head: fixed prompts and bin depths, no weights
+        # the text tower's part, or its copy
+        from_text = stored_text or text_features(clip, cfg)
+        # DepthCLIP's head: fixed prompts and bin depths, no weights
+        if cfg.head == "similarity":
             depths = [depth for _, depth in DISTANCES[: cfg.sim_bins]]
             self.register_buffer("text", from_text["text"])  # (n_bins, 512)
             self.register_buffer("bins", torch.tensor(depths))
@@ -338,7 +376,8 @@ class MoADepthCLIP(nn.Module):
             self.cls_head = nn.Conv2d(width + len(context), cfg.num_bins, kernel_size=1)
             self.reg_head = nn.Conv2d(width + len(context), 1, kernel_size=1)
             self.register_buffer("bins", bin_centres(cfg))
-        self.visual.requires_grad_(False)  # freeze CLIP, then unfreeze its last blocks (8-11)
+        # freeze CLIP, then unfreeze its last blocks (8-11)
+        self.visual.requires_grad_(False)
         blocks = self.visual.transformer.resblocks
         blocks[len(blocks) - cfg.trainable_blocks :].requires_grad_(True)
 
@@ -380,7 +419,8 @@ class MoADepthCLIP(nn.Module):
         """DepthCLIP's head: tokens f (B, 768, gh, gw) -> ln_post, proj (G23) -> cosines -> bins."""
         B, _, gh, gw = f.shape
         tokens = self.visual.ln_post(f.flatten(2).transpose(1, 2))  # (B, gh*gw, 768)
-        with torch.autocast(f.device.type, enabled=False):  # cosines x 1000: too coarse in bf16
+        # cosines x 1000: too coarse in bf16
+        with torch.autocast(f.device.type, enabled=False):
             emb = F.normalize(tokens.float() @ self.visual.proj.float(), dim=-1)  # (B, gh*gw, 512)
             probs = (CLIP_SCALE * emb @ self.text.T / SIM_TEMPERATURE).softmax(-1)  # (B, gh*gw, n)
             # the expected depth in fp32 too: a bf16 matmul here is off by up to 1 cm
@@ -388,14 +428,17 @@ class MoADepthCLIP(nn.Module):
             depth = F.interpolate(depth, size=out_size, mode="bilinear", align_corners=False)
         return {"depth": depth}
 
-    def gate_entropy(self):  # mean per-token gate entropy of the last forward (0: plain adapters)
+    # mean per-token gate entropy of the last forward (0: plain adapters)
+    def gate_entropy(self):
         return torch.stack([m.last_entropy for m in self.moa]).mean().item()
 
 
 # zero-shot DepthCLIP on a CLIP ResNet (RN50), as DepthCLIP's own code computes it
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DepthCLIP normalises its input with these, not CLIP's
+# DepthCLIP normalises its input with these, not CLIP's
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DEPTHCLIP_SIZE = (416, 544)  # its input: the RGB crop rows 56:472, cols 60:604, not resized
+# its input: the RGB crop rows 56:472, cols 60:604, not resized
+DEPTHCLIP_SIZE = (416, 544)
 
 
 class DepthCLIPZeroShot(nn.Module):
@@ -430,7 +473,8 @@ class DepthCLIPZeroShot(nn.Module):
         self.register_buffer("bins", torch.tensor(depths))
 
     def forward(self, image):
-        with torch.autocast(image.device.type, enabled=False):  # fp32: cosines x 1000 need it
+        # fp32: cosines x 1000 need it
+        with torch.autocast(image.device.type, enabled=False):
             image = image.float()
             pixels = image * per_channel(clip_vit.STD, image) + per_channel(clip_vit.MEAN, image)
             x = (pixels - per_channel(IMAGENET_MEAN, image)) / per_channel(IMAGENET_STD, image)
@@ -444,14 +488,16 @@ class DepthCLIPZeroShot(nn.Module):
         return {"depth": up}  # (B, 1, H, W)
 
 
-def per_channel(values, like):  # RGB constants (3,) -> a (1, 3, 1, 1) tensor on like's device
+# RGB constants (3,) -> a (1, 3, 1, 1) tensor on like's device
+def per_channel(values, like):
     return like.new_tensor(values).view(1, 3, 1, 1)
 
 
 # -----------------------------------------------------------------------------
 # the losses: the paper's (§3.4), and the authors' earlier composite loss (Table 1 "Comp. Loss")
 def silog(pred, gt, form="paper"):
-    g = torch.log(pred) - torch.log(gt)  # over valid pixels, both > 0
+    # over valid pixels, both > 0
+    g = torch.log(pred) - torch.log(gt)
     if form == "bts":
         return 10 * torch.sqrt((g.pow(2).mean() - 0.85 * g.mean().pow(2)).clamp_min(EPS))
     return 10 * (g.var(unbiased=False) + 0.85 * g.mean().pow(2))
@@ -481,7 +527,8 @@ def composite_loss(pred, gt, form="ours"):
     form "ours": SSIM from reflection-padded maps, SSIM and L1 averaged over the valid pixels.
     form "authors": as their code computes it, SSIM from zero-padded maps, and SSIM and L1 averaged
     over every pixel, holes included (a hole's L1 is then the predicted depth itself). GUESS G25."""
-    valid = gt > COMPOSITE_MIN_GT  # depth_loss has made sure that there is such a pixel
+    # depth_loss has made sure that there is such a pixel
+    valid = gt > COMPOSITE_MIN_GT
     if form == "authors":
         ssim = ssim_map(pred, gt, padding="constant")
         averaged = torch.ones_like(valid)  # every pixel
@@ -492,7 +539,8 @@ def composite_loss(pred, gt, form="ours"):
     grad_y = pred.diff(dim=-2).abs().mean()
     terms = {
         "silog": silog(pred[valid], gt[valid], "bts"),
-        "grad": grad_x + grad_y,  # the prediction alone: no ground truth, holes included
+        # the prediction alone: no ground truth, holes included
+        "grad": grad_x + grad_y,
         "ssim": ((1 - ssim) / 2).clamp(0, 1)[averaged].mean(),
         "l1": (pred - gt)[averaged].abs().mean(),
     }
@@ -504,15 +552,18 @@ def depth_loss(out, depth, mask, cfg):
     """(loss, terms) for out of forward, depth (B, 1, H, W) metres, mask (B, 1, H, W). The paper:
     CE on the bin logits, L1 + SILog on the regressed map (the similarity head: on its map)."""
     valid = mask & (depth > cfg.min_depth) & (depth < cfg.max_depth)
-    if not valid.any():  # an all-hole batch: a zero that still backpropagates, never NaN, no terms
+    # an all-hole batch: a zero that still backpropagates, never NaN, no terms
+    if not valid.any():
         return out["depth"].sum() * 0, {}
-    if cfg.loss == "composite":  # on the final map, with the authors' own valid mask
+    # on the final map, with the authors' own valid mask
+    if cfg.loss == "composite":
         return composite_loss(out["depth"], depth, cfg.composite)
     loss = 0.0
     terms = {}
     if cfg.head == "dual":
         bins = bin_centres(cfg).to(depth.device)
-        log = cfg.bin_spacing == "log"  # edges halfway between centres, geometrically for log bins
+        # edges halfway between centres, geometrically for log bins
+        log = cfg.bin_spacing == "log"
         edges = (bins[1:] * bins[:-1]).sqrt() if log else (bins[1:] + bins[:-1]) / 2
         target = torch.bucketize(depth[valid], edges)  # the bin holding the GT
         logits = out["logits"].float().permute(0, 2, 3, 1)[valid[:, 0]]  # (n_valid, N)
@@ -544,7 +595,8 @@ def load_trainable_state_dict(model, sd, where="checkpoint"):
     """Load exactly the trainable tensors, the frozen rest comes from CLIP; a misfit: UserError."""
     own = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
     misfits = sorted(n for n in own.keys() | sd.keys() if n not in sd or sd[n].shape != own.get(n))
-    if misfits:  # missing, unexpected or of another shape: made with other flags or code
+    # missing, unexpected or of another shape: made with other flags or code
+    if misfits:
         raise UserError(f"{where}: tensors {misfits[:3]} do not fit this model")
     model.load_state_dict(sd, strict=False)
 
@@ -590,7 +642,8 @@ def checkpoint_problem(path, e):
         return "an empty file, not a checkpoint"
     if head != b"PK\x03\x04":  # torch.save writes a zip archive
         return "not a checkpoint (train.py writes a zip archive with torch.save; this is none)"
-    if not zipfile.is_zipfile(path):  # a zip's index is at its end
+    # a zip's index is at its end
+    if not zipfile.is_zipfile(path):
         return "a zip archive cut short: a truncated checkpoint"
     return "a zip archive that torch.load cannot read as weights only (damaged, or it holds code)"
 
@@ -602,14 +655,16 @@ def load_checkpoint(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
         raise UserError(f"{path}: no such checkpoint file") from None
-    except Exception as e:  # a directory, a text file, a truncated file, a pickle with code
+    # a directory, a text file, a truncated file, a pickle with code
+    except Exception as e:
         raise UserError(f"{path}: {checkpoint_problem(path, e)}") from None
     if not isinstance(ckpt, dict) or not {"model", "model_config", "clip"} <= set(ckpt):
         raise UserError(f"{path}: not a MoA-DepthCLIP checkpoint (no model, model_config, clip)")
     return ckpt
 
 
-def check_clip(ckpt, clip_arg, sha, where):  # was it trained on the CLIP weights `sha`?
+# was it trained on the CLIP weights `sha`?
+def check_clip(ckpt, clip_arg, sha, where):
     if sha != ckpt["clip"]["sha256"]:
         raise UserError(
             f"{where}: trained on CLIP weights {ckpt['clip']['sha256'][:12]}..., "
@@ -620,15 +675,18 @@ def check_clip(ckpt, clip_arg, sha, where):  # was it trained on the CLIP weight
 def from_checkpoint(ckpt, clip_arg=None, device="cpu", where="checkpoint", moa_impl="auto"):
     """Rebuild a trained model: the CLIP weights (SHA-256 checked) plus its trainable part."""
     clip_arg = clip_arg or ckpt["clip"]["name"]
-    clip = clip_vit.load(clip_arg)  # a missing or broken file is a UserError here
+    # a missing or broken file is a UserError here
+    clip = clip_vit.load(clip_arg)
     sha = clip_sha256(clip_arg)
     check_clip(ckpt, clip_arg, sha, where)
     unknown = sorted(ckpt["model_config"].keys() - asdict(DepthConfig()).keys())
-    if unknown:  # written by a newer version of this code
+    # written by a newer version of this code
+    if unknown:
         raise UserError(f"{where}: model_config fields this version does not know: {unknown}")
     cfg = DepthConfig(**ckpt["model_config"])
     stored_text = stored_text_features(ckpt, sha, cfg)
-    with clip_vit.no_random_init():  # the checkpoint holds every trainable tensor: none drawn
+    # the checkpoint holds every trainable tensor: none drawn
+    with clip_vit.no_random_init():
         model = MoADepthCLIP(clip, cfg, moa_impl=moa_impl, stored_text=stored_text)
     load_trainable_state_dict(model, ckpt["model"], where)
     return model.to(device).eval()

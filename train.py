@@ -42,25 +42,37 @@ RECIPES = {
         "epochs": 50,
         "batch_size": 8,
         "lr": 1e-5,  # their lr_backbone: CLIP's blocks 8-11
-        "adapter_lr": 1e-4,  # their lr_adapters: the adapters or MoA modules, gates included
+        # their lr_adapters: the adapters or MoA modules, gates included
+        "adapter_lr": 1e-4,
         "weight_decay": 0.01,
-        "lr_schedule": "plateau",  # ReduceLROnPlateau on the validation loss, patience 5, factor 0.5
-        "early_stop": 10,  # their --patience: stop after 10 epochs without a lower validation loss
-        "best_by": "loss",  # their best_model.pth: the epoch with the lowest validation loss
-        "val_frac": 0.05,  # they validated on the TEST split; here: held-out train scenes
-        "train_gt": "raw",  # their sync_depth_*.png: rawDepths, holes 0 (G12)
-        "head": "similarity",  # DepthCLIP's 7 prompts and bin depths
+        # ReduceLROnPlateau on the validation loss, patience 5, factor 0.5
+        "lr_schedule": "plateau",
+        # their --patience: stop after 10 epochs without a lower validation loss
+        "early_stop": 10,
+        # their best_model.pth: the epoch with the lowest validation loss
+        "best_by": "loss",
+        # they validated on the TEST split; here: held-out train scenes
+        "val_frac": 0.05,
+        # their sync_depth_*.png: rawDepths, holes 0 (G12)
+        "train_gt": "raw",
+        # DepthCLIP's 7 prompts and bin depths
+        "head": "similarity",
         "sim_bins": 7,
         "use_context": 0,
         "loss": "composite",
-        "composite": "authors",  # SSIM from zero-padded maps; SSIM and L1 over every pixel
-        "temperature": 1.0,  # their MoA gate ends in a plain softmax
+        # SSIM from zero-padded maps; SSIM and L1 over every pixel
+        "composite": "authors",
+        # their MoA gate ends in a plain softmax
+        "temperature": 1.0,
     },
 }
-PLATEAU_PATIENCE = 5  # --lr-schedule plateau: halve every rate after 5 epochs without a lower val loss
+# --lr-schedule plateau: halve every rate after 5 epochs without a lower val loss
+PLATEAU_PATIENCE = 5
 PLATEAU_FACTOR = 0.5
-RUN_FILES = ("ckpt.pt", "model.pt", "best.pt")  # what a run leaves in --out, besides log.jsonl
-LOCK_NAME = "train.lock"  # in --out: holds the PID of the run that uses the folder
+# what a run leaves in --out, besides log.jsonl
+RUN_FILES = ("ckpt.pt", "model.pt", "best.pt")
+# in --out: holds the PID of the run that uses the folder
+LOCK_NAME = "train.lock"
 
 # -----------------------------------------------------------------------------
 # flags: the defaults are the paper's recipe; every choice it leaves open is a flag
@@ -80,7 +92,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """--help keeps the docstring's line breaks and ends each flag's line with its default."""
 
 
-def int_list(text):  # "2,5,8,11" -> (2, 5, 8, 11); a typo reads "invalid int_list value"
+# "2,5,8,11" -> (2, 5, 8, 11); a typo reads "invalid int_list value"
+def int_list(text):
     return tuple(int(x) for x in text.split(","))
 
 
@@ -331,7 +344,8 @@ def check_args(parser, args):
     }
     for name, low in at_least.items():
         value = getattr(args, name)
-        if not value >= low:  # "not": a nan is refused too
+        # "not": a nan is refused too
+        if not value >= low:
             parser.error(f"argument --{name.replace('_', '-')}: {value} is not >= {low}")
     for name in ("lr", "temperature", "min_depth", "max_depth"):
         value = getattr(args, name)
@@ -415,7 +429,8 @@ def model_config(args):
 LOSS_FIELDS = ("loss", "silog", "composite", "w_cls", "w_reg", "w_silog")  # may change on --resume
 
 
-def as_typed(value):  # a config value as a user types it: (2, 5, 8, 11) -> "2,5,8,11", True -> 1
+# a config value as a user types it: (2, 5, 8, 11) -> "2,5,8,11", True -> 1
+def as_typed(value):
     if isinstance(value, tuple):
         return ",".join(map(str, value))
     return int(value) if isinstance(value, bool) else value
@@ -425,7 +440,8 @@ def as_typed(value):  # a config value as a user types it: (2, 5, 8, 11) -> "2,5
 # the run folder: one live run per --out, and an earlier run is never replaced by accident
 
 
-def in_use(out_dir, pid):  # the one line for an --out that a live run holds
+# the one line for an --out that a live run holds
+def in_use(out_dir, pid):
     return clip_vit.UserError(
         f"{out_dir}: in use by a running train.py (PID {pid}); wait for it to end, or pick another --out"
     )
@@ -439,9 +455,11 @@ def lock_holder(out_dir):
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when f closes
             except BlockingIOError:
                 return f.read().strip() or "unknown"
-    except OSError:  # no lock file (or no folder): nobody holds it
+    # no lock file (or no folder): nobody holds it
+    except OSError:
         return None
-    return None  # a lock file whose run has ended, even by a kill: the kernel dropped its lock
+    # a lock file whose run has ended, even by a kill: the kernel dropped its lock
+    return None
 
 
 def take_lock(out_dir):
@@ -451,7 +469,8 @@ def take_lock(out_dir):
     lock_file = open(out_dir / LOCK_NAME, "a+")
     try:
         fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:  # a run started at the same moment got there first
+    # a run started at the same moment got there first
+    except BlockingIOError:
         lock_file.seek(0)
         pid = lock_file.read().strip() or "unknown"
         lock_file.close()
@@ -520,14 +539,16 @@ def make_optimizer(model, args):
             params["backbone"].append(p)
         elif name.startswith("moa."):
             params["adapters"].append(p)
-        else:  # cls_head, reg_head (the similarity head has no weights: an empty group)
+        # cls_head, reg_head (the similarity head has no weights: an empty group)
+        else:
             params["heads"].append(p)
     rates = {"backbone": args.lr, "adapters": args.adapter_lr or args.lr, "heads": args.head_lr or args.lr}
     groups = [{"name": name, "params": params[name], "lr": rates[name]} for name in params]
     return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
 
 
-def make_scheduler(optimizer, args):  # None: the constant rate of the paper
+# None: the constant rate of the paper
+def make_scheduler(optimizer, args):
     if args.lr_schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="min", patience=PLATEAU_PATIENCE, factor=PLATEAU_FACTOR
@@ -559,7 +580,8 @@ def validate(model, batches, autocast):
             out = model(b["image"])
         loss, _ = moa.depth_loss(out, b["depth"], b["mask"], model.cfg)
         losses.append(loss.item())
-        for key in [k for k in moa.OUTPUTS if k in out]:  # the similarity head has "depth" only
+        # the similarity head has "depth" only
+        for key in [k for k in moa.OUTPUTS if k in out]:
             # each frame's metrics, the batch at once; resized frames: no crop. A frame without a valid
             # pixel scores NaN, and mean_metrics leaves it out
             metrics = data_nyu.depth_metrics(out[key][:, 0].float(), b["depth"][:, 0], crop="none")
@@ -571,21 +593,26 @@ def validate(model, batches, autocast):
 # -----------------------------------------------------------------------------
 # the run
 
-saved_epoch = None  # the epoch --out/ckpt.pt holds, once this run resumed from it or wrote it: Ctrl-C says
+# the epoch --out/ckpt.pt holds, once this run resumed from it or wrote it: Ctrl-C says
+saved_epoch = None
 
 
 def main(args):
     """One training run. Returns the model and its optimizer (None when a resumed run had nothing left)."""
     global saved_epoch
     cfg = model_config(args)
-    dev, amp_dtype, use_scaler, precision = moa.runtime(args.device)  # a device this machine lacks: UserError
+    # a device this machine lacks: UserError
+    dev, amp_dtype, use_scaler, precision = moa.runtime(args.device)
     # checked here, not at step 1: the kernel would fail only after the slow data decode
     if args.moa_impl == "triton" and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise clip_vit.UserError("--moa-impl triton needs a CUDA device (or TRITON_INTERPRET=1, slowly)")
     autocast = torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # bf16/fp16 on CUDA
-    scaler = torch.amp.GradScaler(dev.type, enabled=use_scaler)  # fp16: the loss scaled, the step unscaled
-    torch.manual_seed(args.seed)  # the init of the MoA and the heads
-    sys.stdout.reconfigure(line_buffering=True)  # each log line at once, also through a pipe or tee
+    # fp16: the loss scaled, the step unscaled
+    scaler = torch.amp.GradScaler(dev.type, enabled=use_scaler)
+    # the init of the MoA and the heads
+    torch.manual_seed(args.seed)
+    # each log line at once, also through a pipe or tee
+    sys.stdout.reconfigure(line_buffering=True)
 
     # the run folder: nothing is written before every check has passed
     out_dir = Path(args.out)
@@ -605,7 +632,8 @@ def main(args):
     if args.resume:
         ckpt = load_resume_checkpoint(ckpt_path, args, cfg, clip_id["sha256"])
         why = nothing_left(ckpt, args)
-        if why is not None:  # a finished run: say so, and change nothing
+        # a finished run: say so, and change nothing
+        if why is not None:
             print(f"nothing to do: {ckpt_path}: {why}")
             return None
         saved_epoch = ckpt["epoch"]  # for the Ctrl-C hint
@@ -614,7 +642,8 @@ def main(args):
     if args.data == "synthetic":
         ds = data_nyu.SyntheticDepth(n=args.synthetic_frames, seed=args.seed)
     else:
-        args.data = str(Path(args.data).resolve())  # absolute, so evaluate.py finds it from anywhere
+        # absolute, so evaluate.py finds it from anywhere
+        args.data = str(Path(args.data).resolve())
         ds = data_nyu.NYUDepthV2(
             args.data,
             split="train",
@@ -622,21 +651,27 @@ def main(args):
             raw_depth=args.train_gt == "raw",
             download=args.download,
         )
-    frame_scenes = [ds.scene(i) for i in range(len(ds))]  # read once: an HDF5 lookup per frame
+    # read once: an HDF5 lookup per frame
+    frame_scenes = [ds.scene(i) for i in range(len(ds))]
     train_items, val_items, val_scenes = hold_out_scenes(frame_scenes, args.val_frac, args.seed)
-    if len(train_items) < args.batch_size:  # every step is one full batch: there would be no step
+    # every step is one full batch: there would be no step
+    if len(train_items) < args.batch_size:
         raise clip_vit.UserError(
             f"--batch-size {args.batch_size}: more than the {len(train_items)} train frames"
         )
-    clip_model = clip_vit.load(args.clip)  # before the slow decode below: a bad CLIP file fails fast
-    moa.require_vit(clip_model)  # before anything is written: a ResNet CLIP cannot be trained here
+    # before the slow decode below: a bad CLIP file fails fast
+    clip_model = clip_vit.load(args.clip)
+    # before anything is written: a ResNet CLIP cannot be trained here
+    moa.require_vit(clip_model)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         lock_file = take_lock(out_dir)  # held until this process ends
-        if args.overwrite:  # no stale best.pt from the run it replaces
+        # no stale best.pt from the run it replaces
+        if args.overwrite:
             for name in earlier:
                 (out_dir / name).unlink()
-        for stale in out_dir.glob(".*.pt.*.tmp"):  # a checkpoint write cut short by a kill
+        # a checkpoint write cut short by a kill
+        for stale in out_dir.glob(".*.pt.*.tmp"):
             stale.unlink()
         # a new run, a new log; line-buffered: each entry is on disk at once, even if the run is killed
         log_file = open(out_dir / "log.jsonl", "a" if args.resume else "w", buffering=1)
@@ -650,27 +685,32 @@ def main(args):
     train_batches = data_nyu.PreloadedBatches(
         ds, cfg.input_size, args.batch_size, dev, seed=args.seed, augment=args.augment, items=train_items
     )
-    if val_items:  # every held-out frame once, in order
+    # every held-out frame once, in order
+    if val_items:
         val_batches = data_nyu.PreloadedBatches(
             ds, cfg.input_size, args.batch_size, dev, shuffle=False, items=val_items
         )
 
     # model, optimizer, schedule
     model = moa.MoADepthCLIP(clip_model, cfg, moa_impl=args.moa_impl).to(dev)
-    del clip_model  # the text tower was used once, for the prompt embeddings
-    print(moa.parameter_report(model)[1])  # the table of trained and frozen parameters per part
+    # the text tower was used once, for the prompt embeddings
+    del clip_model
+    # the table of trained and frozen parameters per part
+    print(moa.parameter_report(model)[1])
     optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args)
     start_epoch = 0
     step = 0
     best_d1 = -1.0
     best_val_loss = math.inf
-    bad_epochs = 0  # epochs since the validation loss last fell: --early-stop
+    # epochs since the validation loss last fell: --early-stop
+    bad_epochs = 0
     if args.resume:
         moa.load_trainable_state_dict(model, ckpt["model"], ckpt_path)  # the frozen rest: --clip
         try:
             optimizer.load_state_dict(ckpt["optimizer"])  # AdamW's moments: no restart bump
-        except ValueError as e:  # other parameter groups: written by an older train.py
+        # other parameter groups: written by an older train.py
+        except ValueError as e:
             raise clip_vit.UserError(
                 f"{ckpt_path}: its optimizer state does not fit ({e}); start afresh with --overwrite"
             ) from None
@@ -681,7 +721,8 @@ def main(args):
         best_d1 = ckpt["best_d1"]
         best_val_loss = ckpt.get("best_val_loss", math.inf)
         bad_epochs = ckpt.get("bad_epochs", 0)
-        torch.set_rng_state(ckpt["rng"])  # the random stream of an uninterrupted run
+        # the random stream of an uninterrupted run
+        torch.set_rng_state(ckpt["rng"])
         print(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}")
 
     def save(path, with_optimizer):
@@ -703,10 +744,12 @@ def main(args):
         moa.save_checkpoint(path, model, **extra)
 
     # the training loop
-    total = args.epochs * len(train_batches)  # steps of the whole run, resumed or not
+    # steps of the whole run, resumed or not
+    total = args.epochs * len(train_batches)
     if args.max_steps:
         total = min(total, args.max_steps)
-    if args.recipe != "paper":  # the values that ran: the preset's, or a flag given instead
+    # the values that ran: the preset's, or a flag given instead
+    if args.recipe != "paper":
         preset = " ".join(
             f"--{name.replace('_', '-')} {as_typed(getattr(args, name))}" for name in RECIPES[args.recipe]
         )
@@ -717,28 +760,34 @@ def main(args):
     )
     model.train()
     t0 = time.time()  # the eta counts from here
-    t_last = t0  # each log line's img/s counts from the line before
-    seen = 0  # images since the last log line
+    # each log line's img/s counts from the line before
+    t_last = t0
+    # images since the last log line
+    seen = 0
     for epoch in range(start_epoch, args.epochs):
-        train_batches.set_epoch(epoch)  # a new shuffle each epoch, the same after a resume
+        # a new shuffle each epoch, the same after a resume
+        train_batches.set_epoch(epoch)
         for b in train_batches:
             with autocast:
                 outputs = model(b["image"])
             loss, terms = moa.depth_loss(outputs, b["depth"], b["mask"], cfg)
-            if not torch.isfinite(loss):  # stop before the step: ckpt.pt keeps the last good epoch
+            # stop before the step: ckpt.pt keeps the last good epoch
+            if not torch.isfinite(loss):
                 raise clip_vit.UserError(
                     f"non-finite loss ({loss.item()}) at step {step}; stopped. "
                     f"{ckpt_path} keeps the last good epoch"
                 )
             optimizer.zero_grad(set_to_none=True)  # frees the grads' memory
-            scaler.scale(loss).backward()  # without a scaler (bf16, fp32): a plain backward and step
+            # without a scaler (bf16, fp32): a plain backward and step
+            scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             step += 1
             seen += b["image"].shape[0]
             if step % args.log_interval == 0 or step == total:
                 now = time.time()
-                ips = seen / (now - t_last)  # images per second since the last line
+                # images per second since the last line
+                ips = seen / (now - t_last)
                 # the pace of this process's own steps: a resumed run did not take the first ones
                 eta = (now - t0) / (step - start_epoch * len(train_batches)) * (total - step)
                 rates = {group["name"]: group["lr"] for group in optimizer.param_groups}
@@ -758,7 +807,8 @@ def main(args):
                     f"step {step}/{total} | loss {row['loss']:.4f} ({parts}) | {describe_rates(optimizer)} "
                     f"| {ips:.1f} img/s | gate H {row['gate_entropy']:.3f} | eta {eta / 60:.1f} min"
                 )
-                print(json.dumps(row), file=log_file)  # the same numbers, machine-readable, for plots
+                # the same numbers, machine-readable, for plots
+                print(json.dumps(row), file=log_file)
                 t_last = now
                 seen = 0
             if step >= total:
@@ -783,14 +833,19 @@ def main(args):
             if scheduler is not None:
                 scheduler.step(val_loss)
             row["val_loss"] = val_loss
-            for key, metrics in val.items():  # val_d1: the fused output; val_binned_d1: the binned...
+            # val_d1: the fused output; val_binned_d1: the binned...
+            for key, metrics in val.items():
                 prefix = "val_" if key == "depth" else f"val_{moa.OUTPUTS[key]}_"
                 row.update({prefix + k: v for k, v in metrics.items()})
-        save(out_dir / "model.pt", with_optimizer=False)  # the weights alone: the file to share
-        save(ckpt_path, with_optimizer=True)  # every epoch: the last one is the result (the paper's way)
-        saved_epoch = epoch  # what a Ctrl-C from now on reports
+        # the weights alone: the file to share
+        save(out_dir / "model.pt", with_optimizer=False)
+        # every epoch: the last one is the result (the paper's way)
+        save(ckpt_path, with_optimizer=True)
+        # what a Ctrl-C from now on reports
+        saved_epoch = epoch
         print(json.dumps(row), file=log_file)
-        if step >= total:  # --max-steps ended the run inside this epoch
+        # --max-steps ended the run inside this epoch
+        if step >= total:
             break
         if args.early_stop and bad_epochs >= args.early_stop:
             print(f"early stop after epoch {epoch}: {bad_epochs} epochs without a lower validation loss")
@@ -817,12 +872,15 @@ def resume_hint(args):
 
 
 if __name__ == "__main__":
-    args = parse_args()  # a bad flag ends here: one `error:` line, exit 2
+    # a bad flag ends here: one `error:` line, exit 2
+    args = parse_args()
     try:
         main(args)
-    except clip_vit.UserError as e:  # bad input, not a bug: one line (a bug keeps its traceback)
+    # bad input, not a bug: one line (a bug keeps its traceback)
+    except clip_vit.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print(f"interrupted: {resume_hint(args)}", file=sys.stderr)
-        sys.exit(130)  # 128 + SIGINT: what a shell reports for a program stopped by Ctrl-C
+        # 128 + SIGINT: what a shell reports for a program stopped by Ctrl-C
+        sys.exit(130)

@@ -13,7 +13,9 @@ them for each supported architecture without a GPU and reads ptxas's registers, 
 
 import contextlib
 import functools
-import math  # host-side grids: math.ceil, as triton.cdiv costs microseconds per call in Python
+
+# host-side grids: math.ceil, as triton.cdiv costs microseconds per call in Python
+import math
 import os
 
 import torch
@@ -21,12 +23,16 @@ import triton
 import triton.language as tl
 from triton.errors import TritonError
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once: the kernels are built at import
-POISON = False  # tests set it: new buffers are NaN, so an element a kernel forgets to write shows
+# read once: the kernels are built at import
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# tests set it: new buffers are NaN, so an element a kernel forgets to write shows
+POISON = False
 NAMES = ("x", "gate_w1", "gate_b1", "gate_w2", "gate_b2", "down_w", "down_b", "up_w", "up_b")
 TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-GRID_Y_MAX = 65535  # CUDA's limit on a grid's second dimension: the weight kernel's token chunks
-ALIGN = 16  # bytes: every pointer a kernel gets is 16-byte aligned, as the compile report assumes
+# CUDA's limit on a grid's second dimension: the weight kernel's token chunks
+GRID_Y_MAX = 65535
+# bytes: every pointer a kernel gets is 16-byte aligned, as the compile report assumes
+ALIGN = 16
 # opt-in shared memory per block (bytes) of the GPU classes the compile report checks, largest first:
 # H100/H200/B200; A100; RTX 30/40/50, A6000, L4, L40; T4. A GPU gets the tiles of the largest class that fits.
 SMEM_CLASSES = (232448, 166912, 101376, 65536)
@@ -84,7 +90,8 @@ def _rows_times_weights(
     return acc
 
 
-@triton.jit(do_not_specialize=["N"])  # N % 16 unspecialised, as the report compiles it
+# N % 16 unspecialised, as the report compiles it
+@triton.jit(do_not_specialize=["N"])
 def _moa_fwd_kernel(
     # x (N, D); the gate W1 (H, D), b1 (H,), W2 (E, H), b2 (E,)
     x_ptr,
@@ -118,13 +125,15 @@ def _moa_fwd_kernel(
     GATE_PREC: tl.constexpr,
 ):
     """The forward: one program per tile of BM tokens, dense over the experts."""
-    EXPERT_COLS: tl.constexpr = EX * R  # packed expert columns c = e * R + r; c >= E * R is padding
+    # packed expert columns c = e * R + r; c >= E * R is padding
+    EXPERT_COLS: tl.constexpr = EX * R
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     row_mask = rows < N
     offs_h = tl.arange(0, H)
     offs_c = tl.arange(0, EXPERT_COLS)
     col_mask = offs_c < E * R
-    experts = tl.arange(0, 16)  # the gate's columns: E <= 16, padded to 16 for tl.dot
+    # the gate's columns: E <= 16, padded to 16 for tl.dot
+    experts = tl.arange(0, 16)
     expert_mask = experts < E
 
     # 1. the gate MLP: u = x W1^T + b1, v = relu(u), logits = (v W2^T + b2) / temperature
@@ -252,14 +261,16 @@ def _moa_bwd_tokens(
 ):
     """Backward 1: one program per tile of BM tokens computes dx and the per-token factors of the weight
     gradients (P1, P2), which the weight kernel sums over tokens."""
-    SPLIT_COLS: tl.constexpr = EX * R // NS  # expert columns c = e * R + r per split; c >= E * R: padding
+    # expert columns c = e * R + r per split; c >= E * R: padding
+    SPLIT_COLS: tl.constexpr = EX * R // NS
     EXPERT_COLS: tl.constexpr = E * R
     P1_WIDTH: tl.constexpr = E * R + 2 * H + 16
     P2_WIDTH: tl.constexpr = E * R + 16
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     row_mask = rows < N
     offs_h = tl.arange(0, H)
-    experts = tl.arange(0, 16)  # the gate's columns: E <= 16, padded to 16 for tl.dot
+    # the gate's columns: E <= 16, padded to 16 for tl.dot
+    experts = tl.arange(0, 16)
     gate_mask = row_mask[:, None] & (experts[None, :] < E)
     p1_rows = p1_ptr + rows[:, None] * P1_WIDTH
     p2_rows = p2_ptr + rows[:, None] * P2_WIDTH
@@ -370,7 +381,8 @@ def _moa_bwd_tokens(
     tl.store(p1_rows + EXPERT_COLS + 2 * H + experts[None, :], dz, mask=row_mask[:, None])
 
     # 5. dx = dy + [da | du] [Wd; W1], [da | du] read back from P1 (in L2: holding it would spill)
-    tl.debug_barrier()  # other threads of this program stored those
+    # other threads of this program stored those
+    tl.debug_barrier()
     for k0 in range(0, D, BK):
         offs_k = k0 + tl.arange(0, BK)
         k_mask = offs_k < D
@@ -416,13 +428,16 @@ def _sum_over_tokens(
     a_ptr,
     a_stride,
     a_cols,
-    a_width,  # A[:, a_cols] (BT, BW) a tile, a_width valid columns
+    # A[:, a_cols] (BT, BW) a tile, a_width valid columns
+    a_width,
     b_ptr,
     b_stride,
     b_cols,
-    b_width,  # B[:, b_cols] (BT, BD) a tile
+    # B[:, b_cols] (BT, BD) a tile
+    b_width,
     t_lo,
-    t_hi,  # the tokens summed, the last tile first
+    # the tokens summed, the last tile first
+    t_hi,
     BW: tl.constexpr,
     BD: tl.constexpr,
     BT: tl.constexpr,
@@ -496,7 +511,8 @@ def _moa_bwd_weights(
     # the chunks run last first: the token kernel ended on the last tokens (still in L2)
     t_lo = (tl.num_programs(1) - 1 - tl.program_id(1)) * CHUNK
     t_hi = tl.minimum(N, t_lo + CHUNK)
-    copy = tl.program_id(1).to(tl.int64) * copy_stride  # where this chunk's copy of the gradients starts
+    # where this chunk's copy of the gradients starts
+    copy = tl.program_id(1).to(tl.int64) * copy_stride
 
     if pid < num_down_tiles:
         # 1. [dWd; dW1] (E*R + H, D) = [da | du]^T x; dbd, db1: the column sums of da, du
@@ -519,11 +535,13 @@ def _moa_bwd_weights(
             DOT=DOT,
             PREC=PREC,
         )
-        is_expert = rows < EXPERT_COLS  # rows c = e * R + r of Wd, then the rows of W1
+        # rows c = e * R + r of Wd, then the rows of W1
+        is_expert = rows < EXPERT_COLS
         out = tl.where(is_expert, gwd_ptr + rows * D, gw1_ptr + (rows - EXPERT_COLS) * D)
         out_mask = rows < EXPERT_COLS + H
         tl.store((out + copy)[:, None] + cols[None, :], acc, mask=out_mask[:, None] & (cols < D)[None, :])
-        if pid % col_tiles == 0:  # the first column tile also stores the biases' gradients
+        # the first column tile also stores the biases' gradients
+        if pid % col_tiles == 0:
             bias = tl.where(is_expert, gbd_ptr + rows, gb1_ptr + rows - EXPERT_COLS)
             tl.store(bias + copy, col_sums, mask=out_mask)
     elif pid < num_down_tiles + num_up_tiles:
@@ -548,7 +566,8 @@ def _moa_bwd_weights(
             DOT=DOT,
             PREC=PREC,
         )
-        is_expert = rows < EXPERT_COLS  # rows c = e * R + r of Wu, then the rows of bu
+        # rows c = e * R + r of Wu, then the rows of bu
+        is_expert = rows < EXPERT_COLS
         out = tl.where(is_expert, gwu_ptr + rows // R * D * R + rows % R, gbu_ptr + (rows - EXPERT_COLS) * D)
         col_step = tl.where(is_expert, R, 1)
         out_mask = (rows < EXPERT_COLS + E)[:, None] & (cols < D)[None, :]
@@ -605,7 +624,8 @@ def smem_class(arch, smem):
     return fitting[0]
 
 
-@functools.lru_cache(maxsize=None)  # called on every forward: pure, so computed once per shape and GPU
+# called on every forward: pure, so computed once per shape and GPU
+@functools.lru_cache(maxsize=None)
 def launch_params(arch, smem, dot, xdt, wdt, D, H, E, R):
     """{kernel: (constexprs, num_warps, num_stages)} for a GPU of compute capability `arch` (86 for
     sm_86) with `smem` bytes of opt-in shared memory per block; arch None is the interpreter. dot: the matmul
@@ -614,7 +634,8 @@ def launch_params(arch, smem, dot, xdt, wdt, D, H, E, R):
     expert_cols = EX * R
     half = dot != torch.float32
     wide = max(torch.finfo(xdt).bits, torch.finfo(wdt).bits) // 8  # bytes per loaded element
-    if arch is None:  # the interpreter: no warps, stages or shared memory; the largest class's tiles
+    # the interpreter: no warps, stages or shared memory; the largest class's tiles
+    if arch is None:
         limit = SMEM_CLASSES[0]
         precision = "ieee"
     else:
@@ -639,7 +660,8 @@ def launch_params(arch, smem, dot, xdt, wdt, D, H, E, R):
         )
     tiles, warps, stages = fwd
     forward = (dict(common, **tiles), warps, stages)
-    if limit == 65536:  # Turing: tl.dot runs on the FMA units there (no mma), narrow steps and 8 warps
+    # Turing: tl.dot runs on the FMA units there (no mma), narrow steps and 8 warps
+    if limit == 65536:
         token_tiles = dict(common, BM=16, BK=32, KC=32, NS=triton.cdiv(expert_cols, 64))
         weight_tiles = dict(common, BW=64, BD=64, BT=32, CHUNK=4096)
         # (at E R = 128, 8 warps spilled 4-8 bytes in the token kernel: ptxas capped them at 64 registers)
@@ -669,7 +691,8 @@ def _forward_tiles(limit, half, wide, expert_cols):
     """(tiles, warps, stages) of the forward for a shared-memory class; None if none fits. The forward
     holds a (BK, E*R) slice of Wd, then an (E*R, BN) slice of Wu, per pipeline stage (the compile report
     measures what it needs)."""
-    if limit == 65536:  # Turing (FMA matmuls): one stage, the smallest tiles; fp32 at E R = 128: 4 warps
+    # Turing (FMA matmuls): one stage, the smallest tiles; fp32 at E R = 128: 4 warps
+    if limit == 65536:
         warps = 4 if expert_cols == 128 and not half else 8
         return None if expert_cols > 256 else (dict(BM=16, BK=16, BN=16), warps, 1)
     if expert_cols <= 256 and half:
@@ -678,13 +701,17 @@ def _forward_tiles(limit, half, wide, expert_cols):
     if expert_cols <= 512 and limit >= 166912:
         stages = 3 if limit == 232448 and half else 2
         return dict(BM=32, BK=64 if wide == 2 or expert_cols <= 256 else 32, BN=32), 8, stages
-    if expert_cols <= 256:  # fp32, E R <= 256, 99 KB class
+    # fp32, E R <= 256, 99 KB class
+    if expert_cols <= 256:
         return dict(BM=32, BK=64, BN=32), 8, 2
-    if expert_cols <= 512:  # E R = 512, 99 KB class: narrower up-projection steps
+    # E R = 512, 99 KB class: narrower up-projection steps
+    if expert_cols <= 512:
         return dict(BM=32 if half else 16, BK=32, BN=16), 8, 2
-    if half or limit >= 166912:  # E R = 1024 (BK 32 spilled 24 bytes on sm_80 under triton 3.8)
+    # E R = 1024 (BK 32 spilled 24 bytes on sm_80 under triton 3.8)
+    if half or limit >= 166912:
         return dict(BM=16, BK=16, BN=16), 8, 2
-    return None  # fp32 at E R = 1024 holds two (16, 1024) fp32 tiles: more than 99 KB
+    # fp32 at E R = 1024 holds two (16, 1024) fp32 tiles: more than 99 KB
+    return None
 
 
 def weight_grid(meta, D, H, E, R):
@@ -697,7 +724,8 @@ def weight_grid(meta, D, H, E, R):
 
 # -----------------------------------------------------------------------------
 # Autograd and the wrapper
-def _new(shape, like, dtype=None):  # an output buffer, NaN when the tests set POISON
+# an output buffer, NaN when the tests set POISON
+def _new(shape, like, dtype=None):
     out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
     return out.fill_(float("nan")) if POISON else out
 
@@ -754,13 +782,16 @@ class FusedMoA(torch.autograd.Function):
         ctx.save_for_backward(x2, gates, *weights)
         ctx.temperature = temperature
         ctx.x_shape = x.shape
-        ctx.dot = dot  # autocast is off in the backward: keep the forward's matmul dtype
+        # autocast is off in the backward: keep the forward's matmul dtype
+        ctx.dot = dot
         ctx.params = params
-        ctx.set_materialize_grads(False)  # an unused output's gradient is None: no zeros launch
+        # an unused output's gradient is None: no zeros launch
+        ctx.set_materialize_grads(False)
         return y.reshape(x.shape), gates.reshape(*x.shape[:-1], E)
 
     @staticmethod
-    def backward(ctx, dy, dgates):  # dgates is None unless the gates were used
+    # dgates is None unless the gates were used
+    def backward(ctx, dy, dgates):
         x, gates, *weights = ctx.saved_tensors
         w1, b1, w2, _, wd, bd, wu, bu = weights  # (the token kernel has no use for b2)
         N, D = x.shape
@@ -768,7 +799,8 @@ class FusedMoA(torch.autograd.Function):
         R = wd.shape[1]
         dx = _new((N, D), x)
         dy = torch.zeros_like(x) if dy is None else _aligned(dy.reshape(N, D))
-        p1 = _new((N, E * R + 2 * H + 16), x, ctx.dot)  # [da | du | v | dz] in the matmul dtype
+        # [da | du | v | dz] in the matmul dtype
+        p1 = _new((N, E * R + 2 * H + 16), x, ctx.dot)
         p2 = _new((N, E * R + 16), x, ctx.dot)  # [g h | g]
         dgates_in = gates if dgates is None else _aligned(dgates.reshape(N, E))  # a dummy when unused
         # the 8 fp32 gradients in one buffer, each view starting 16-byte aligned; one copy per token chunk
@@ -895,7 +927,8 @@ def fused_moa(x, gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b,
     return FusedMoA.apply(x, *weights, top_k, temperature, dot, params)
 
 
-if __name__ == "__main__":  # the old spelling, `python -m kernels.fused_moa --compile-report ...`: an alias
+# the old spelling, `python -m kernels.fused_moa --compile-report ...`: an alias
+if __name__ == "__main__":
     import sys
 
     if sys.argv[1:2] != ["--compile-report"]:

@@ -36,7 +36,8 @@ SMEM_LIMIT = {75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448, 120: 10
 BIN = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"  # ptxas, cuobjdump
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KERNELS = {"fwd": fm._moa_fwd_kernel, "bwd_tokens": fm._moa_bwd_tokens, "bwd_weights": fm._moa_bwd_weights}
-TILES = ("BM", "BK", "BN", "KC", "NS", "BW", "BD", "BT")  # the launch parameters in the JSON lines
+# the launch parameters in the JSON lines
+TILES = ("BM", "BK", "BN", "KC", "NS", "BW", "BD", "BT")
 D, R, H = 768, 64, 128
 
 
@@ -45,7 +46,8 @@ def ptxas_for(arch):
     tool = BIN / ("ptxas-blackwell" if arch >= 100 else "ptxas")
     if not tool.exists():  # older wheels ship one ptxas
         tool = BIN / "ptxas"
-    suffix = "a" if arch >= 90 else ""  # triton compiles for the arch-specific sm_90a, sm_120a
+    # triton compiles for the arch-specific sm_90a, sm_120a
+    suffix = "a" if arch >= 90 else ""
     return tool, f"sm_{arch}{suffix}"
 
 
@@ -83,7 +85,8 @@ def signature(fn, consts, dot, xw):
         elif name.endswith("_ptr"):  # 16-byte aligned as launched
             if name.startswith("p"):  # P1, P2: the matmul dtype
                 dtype = dot
-            elif name.startswith(("g", "dg")):  # the gates, their gradient, the weight gradients: fp32
+            # the gates, their gradient, the weight gradients: fp32
+            elif name.startswith(("g", "dg")):
                 dtype = torch.float32
             else:
                 dtype = xw
@@ -91,13 +94,15 @@ def signature(fn, consts, dot, xw):
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name == "temperature":
             sig[name] = "fp32"
-        else:  # D is a multiple of 16; N and the grid sizes are not specialised
+        # D is a multiple of 16; N and the grid sizes are not specialised
+        else:
             sig[name] = "i32"
             attrs[(i,)] = [["tt.divisibility", 16]] if name == "D" else []
     return sig, constexprs, attrs
 
 
-@functools.lru_cache(maxsize=None)  # the backward does not depend on top_k: compiled once per E
+# the backward does not depend on top_k: compiled once per E
+@functools.lru_cache(maxsize=None)
 def compile_one(kernel, arch, dot, E, top_k, xw=torch.float32):
     """A kernel compiled for sm_<arch> at its launch parameters there: registers, spills, smem, tiles; or
     {"unsupported": why} where the wrapper would refuse the call (moa.MoA's auto then runs PyTorch)."""
@@ -115,7 +120,8 @@ def compile_one(kernel, arch, dot, E, top_k, xw=torch.float32):
     )
     regs, spill = ptxas_v(binary.asm["ptx"], binary.asm["cubin"], arch)
     tiles = {k: v for k, v in meta.items() if k in TILES}
-    tensor_cores = "mma" in binary.asm["ptx"]  # mma.sync or wgmma; Turing's tl.dot runs on the FMA units
+    # mma.sync or wgmma; Turing's tl.dot runs on the FMA units
+    tensor_cores = "mma" in binary.asm["ptx"]
     return dict(
         regs=regs,
         spill_bytes=spill,
@@ -146,7 +152,8 @@ def print_traffic(E=4, sw=4, sd=2):
     W = weight_bytes(E, sw)
     params = fm.launch_params(90, SMEM_LIMIT[90], torch.bfloat16, torch.float32, torch.float32, D, H, E, R)
     chunk = params["bwd_weights"][0]["CHUNK"]
-    for sx in (2, 4):  # bf16 activations; the fp32 stream that moa.MoA passes under autocast
+    # bf16 activations; the fp32 stream that moa.MoA passes under autocast
+    for sx in (2, 4):
         print(
             f"\n# traffic (MB): x, y, dy, dx {8 * sx}-bit, bf16 matmuls, fp32 weights, E = top_k = {E}.\n"
             "# Floor: 2A + W + G forward, 5A + 3W + 2G forward + backward (A: an activation tensor,\n"
@@ -159,11 +166,15 @@ def print_traffic(E=4, sw=4, sd=2):
             gates = N * E * 4
             scratch = N * (2 * E * R + 2 * H + 32) * sd
             copies = triton.cdiv(N, chunk)
-            fwd = 2 * act + W + gates  # read x, weights; write y, gates
-            tokens = 3 * act + W + gates + scratch  # read x, dy, weights, gates; write dx, P1, P2
-            weights = 2 * act + scratch + copies * W  # read x, dy, P1, P2; write the gradient copies
+            # read x, weights; write y, gates
+            fwd = 2 * act + W + gates
+            # read x, dy, weights, gates; write dx, P1, P2
+            tokens = 3 * act + W + gates + scratch
+            # read x, dy, P1, P2; write the gradient copies
+            weights = 2 * act + scratch + copies * W
             total = fwd + tokens + weights
-            if copies > 1:  # the sum of the copies: read them, write one
+            # the sum of the copies: read them, write one
+            if copies > 1:
                 total += copies * W + W
             fwd_floor, floor = hbm_floor(act, W, gates)
             print(
