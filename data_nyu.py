@@ -325,40 +325,51 @@ def depth_metrics(pred, gt, crop="eigen", clamp=True):
         gt = gt[..., r0:r1, c0:c1]
     valid = (gt > MIN_DEPTH) & (gt < MAX_DEPTH)
     # valid pixels per frame; 0 makes every mean NaN
-    count = valid.sum((-2, -1)).double()
-    g = torch.where(valid, gt.double(), 1.0)
-    p = pred.double().nan_to_num(nan=MIN_DEPTH)
+    count = valid.count_nonzero((-2, -1)).double()
+    hole = ~valid
+    # below, each full-size float64 map is made once and then reused in place: on a CPU a new tensor of
+    # this size costs about as much as the arithmetic on it (fresh memory); in place is ~1.5x faster
+    g = gt.to(torch.float64, copy=True).masked_fill_(hole, 1.0)
+    p = pred.to(torch.float64, copy=True).nan_to_num_(nan=MIN_DEPTH)
     if clamp:
-        p = p.clamp(MIN_DEPTH, MAX_DEPTH)
+        p.clamp_(MIN_DEPTH, MAX_DEPTH)
     # elsewhere both maps hold 1 m: an error of 0 that adds nothing to the sums below
-    p = torch.where(valid, p, 1.0)
+    p.masked_fill_(hole, 1.0)
 
     def mean(x):  # (..., h, w) -> (...): the mean over each frame's valid pixels
         return x.sum((-2, -1)) / count
 
     over = p / g
-    ratio = torch.maximum(g / p, over)
+    ratio = g / p
+    torch.maximum(ratio, over, out=ratio)
     # ratio 1 there: below every limit
     invalid = valid.shape[-2] * valid.shape[-1] - count
 
     def fraction_below(limit):
-        return ((ratio < limit).sum((-2, -1)) - invalid) / count
+        return ((ratio < limit).count_nonzero((-2, -1)) - invalid) / count
 
-    # ln p - ln g; log10 p - log10 g = e / ln 10
-    e = over.log()
-    error = g - p
-    squared = error**2
+    d1 = fraction_below(1.25)
+    d2 = fraction_below(1.25**2)
+    d3 = fraction_below(1.25**3)
+    # e = ln p - ln g, in place of p / g; log10 p - log10 g = e / ln 10
+    e = over.log_()
     mean_e = mean(e)
-    mean_e2 = mean(e**2)
+    mean_e2 = mean(e * e)
+    log10 = mean(e.abs_()) / math.log(10)
+    error = g - p
+    squared = error * error
+    rmse = mean(squared).sqrt()
+    sq_rel = mean(squared.div_(g))
+    abs_rel = mean(error.abs_().div_(g))
     return {
-        "d1": fraction_below(1.25),
-        "d2": fraction_below(1.25**2),
-        "d3": fraction_below(1.25**3),
-        "abs_rel": mean(error.abs() / g),
-        "sq_rel": mean(squared / g),
-        "rmse": mean(squared).sqrt(),
+        "d1": d1,
+        "d2": d2,
+        "d3": d3,
+        "abs_rel": abs_rel,
+        "sq_rel": sq_rel,
+        "rmse": rmse,
         "rmse_log": mean_e2.sqrt(),
-        "log10": mean(e.abs()) / math.log(10),
+        "log10": log10,
         "silog": 100 * (mean_e2 - mean_e**2).clamp_min(0).sqrt(),
     }
 
