@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# appended, not put first: transformers >= 5 imports Hugging Face's package `kernels`, which the
+# repository's own kernels/ folder would otherwise shadow (clip_vit is found either way)
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 import clip_vit  # noqa: E402
 
 

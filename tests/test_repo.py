@@ -87,7 +87,8 @@ def test_import_graph_is_the_architecture():
 # third-party distributions allowed to install a top-level module named like one of ours, and why that is safe
 SHADOWED_ON_PURPOSE = {
     # Hugging Face's `kernels`, pulled in by transformers >= 5 (test-only): the Hugging Face parity test runs
-    # transformers in its own process (`python -I`, outside the repository), where ours is not on sys.path
+    # transformers in its own process (`python -I`, outside the repository), where ours is not on sys.path;
+    # tests/bench_clip.py appends the repository to sys.path, so site-packages' `kernels` comes first
     "kernels": {"kernels"},
 }
 
