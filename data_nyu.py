@@ -226,13 +226,22 @@ def normalize(x):
     return (x - mean) / std
 
 
+# frames resized at a time: 2 frames of 480x640 as float32 (7 MB) come from the heap and stay in cache,
+# 16 (59 MB) are mapped fresh from the operating system on every call: 2.6x slower on a CPU
+RESIZE_FRAMES = 2
+
+
 def resize(img, depth, size):
     """uint8 (B, 3, H, W), float (B, 1, H, W) or None -> float (B, 3, h, w) in [0, 1], float32
     (B, 1, h, w): the one resize, for training and evaluation. Both whole frames go to exactly
     (h, w), so they stay aligned (the authors' training code crops the RGB but not the depth, G16).
     The image: antialiased bicubic, as CLIP's own preprocessing and the authors' scripts (PIL's
     BICUBIC) resize; it overshoots a little, hence the clamp to [0, 1]."""
-    img = F.interpolate(img.float() / 255, size, mode="bicubic", antialias=True, align_corners=False)
+    pieces = [
+        F.interpolate(piece.float() / 255, size, mode="bicubic", antialias=True, align_corners=False)
+        for piece in img.split(RESIZE_FRAMES)
+    ]
+    img = torch.cat(pieces)
     if depth is not None:
         # nearest-exact takes the source pixel whose centre is nearest, on the same pixel-centre grid
         # as the image's resize: depth edges land where image edges land, and a hole (0) is never
@@ -324,8 +333,12 @@ def depth_metrics(pred, gt, crop="eigen", clamp=True):
         pred = pred[..., r0:r1, c0:c1]
         gt = gt[..., r0:r1, c0:c1]
     valid = (gt > MIN_DEPTH) & (gt < MAX_DEPTH)
+
+    def count_true(mask):  # (..., h, w) bool -> (...): summed as int32, ~2x faster than count_nonzero
+        return mask.sum((-2, -1), dtype=torch.int32)
+
     # valid pixels per frame; 0 makes every mean NaN
-    count = valid.count_nonzero((-2, -1)).double()
+    count = count_true(valid).double()
     hole = ~valid
     # below, each full-size float64 map is made once and then reused in place: on a CPU a new tensor of
     # this size costs about as much as the arithmetic on it (fresh memory); in place is ~1.5x faster
@@ -346,7 +359,7 @@ def depth_metrics(pred, gt, crop="eigen", clamp=True):
     invalid = valid.shape[-2] * valid.shape[-1] - count
 
     def fraction_below(limit):
-        return ((ratio < limit).count_nonzero((-2, -1)) - invalid) / count
+        return (count_true(ratio < limit) - invalid) / count
 
     d1 = fraction_below(1.25)
     d2 = fraction_below(1.25**2)

@@ -716,6 +716,9 @@ def main(args):
             ) from None
         if scheduler is not None and ckpt.get("scheduler"):
             scheduler.load_state_dict(ckpt["scheduler"])
+        # fp16's loss scale as it had grown: empty when the run had no scaler (bf16, fp32)
+        if use_scaler and ckpt.get("grad_scaler"):
+            scaler.load_state_dict(ckpt["grad_scaler"])
         start_epoch = ckpt["epoch"] + 1
         step = ckpt["step"]
         best_d1 = ckpt["best_d1"]
@@ -727,7 +730,8 @@ def main(args):
 
     def save(path, with_optimizer):
         """A checkpoint of now: trainable weights, DepthConfig, CLIP id, every flag (moa.save_checkpoint).
-        ckpt.pt adds AdamW's and the schedule's state and the random state: what --resume needs."""
+        ckpt.pt adds the state of AdamW, the schedule, fp16's loss scale and the random stream: what --resume
+        needs."""
         extra = {
             "clip": clip_id,
             "config": vars(args),
@@ -741,6 +745,7 @@ def main(args):
             extra["optimizer"] = optimizer.state_dict()
             extra["scheduler"] = scheduler.state_dict() if scheduler is not None else None
             extra["rng"] = torch.get_rng_state()
+            extra["grad_scaler"] = scaler.state_dict()
         moa.save_checkpoint(path, model, **extra)
 
     # the training loop

@@ -4,11 +4,13 @@ protocol, split into read (HDF5 to tensors), resize (the input squashed to the m
 maps upsampled and pasted back; timed with a stub model that costs nothing), model (the real
 forwards alone) and score (the metrics), against today's path before the batched torch metrics
 (kept below as the baseline: frame by frame reads, numpy metrics per output and frame, the authors'
-groups from a pending list), timed in the same run on the same frames. A benchmark, not a test:
-pytest does not collect it.
+groups from a pending list, the whole batch resized at once), timed in the same run on the same
+frames, the two paths alternated (--rounds; the best run of each counts), both under evaluate.py's
+allocator setting (evaluate.keep_freed_memory; --glibc-default leaves glibc's). A benchmark, not a
+test: pytest does not collect it.
 
-    python tests/bench_eval.py [--frames 48] [--device cpu|cuda] [--model tiny|vit-b32] [--threads N]
-                               [--frames-per-call N]
+    python tests/bench_eval.py [--frames 48] [--rounds 3] [--device cpu|cuda] [--model tiny|vit-b32]
+                               [--threads N] [--frames-per-call N] [--glibc-default]
 
 tiny: a random CLIP of width 64 at 224x224 with the paper's heads (128 bins): the maps, their sizes
 and the scoring are the real model's, only its forward is cheaper. vit-b32: a random ViT-B/32.
@@ -68,8 +70,8 @@ def old_predict(model, rgb, dtype, out_size, flip=False, bicubic=False):
     img = torch.from_numpy(rgb).to(device).permute(0, 3, 1, 2)
     if bicubic:
         img = F.interpolate(img / 255, cfg.input_size, mode="bicubic", antialias=True).clamp(0, 1)
-    else:
-        img = data_nyu.resize(img, None, cfg.input_size)[0]
+    else:  # data_nyu.resize as it was: the whole batch at once
+        img = F.interpolate(img.float() / 255, cfg.input_size, mode="bicubic", antialias=True).clamp(0, 1)
     img = data_nyu.normalize(img)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         out = model(img)
@@ -225,6 +227,7 @@ if __name__ == "__main__":
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--model", choices=("tiny", "vit-b32"), default="tiny")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=3, help="alternated runs of each path; the best counts")
     p.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's choice)")
     p.add_argument(
         "--frames-per-call",
@@ -232,7 +235,9 @@ if __name__ == "__main__":
         metavar="N",
         help="frames per depth_metrics call (default: evaluate.frames_per_call's choice)",
     )
+    p.add_argument("--glibc-default", action="store_true", help="without evaluate.keep_freed_memory")
     args = p.parse_args()
+    kept = False if args.glibc_default else evaluate.keep_freed_memory()
     if args.frames_per_call:
         evaluate.frames_per_call = lambda device: args.frames_per_call
     if args.threads:
@@ -265,7 +270,7 @@ if __name__ == "__main__":
         stub = Stub(model.cfg).to(device)
         new_path(stub, ds, order[:8], protocols, dtype, args.batch_size, device)  # warm up
         old, new, model_s = None, None, float("inf")
-        for _ in range(2):  # the best of 2 runs each, interleaved: the machine may be shared
+        for _ in range(args.rounds):  # alternated: a shared machine's slow minutes hit both paths alike
             o = old_path(stub, ds, n, args.batch_size, dtype)
             w = new_path(stub, ds, order, protocols, dtype, args.batch_size, device)
             model_s = min(model_s, model_seconds(model, n, args.batch_size, protocols, dtype, device))
@@ -274,7 +279,8 @@ if __name__ == "__main__":
     per = 1e3 / (n * len(protocols))  # seconds in all -> ms per frame per protocol
     print(
         f"{n} frames x {len(protocols)} protocols ({', '.join(protocols)}), {args.model} model, "
-        f"{device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"{device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"freed memory {'kept' if kept else 'as glibc does'}"
     )
     print("ms per frame per protocol    read   resize    model    score   pipeline (read+resize+score)")
     pipelines = {}

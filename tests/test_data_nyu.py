@@ -646,3 +646,17 @@ def test_frames_reads_runs_of_frames_as_the_dataset_serves_them(tmp_path, v73, f
         np.testing.assert_array_equal(depth[k], ds[i][1])
     with pytest.raises(IndexError):
         ds.frames([3])
+
+
+def test_resize_in_pieces_equals_each_frame_alone():
+    """data_nyu.resize works RESIZE_FRAMES frames at a time (for speed): a batch of 5 comes out
+    bit for bit as each frame resized alone, image and depth, and in order."""
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, (5, 3, 48, 64), dtype=torch.uint8, generator=g)
+    depth = torch.rand(5, 1, 48, 64, generator=g) * 10
+    batch_img, batch_depth = data_nyu.resize(img, depth, (24, 40))
+    for i in range(5):
+        one_img, one_depth = data_nyu.resize(img[i : i + 1], depth[i : i + 1], (24, 40))
+        assert torch.equal(batch_img[i : i + 1], one_img)
+        assert torch.equal(batch_depth[i : i + 1], one_depth)
+    assert batch_img.shape == (5, 3, 24, 40) and 0 <= batch_img.min() and batch_img.max() <= 1

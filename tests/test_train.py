@@ -418,6 +418,29 @@ def test_weights_only_model_pt_evaluates_like_ckpt(trained, run_script):
     assert results[0] == results[1]
 
 
+def test_resume_restores_the_fp16_loss_scale(small_clip, tmp_path, monkeypatch):
+    """On fp16 (a T4) the GradScaler's scale is part of the run: ckpt.pt carries it and --resume
+    starts from it, not from 65536 again. Here on the CPU with the scaler forced on (fp32 maths):
+    the scale written after epoch 1 is changed to 1024, and after a resumed epoch 2 (2 steps, far
+    from a growth step) it is still 1024."""
+    runtime = moa.Runtime(torch.device("cpu"), None, True, "fp32 with a GradScaler (test)")
+    monkeypatch.setattr(moa, "runtime", lambda device="auto": runtime)
+    out = tmp_path / "run"
+    flags = ["--data", "synthetic", "--clip", str(small_clip), "--out", str(out), *SMALL]
+    train.main(train.parse_args([*flags, "--epochs", "1"]))
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["grad_scaler"]["scale"] == 65536.0
+    ckpt["grad_scaler"]["scale"] = 1024.0
+    torch.save(ckpt, out / "ckpt.pt")
+    train.main(train.parse_args([*flags, "--epochs", "2", "--resume"]))
+    resumed = torch.load(out / "ckpt.pt", weights_only=True)
+    assert resumed["epoch"] == 1 and resumed["grad_scaler"]["scale"] == 1024.0
+    # without a scaler (bf16, fp32) nothing is stored, and nothing is restored
+    monkeypatch.setattr(moa, "runtime", lambda device="auto": runtime._replace(grad_scaler=False))
+    train.main(train.parse_args([*flags, "--epochs", "3", "--resume"]))
+    assert torch.load(out / "ckpt.pt", weights_only=True)["grad_scaler"] == {}
+
+
 def test_resume_with_nothing_left_says_so_and_changes_nothing(tmp_path, train_small):
     out = tmp_path / "run"
     train_small(out, "--epochs", "2")
