@@ -323,12 +323,9 @@ def protocol_maps(rgb, gt, protocol, model=None, dtype=None, ceiling=None):
         maps = predict_maps(model, rgb[..., r0:r1, c0:c1], dtype, size, protocol.flip, protocol.resize)
     if size == FRAME:
         return maps
-    pasted = {}
-    # as DepthCLIP pastes it: zeros around the box
-    for key, depth in maps.items():
-        pasted[key] = depth.new_zeros(len(depth), *FRAME)
-        pasted[key][:, r0:r1, c0:c1] = depth
-    return pasted
+    # as DepthCLIP pastes it: zeros around the box (left, right, top, bottom)
+    around = (c0, FRAME[1] - c1, r0, FRAME[0] - r1)
+    return {key: F.pad(depth, around) for key, depth in maps.items()}
 
 
 # -----------------------------------------------------------------------------
