@@ -21,10 +21,8 @@ grid if one is given), upsampled as the model's output: the best such a model ca
 Scored alone: fused depth and the dual head's binned and regressed maps. Last stdout line: JSON.
 """
 
-import ctypes
 import json
 import math
-import platform
 import sys
 from argparse import ArgumentParser, RawDescriptionHelpFormatter
 from collections import defaultdict
@@ -374,17 +372,18 @@ def lower_median(x, keep):
     nothing_kept = rank < 0
     median_bits = torch.zeros((), dtype=bits.dtype, device=x.device)
     for shift in range(bits.element_size() * 8 - 16, -1, -16):
-        digits = (bits >> shift) & 0xFFFF
-        # 65536: not kept, not counted
-        counts = torch.bincount(torch.where(keep, digits, 65536).flatten(), minlength=65537)[:65536]
+        digits = (bits >> shift).bitwise_and_(0xFFFF)
+        # 65536: not kept, not counted (in place: a new map of this size costs page faults)
+        digits.masked_fill_(~keep, 65536)
+        counts = torch.bincount(digits.flatten(), minlength=65537)[:65536]
         # kept values at digits <= d
         upto = counts.cumsum(0)
         digit = torch.searchsorted(upto, rank, right=True).clamp_max(65535)
         # the rank among the values with this digit
         rank = rank - (upto[digit] - counts[digit])
         median_bits = (median_bits << 16 | digit).to(bits.dtype)
-        if shift:
-            keep = keep & (digits == digit)
+        # the values with this digit (those not kept hold 65536, never a digit)
+        keep = digits == digit
     return torch.where(nothing_kept, torch.nan, median_bits.view(x.dtype))
 
 
@@ -503,29 +502,6 @@ def read_frames(ds, positions, device):
         gt = np.stack([ds[i][1] for i in positions])
     rgb = torch.from_numpy(np.ascontiguousarray(rgb)).to(device).permute(0, 3, 1, 2)  # channels last
     return rgb, torch.from_numpy(np.ascontiguousarray(gt)).to(device)
-
-
-def keep_freed_memory():
-    """Let this process keep the memory it frees for its next tensors (glibc; elsewhere nothing is
-    changed). -> whether glibc took the settings.
-
-    glibc maps a block over 128 KB fresh from the operating system and unmaps it when freed; it
-    then raises that bound to the freed size (up to 32 MB), but trims the heap again once 2x that
-    lies free at its top. Either way the next tensor pays a page fault per 4 KB page, and
-    evaluation makes tensors of a few MB at every step (a frame's float64 maps, the authors'
-    medians over 1.9 M pixels); on a CPU those faults can cost as much as the arithmetic, and
-    they come and go with the order of allocations (the median: 8 to 16 ms a group, 8-9 ms with
-    this). Here blocks up to 32 MB (glibc's most) come from the heap, and the heap keeps up to 1 GB
-    of freed memory (LD_PRELOAD of jemalloc or tcmalloc does the same for any program)."""
-    if platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(None)
-    # mallopt's parameters, from glibc's malloc.h
-    M_TRIM_THRESHOLD = -1
-    M_MMAP_THRESHOLD = -3
-    from_heap = libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-    kept = libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-    return bool(from_heap and kept)
 
 
 def describe(name, protocol, args, n, data, ceiling=None):
@@ -794,7 +770,6 @@ def main():
     for name, lines in about.items():
         print(f"protocol {name}: " + ", ".join(f"{k}={v}" for k, v in lines.items()), file=sys.stderr)
     maps_of = partial(protocol_maps, model=model, dtype=dtype, ceiling=ceiling)
-    keep_freed_memory()
     rows = evaluate_frames(ds, order, protocols, maps_of, device, args)
     results = report(rows, [ds.scene(i) for i in order], about)
     # the headline: the first protocol's first output

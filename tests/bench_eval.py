@@ -5,12 +5,11 @@ maps upsampled and pasted back; timed with a stub model that costs nothing), mod
 forwards alone) and score (the metrics), against today's path before the batched torch metrics
 (kept below as the baseline: frame by frame reads, numpy metrics per output and frame, the authors'
 groups from a pending list, the whole batch resized at once), timed in the same run on the same
-frames, the two paths alternated (--rounds; the best run of each counts), both under evaluate.py's
-allocator setting (evaluate.keep_freed_memory; --glibc-default leaves glibc's). A benchmark, not a
-test: pytest does not collect it.
+frames, the two paths alternated (--rounds; the best run of each counts). A benchmark, not a test:
+pytest does not collect it.
 
     python tests/bench_eval.py [--frames 48] [--rounds 3] [--device cpu|cuda] [--model tiny|vit-b32]
-                               [--threads N] [--frames-per-call N] [--glibc-default]
+                               [--threads N] [--frames-per-call N]
 
 tiny: a random CLIP of width 64 at 224x224 with the paper's heads (128 bins): the maps, their sizes
 and the scoring are the real model's, only its forward is cheaper. vit-b32: a random ViT-B/32.
@@ -235,9 +234,7 @@ if __name__ == "__main__":
         metavar="N",
         help="frames per depth_metrics call (default: evaluate.frames_per_call's choice)",
     )
-    p.add_argument("--glibc-default", action="store_true", help="without evaluate.keep_freed_memory")
     args = p.parse_args()
-    kept = False if args.glibc_default else evaluate.keep_freed_memory()
     if args.frames_per_call:
         evaluate.frames_per_call = lambda device: args.frames_per_call
     if args.threads:
@@ -279,8 +276,7 @@ if __name__ == "__main__":
     per = 1e3 / (n * len(protocols))  # seconds in all -> ms per frame per protocol
     print(
         f"{n} frames x {len(protocols)} protocols ({', '.join(protocols)}), {args.model} model, "
-        f"{device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"freed memory {'kept' if kept else 'as glibc does'}"
+        f"{device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     print("ms per frame per protocol    read   resize    model    score   pipeline (read+resize+score)")
     pipelines = {}

@@ -349,18 +349,6 @@ def test_lower_median_is_torch_median_of_the_kept_values():
     assert evaluate.lower_median(x, torch.zeros(7, dtype=torch.bool)).isnan()
 
 
-def test_freed_memory_is_kept_where_glibc_runs():
-    """evaluate.py's allocator settings: glibc takes both (a wrong parameter or an out-of-range
-    value makes mallopt refuse, and this fail); elsewhere nothing is touched. Run in a child, as
-    the setting lasts for the process."""
-    import platform
-
-    code = "import evaluate; print(evaluate.keep_freed_memory())"
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
-    assert r.stdout.strip() == str(platform.libc_ver()[0] == "glibc")
-
-
 def test_protocols_fed_alike_share_one_prediction():
     """--protocol all: standard and standard-depthclip-crop feed the model the same input, so each
     pass predicts once for both (3 predictions a pass, not 4), and every protocol still gets the
