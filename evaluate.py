@@ -360,11 +360,11 @@ def lower_median(x, keep):
     positive values count (NaN never does, as in torch.nanmedian); NaN when none is kept. -> 0-dim.
 
     It counts instead of sorting: ~1.7x faster than torch.median on a CPU (a group of 8 frames,
-    1.9 M pixels: 8-10 ms, not 16-17), and no host sync on a GPU. A positive float's bits, read as an integer,
-    order as the floats do; so the value at the middle rank is found 16 bits at a time, high bits
-    first: count the kept values per 16-bit digit, take the digit that holds the rank, keep only
-    the values with that digit, and go on with the next 16 bits (2 rounds for float32, 4 for
-    float64)."""
+    1.9 M pixels: 8-10 ms, not 16-17), and no host sync on a GPU. A positive float's bits, read
+    as an integer, order as the floats do; so the value at the middle rank is found 16 bits at a
+    time, high bits first: count the kept values per 16-bit digit, take the digit that holds the
+    rank, keep only the values with that digit, and go on with the next 16 bits (2 rounds for
+    float32, 4 for float64)."""
     bits = x.view({torch.float32: torch.int32, torch.float64: torch.int64}[x.dtype])
     keep = keep & (x > 0)
     # the 0-based rank of the lower middle value; -1 if nothing is kept
