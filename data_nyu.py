@@ -231,17 +231,23 @@ def normalize(x):
 RESIZE_FRAMES = 2
 
 
+def bicubic(img, size, divisor):
+    """uint8 (B, 3, H, W) -> float32 (B, 3, h, w): img / divisor, antialiased bicubic to size (as PIL's
+    BICUBIC), RESIZE_FRAMES frames at a time."""
+    pieces = [
+        F.interpolate(piece.float() / divisor, size, mode="bicubic", antialias=True, align_corners=False)
+        for piece in img.split(RESIZE_FRAMES)
+    ]
+    return torch.cat(pieces)
+
+
 def resize(img, depth, size):
     """uint8 (B, 3, H, W), float (B, 1, H, W) or None -> float (B, 3, h, w) in [0, 1], float32
     (B, 1, h, w): the one resize, for training and evaluation. Both whole frames go to exactly
     (h, w), so they stay aligned (the authors' training code crops the RGB but not the depth, G16).
     The image: antialiased bicubic, as CLIP's own preprocessing and the authors' scripts (PIL's
     BICUBIC) resize; it overshoots a little, hence the clamp to [0, 1]."""
-    pieces = [
-        F.interpolate(piece.float() / 255, size, mode="bicubic", antialias=True, align_corners=False)
-        for piece in img.split(RESIZE_FRAMES)
-    ]
-    img = torch.cat(pieces)
+    img = bicubic(img, size, 255)
     if depth is not None:
         # nearest-exact takes the source pixel whose centre is nearest, on the same pixel-centre grid
         # as the image's resize: depth edges land where image edges land, and a hole (0) is never

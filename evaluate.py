@@ -268,11 +268,7 @@ def predict_maps(model, img, dtype, out_size, flip=False, resize="training"):
     authors' script: PIL's antialiased bicubic, whose result PIL rounds to uint8)."""
     cfg = model.cfg
     if resize == "pil-bicubic":
-        # a few frames at a time, as data_nyu.resize
-        pieces = img.split(data_nyu.RESIZE_FRAMES)
-        x = torch.cat(
-            [F.interpolate(p.float(), cfg.input_size, mode="bicubic", antialias=True) for p in pieces]
-        )
+        x = data_nyu.bicubic(img, cfg.input_size, 1)
         x = x.round().clamp(0, 255) / 255  # (B, 3, h, w)
     else:
         x = data_nyu.resize(img, None, cfg.input_size)[0]  # (B, 3, h, w)
@@ -382,8 +378,9 @@ def lower_median(x, keep):
         # the rank among the values with this digit
         rank = rank - (upto[digit] - counts[digit])
         median_bits = (median_bits << 16 | digit).to(bits.dtype)
-        # the values with this digit (those not kept hold 65536, never a digit)
-        keep = digits == digit
+        # the next round: the values with this digit (those not kept hold 65536, never a digit)
+        if shift:
+            keep = digits == digit
     return torch.where(nothing_kept, torch.nan, median_bits.view(x.dtype))
 
 
