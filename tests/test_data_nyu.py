@@ -648,9 +648,9 @@ def test_frames_reads_runs_of_frames_as_the_dataset_serves_them(tmp_path, v73, f
         ds.frames([3])
 
 
-def test_resize_in_pieces_equals_each_frame_alone():
-    """data_nyu.resize works RESIZE_FRAMES frames at a time (for speed): a batch of 5 comes out
-    bit for bit as each frame resized alone, image and depth, and in order."""
+def test_resize_of_a_batch_equals_each_frame_alone():
+    """data_nyu.resize of a batch of 5 comes out bit for bit as each frame resized alone, image and
+    depth, and in order."""
     g = torch.Generator().manual_seed(0)
     img = torch.randint(0, 256, (5, 3, 48, 64), dtype=torch.uint8, generator=g)
     depth = torch.rand(5, 1, 48, 64, generator=g) * 10
