@@ -416,6 +416,13 @@ def official_sha256(name):
     return MODELS[name].split("/")[-2]
 
 
+def weights_sha256(name_or_path):
+    """The identity of CLIP weights: the official SHA-256 of a model name, a file's own, or "random"."""
+    if name_or_path in MODELS:
+        return official_sha256(name_or_path)
+    return "random" if name_or_path == "random" else sha256sum(name_or_path)
+
+
 def cache_dir(sub="clip"):
     """$XDG_CACHE_HOME/<sub>, default ~/.cache/<sub>; openai's package caches in ~/.cache/clip."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / sub

@@ -580,11 +580,11 @@ def parse_args():
     return args
 
 
-def open_data(args, config):
+def open_data(args, ckpt):
     """-> (the test frames, the name of their data): --data, else the data the run trained on."""
-    data = args.data or config.get("data", data_nyu.FILE_NAME)
+    data = args.data or ckpt.get("data") or data_nyu.FILE_NAME
     if data == "synthetic":
-        ds = data_nyu.SyntheticDepth(n=SYNTHETIC_TEST, seed=SYNTHETIC_SEED + config.get("seed", 0))
+        ds = data_nyu.SyntheticDepth(n=SYNTHETIC_TEST, seed=SYNTHETIC_SEED + (ckpt.get("seed") or 0))
     else:
         ds = data_nyu.NYUDepthV2(
             data, split="test", splits_path=args.splits, raw_depth=args.gt == "raw", download=args.download
@@ -688,16 +688,8 @@ def main():
         model = None
     # DepthCLIP: CLIP as it is, so nothing is trained and no checkpoint read
     elif args.zero_shot:
-        clip = clip_vit.load(args.clip or "ViT-B/32")
+        model = moa.build_model(clip_vit.load(args.clip or "ViT-B/32"), None, args.moa_impl).to(device).eval()
         ckpt = {}
-        if isinstance(clip.visual, clip_vit.ModifiedResNet):  # RN50: DepthCLIP's own code, exactly
-            model = moa.DepthCLIPZeroShot(clip).to(device).eval()
-        # a ViT: DepthCLIP's prompts and bins on the ViT's tokens (G23)
-        else:
-            # one adapter there: identity at init
-            last = (len(clip.visual.transformer.resblocks) - 1,)
-            cfg = moa.DepthConfig(head="similarity", use_context=False, use_moa=False, moa_layers=last)
-            model = moa.MoADepthCLIP(clip, cfg, moa_impl=args.moa_impl).to(device).eval()
     else:
         ckpt = moa.load_checkpoint(args.ckpt)  # its config: data, seed
         model = moa.from_checkpoint(ckpt, args.clip, device, where=args.ckpt, moa_impl=args.moa_impl)
@@ -705,7 +697,7 @@ def main():
         predict_photos(photos, model, dtype, args.out_dir)
         return
 
-    ds, data = open_data(args, ckpt.get("config", {}))
+    ds, data = open_data(args, ckpt)
     n = min(len(ds), args.limit or len(ds))  # --limit: the first N frames
     # one order for all: per-image scores do not depend on it
     order = authors_order(ds, n)

@@ -12,7 +12,7 @@ marked GUESS (docs/paper-notes.md §2). Use: MoADepthCLIP(clip, DepthConfig())(i
 import math
 import sys
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import NamedTuple
 
 import torch
@@ -78,53 +78,7 @@ SSIM_C1 = 0.01**2
 SSIM_C2 = 0.03**2
 # the weights of the composite loss's four terms
 W_COMPOSITE = {"silog": 1.0, "grad": 0.5, "ssim": 0.2, "l1": 0.1}
-CHOICES = {
-    "fusion": ("mean", "cls", "reg"),
-    "loss": ("paper", "composite"),
-    "sim_bins": (7, 10),
-    "head": ("dual", "similarity"),
-    "bin_spacing": ("uniform", "log"),
-    "silog": ("paper", "bts"),
-    "composite": ("ours", "authors"),
-}  # train.py's choices
 OUTPUTS = {"depth": "fused", "depth_cls": "binned", "depth_reg": "regressed"}  # forward's maps
-
-
-class Runtime(NamedTuple):
-    device: torch.device
-    # the autocast dtype; None: fp32, no autocast
-    dtype: torch.dtype | None
-    # fp16 autocast: the loss needs a torch.amp.GradScaler
-    grad_scaler: bool
-    # the choice in words, for the log
-    precision: str
-
-
-def runtime(device="auto"):
-    """The one place that decides device and dtype. On a GPU with bf16 tensor cores (compute capability
-    8.0 and newer) bf16 autocast; on an older one (a T4, sm_75) fp16 autocast with a GradScaler, since fp16's
-    range is too small for unscaled gradients; on the CPU fp32."""
-    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    here = ["cpu", "cuda", *gpus] if gpus else ["cpu"]  # "cuda": the current GPU
-    if device == "auto":
-        device = "cuda" if gpus else "cpu"
-    if device not in here:
-        raise UserError(
-            f"--device {device}: not on this machine (torch {torch.__version__} sees "
-            f"{len(gpus)} CUDA GPUs); use one of auto, {', '.join(here)}"
-        )
-    if device == "cpu":
-        return Runtime(torch.device("cpu"), None, False, "fp32")
-    major, minor = torch.cuda.get_device_capability(device)
-    sm = f"sm_{major}{minor}"
-    if major >= 8:
-        return Runtime(torch.device(device), torch.bfloat16, False, f"bf16 autocast ({sm})")
-    return Runtime(
-        torch.device(device),
-        torch.float16,
-        True,
-        f"fp16 autocast with a GradScaler ({sm} has no bf16 tensor cores)",
-    )
 
 
 # -----------------------------------------------------------------------------
@@ -249,52 +203,96 @@ class MoA(nn.Module):
 
 # -----------------------------------------------------------------------------
 # the depth model
+def option(default, help, choices=None, low=None, metavar=None):
+    """A config field: its default, what it means and the values it may take. train.py makes a flag of
+    each field (cli.add_options), so this is the one place a setting is written."""
+    return field(default=default, metadata={"help": help, "choices": choices, "low": low, "metavar": metavar})
+
+
 @dataclass
 class DepthConfig:
-    # K, Table 2 ablates 1, 2, 4, 8, 16
-    num_experts: int = 4
-    # 0 = all experts (the paper); k < K: our generalisation
-    top_k: int = 0
-    bottleneck: int = 64  # expert width d_b
-    # gate MLP 768 -> 128 -> K
-    gate_hidden: int = 128
-    temperature: float = 2.0  # gate softmax temperature tau
-    # 0-based, as in the authors' code (GUESS G9)
-    moa_layers: tuple = (2, 5, 8, 11)
-    # the last 4 image blocks are fine-tuned
-    trainable_blocks: int = 4
-    # False: single adapters, the "Our Baseline" row
-    use_moa: bool = True
-    # the global scene-context vector (dual head only)
-    use_context: bool = True
-    # "dual": bins + regression; "similarity": DepthCLIP's head
-    head: str = "dual"
-    # GUESS G24: similarity bins, 7 (DepthCLIP's) or 10 (paper)
-    sim_bins: int = 7
-    # N of the dual head, Table 3 ablates 40 ... 200
-    num_bins: int = 128
-    # GUESS G3: "uniform" or "log" over [min_depth, max_depth]
-    bin_spacing: str = "uniform"
-    min_depth: float = 1e-3
-    max_depth: float = 10.0
-    # GUESS G2: "mean" of binned and regressed, or "cls"/"reg"
-    fusion: str = "mean"
-    # as in the paper; other multiples of 32 resize the pos-embed
-    input_size: tuple = (224, 224)
-    # "paper": §3.4's CE + L1 + SILog; "composite": Table 1's
-    loss: str = "paper"
-    # GUESS G6: "paper" 10 (Var + 0.85 Mean^2); "bts" 10 sqrt(..)
-    silog: str = "paper"
-    w_cls: float = 1.0
-    w_reg: float = 1.0
-    w_silog: float = 0.5
-    # GUESS G25: "ours" or "authors", see composite_loss
-    composite: str = "ours"
+    """The model and its loss. Defaults are the paper's; GUESS Gn marks a choice the paper leaves open
+    (docs/paper-notes.md §2)."""
 
-    # the similarity head has no input that the context could join
+    num_experts: int = option(4, "experts K per MoA layer (Table 2 ablates 1, 2, 4, 8, 16)", low=1)
+    top_k: int = option(0, "experts each token mixes; 0 = all experts (the paper)", low=0)
+    bottleneck: int = option(64, "expert width d_b, channels", low=1)
+    gate_hidden: int = option(128, "hidden width of the gate MLP (768 -> H -> K), channels", low=1)
+    temperature: float = option(2.0, "gate softmax temperature tau")
+    moa_layers: tuple = option((2, 5, 8, 11), "0-based image blocks followed by a MoA, 0..11 (G9)")
+    trainable_blocks: int = option(4, "last image blocks fine-tuned, 0..12", low=0)
+    use_moa: bool = option(True, "MoA modules; 0 = one plain adapter each (Table 1's baseline)")
+    use_context: bool = option(True, "append the text scene-context vector (dual head only)")
+    head: str = option(
+        "dual", "the paper's dual head, or DepthCLIP's similarity head", ("dual", "similarity")
+    )
+    sim_bins: int = option(7, "similarity-head bins: DepthCLIP's 7 or the paper's 10 (G24)", (7, 10))
+    num_bins: int = option(128, "bins N of the dual head (Table 3 ablates 40 ... 200)", low=2)
+    bin_spacing: str = option("uniform", "the bin centres over the depth range (G3)", ("uniform", "log"))
+    min_depth: float = option(1e-3, "smallest depth predicted", metavar="METRES")
+    max_depth: float = option(10.0, "largest depth predicted", metavar="METRES")
+    fusion: str = option(
+        "mean", "the final depth: the mean of binned and regressed, or one (G2)", ("mean", "cls", "reg")
+    )
+    input_size: tuple = option(
+        (224, 224), "network input in pixels, multiples of 32; one side = square (G16)", metavar="H,W"
+    )
+    loss: str = option(
+        "paper", "§3.4's CE + L1 + SILog, or Table 1's composite loss (G25)", ("paper", "composite")
+    )
+    silog: str = option(
+        "paper", "the SILog form: 10 (Var + 0.85 Mean^2), or BTS's sqrt (G6)", ("paper", "bts")
+    )
+    w_cls: float = option(1.0, "weight of the bins' cross-entropy in the paper's loss")
+    w_reg: float = option(1.0, "weight of the L1 term in the paper's loss")
+    w_silog: float = option(0.5, "weight of the SILog term in the paper's loss")
+    composite: str = option(
+        "ours",
+        "composite loss: ours (reflection padding, valid pixels) or the authors' (G25)",
+        ("ours", "authors"),
+    )
+
     def __post_init__(self):
-        if self.head == "similarity" and self.use_context:
-            raise UserError("--head similarity: it has no context input; add --use-context 0")
+        """Each value in its range, and the values consistent with each other; else a UserError naming the flag."""
+        if len(self.input_size) == 1:
+            self.input_size = tuple(self.input_size) * 2
+        check_options(self)
+        positive = (self.temperature, self.min_depth, self.max_depth)
+        require(all(v > 0 for v in positive), "--temperature, --min-depth and --max-depth must be > 0")
+        require(self.min_depth < self.max_depth, f"--min-depth {self.min_depth}: not below --max-depth")
+        require(self.top_k <= self.num_experts, f"--top-k {self.top_k}: more than --num-experts (0 = all)")
+        require(self.trainable_blocks <= 12, f"--trainable-blocks {self.trainable_blocks}: ViT-B/32 has 12")
+        layers = self.moa_layers
+        in_order = list(layers) == sorted(set(layers)) and all(0 <= i <= 11 for i in layers)
+        require(in_order, f"--moa-layers {typed(layers)}: not increasing block numbers in 0..11")
+        tiles = len(self.input_size) == 2 and all(side > 0 and side % 32 == 0 for side in self.input_size)
+        require(tiles, f"--input-size {typed(self.input_size)}: not one or two multiples of 32")
+        # the similarity head has no input that the context could join
+        no_context = self.head == "dual" or not self.use_context
+        require(no_context, "--head similarity: it has no context input; add --use-context 0")
+
+
+def check_options(config):
+    """Each field of a config dataclass among its choices and not below its low; else a UserError."""
+    for f in fields(config):
+        value, choices, low = getattr(config, f.name), f.metadata["choices"], f.metadata["low"]
+        flag = f"--{f.name.replace('_', '-')} {typed(value)}"
+        require(not choices or value in choices, f"{flag}: not one of {', '.join(map(str, choices or ()))}")
+        # "not >=": NaN fails too
+        require(low is None or value >= low, f"{flag}: not >= {low}")
+
+
+# a config's rule: a broken one stops the run in one line
+def require(holds, message):
+    if not holds:
+        raise UserError(message)
+
+
+# a value as a user types it: (2, 5, 8, 11) -> "2,5,8,11", True -> 1
+def typed(value):
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return int(value) if isinstance(value, bool) else value
 
 
 @torch.no_grad()
@@ -327,21 +325,11 @@ def text_features(clip, cfg):
     return {"context": scene_context(clip) if cfg.use_context else torch.zeros(0)}  # (512,)
 
 
-def require_vit(clip):
-    """MoA-DepthCLIP adapts a ViT's blocks; a ResNet CLIP (RN50) serves zero-shot DepthCLIP only."""
-    if not isinstance(clip.visual, clip_vit.VisionTransformer):
-        raise UserError(
-            "--clip: a ResNet CLIP; MoA-DepthCLIP needs a ViT (a ResNet runs only "
-            "as zero-shot DepthCLIP: evaluate.py --zero-shot)"
-        )
-
-
 class MoADepthCLIP(nn.Module):
     def __init__(self, clip, cfg, moa_impl="auto", stored_text=None):
         """moa_impl: MoA's impl, auto, triton or torch. stored_text: text_features(clip, cfg) as a
         checkpoint stored it for these CLIP weights; None: the text tower runs here."""
         super().__init__()
-        require_vit(clip)
         self.cfg = cfg
         # the text tower: used at most once, below; not kept
         self.visual = clip.visual
@@ -382,7 +370,8 @@ class MoADepthCLIP(nn.Module):
         blocks[len(blocks) - cfg.trainable_blocks :].requires_grad_(True)
 
     def features(self, image):
-        """(B, 3, H, W) -> mean of the MoA outputs' patch tokens, a grid (B, width, H/32, W/32)."""
+        """(B, 3, H, W) -> the mean of the MoA outputs' patch tokens (without MoA layers: the last block's),
+        a grid (B, width, H/32, W/32)."""
         v = self.visual
         H, W = image.shape[-2:]  # multiples of 32
         gh, gw = H // v.patch_size, W // v.patch_size
@@ -393,7 +382,7 @@ class MoADepthCLIP(nn.Module):
             if i in self.cfg.moa_layers:
                 x = self.moa[self.cfg.moa_layers.index(i)](x)  # every token, CLS included
                 levels.append(x[:, 1:])  # (B, gh*gw, width) patches
-        feat = torch.stack(levels).mean(0)  # (B, gh*gw, width)
+        feat = torch.stack(levels).mean(0) if levels else x[:, 1:]  # (B, gh*gw, width)
         return feat.transpose(1, 2).reshape(image.shape[0], -1, gh, gw)
 
     def forward(self, image):
@@ -578,6 +567,65 @@ def depth_loss(out, depth, mask, cfg):
     return loss, {**terms, "l1": l_l1.item(), "silog": l_silog.item()}
 
 
+# =============================================================================
+# machinery: the one way to build a model, the device policy, parameters and checkpoints
+
+
+def build_model(clip, cfg=None, moa_impl="auto", stored_text=None):
+    """A depth model on the CLIP weights `clip`: MoA-DepthCLIP for the DepthConfig cfg (a ViT only); or,
+    with cfg None, zero-shot DepthCLIP: on a ResNet exactly as DepthCLIP's code computes it, on a ViT
+    DepthCLIP's prompts and bins on the last block's tokens (G23). moa_impl, stored_text: MoADepthCLIP's."""
+    if cfg is None and isinstance(clip.visual, clip_vit.ModifiedResNet):
+        return DepthCLIPZeroShot(clip)
+    if cfg is None:
+        cfg = DepthConfig(
+            head="similarity", use_context=False, use_moa=False, moa_layers=(), trainable_blocks=0
+        )
+    if not isinstance(clip.visual, clip_vit.VisionTransformer):
+        raise UserError(
+            "--clip: a ResNet CLIP; MoA-DepthCLIP needs a ViT (a ResNet runs only as zero-shot DepthCLIP: "
+            "evaluate.py --zero-shot)"
+        )
+    return MoADepthCLIP(clip, cfg, moa_impl, stored_text)
+
+
+class Runtime(NamedTuple):
+    device: torch.device
+    # the autocast dtype; None: fp32, no autocast
+    dtype: torch.dtype | None
+    # fp16 autocast: the loss needs a torch.amp.GradScaler
+    grad_scaler: bool
+    # the choice in words, for the log
+    precision: str
+
+
+def runtime(device="auto"):
+    """The one place that decides device and dtype. On a GPU with bf16 tensor cores (compute capability
+    8.0 and newer) bf16 autocast; on an older one (a T4, sm_75) fp16 autocast with a GradScaler, since fp16's
+    range is too small for unscaled gradients; on the CPU fp32."""
+    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    here = ["cpu", "cuda", *gpus] if gpus else ["cpu"]  # "cuda": the current GPU
+    if device == "auto":
+        device = "cuda" if gpus else "cpu"
+    if device not in here:
+        raise UserError(
+            f"--device {device}: not on this machine (torch {torch.__version__} sees "
+            f"{len(gpus)} CUDA GPUs); use one of auto, {', '.join(here)}"
+        )
+    if device == "cpu":
+        return Runtime(torch.device("cpu"), None, False, "fp32")
+    major, minor = torch.cuda.get_device_capability(device)
+    sm = f"sm_{major}{minor}"
+    if major >= 8:
+        return Runtime(torch.device(device), torch.bfloat16, False, f"bf16 autocast ({sm})")
+    return Runtime(
+        torch.device(device),
+        torch.float16,
+        True,
+        f"fp16 autocast with a GradScaler ({sm} has no bf16 tensor cores)",
+    )
+
+
 # -----------------------------------------------------------------------------
 # parameters and checkpoints: the trainable parameters, the config, the CLIP weights' identity
 def parameter_report(model):
@@ -599,13 +647,6 @@ def load_trainable_state_dict(model, sd, where="checkpoint"):
     if misfits:
         raise UserError(f"{where}: tensors {misfits[:3]} do not fit this model")
     model.load_state_dict(sd, strict=False)
-
-
-def clip_sha256(name_or_path):
-    """The identity of the CLIP weights of a run: the official SHA-256, the file's, or "random"."""
-    if name_or_path in clip_vit.MODELS:
-        return clip_vit.official_sha256(name_or_path)
-    return "random" if name_or_path == "random" else clip_vit.sha256sum(name_or_path)
 
 
 def save_checkpoint(path, model, **extra):
@@ -660,6 +701,9 @@ def load_checkpoint(path):
         raise UserError(f"{path}: {checkpoint_problem(path, e)}") from None
     if not isinstance(ckpt, dict) or not {"model", "model_config", "clip"} <= set(ckpt):
         raise UserError(f"{path}: not a MoA-DepthCLIP checkpoint (no model, model_config, clip)")
+    # before 2026-12-07 a checkpoint kept train.py's flags under "config"
+    for key in ("data", "seed"):
+        ckpt.setdefault(key, ckpt.get("config", {}).get(key))
     return ckpt
 
 
@@ -677,7 +721,7 @@ def from_checkpoint(ckpt, clip_arg=None, device="cpu", where="checkpoint", moa_i
     clip_arg = clip_arg or ckpt["clip"]["name"]
     # a missing or broken file is a UserError here
     clip = clip_vit.load(clip_arg)
-    sha = clip_sha256(clip_arg)
+    sha = clip_vit.weights_sha256(clip_arg)
     check_clip(ckpt, clip_arg, sha, where)
     unknown = sorted(ckpt["model_config"].keys() - asdict(DepthConfig()).keys())
     # written by a newer version of this code
@@ -687,6 +731,6 @@ def from_checkpoint(ckpt, clip_arg=None, device="cpu", where="checkpoint", moa_i
     stored_text = stored_text_features(ckpt, sha, cfg)
     # the checkpoint holds every trainable tensor: none drawn
     with clip_vit.no_random_init():
-        model = MoADepthCLIP(clip, cfg, moa_impl=moa_impl, stored_text=stored_text)
+        model = build_model(clip, cfg, moa_impl, stored_text)
     load_trainable_state_dict(model, ckpt["model"], where)
     return model.to(device).eval()

@@ -55,7 +55,7 @@ WRITE_CHECKPOINT = """
 import sys, clip_vit, moa
 archive, ckpt = sys.argv[1:]
 model = moa.MoADepthCLIP(clip_vit.load(archive), moa.DepthConfig())
-moa.save_checkpoint(ckpt, model, clip={"name": archive, "sha256": moa.clip_sha256(archive)})
+moa.save_checkpoint(ckpt, model, clip={"name": archive, "sha256": clip_vit.weights_sha256(archive)})
 """
 
 

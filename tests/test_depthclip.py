@@ -247,7 +247,7 @@ def test_resnets_are_refused_where_they_cannot_work():
     with pytest.raises(clip_vit.UserError, match="RN50's 2:1"):  # RN101-like: 512 channels, 32-d text
         moa.DepthCLIPZeroShot(clip_vit.build_model(small_resnet_state_dict()))
     with pytest.raises(clip_vit.UserError, match="MoA-DepthCLIP needs a ViT"):
-        moa.MoADepthCLIP(clip_vit.build_model(small_resnet_state_dict()), moa.DepthConfig())
+        moa.build_model(clip_vit.build_model(small_resnet_state_dict()), moa.DepthConfig())
 
 
 def test_evaluate_zero_shot_on_an_rn50_layout_archive_end_to_end(tmp_path):

@@ -516,7 +516,7 @@ def test_checkpoint_round_trip_and_what_does_not_fit(tmp_path):
         for m in model.moa:  # a trained part that differs from a fresh one
             m.up_w.normal_(0, 0.1)
     path = tmp_path / "ckpt.pt"
-    clip_id = {"name": clip_file, "sha256": moa.clip_sha256(clip_file)}
+    clip_id = {"name": clip_file, "sha256": clip_vit.weights_sha256(clip_file)}
     moa.save_checkpoint(path, model, clip=clip_id)
     ckpt = moa.load_checkpoint(path)
     image = torch.randn(1, 3, 64, 64)
@@ -583,7 +583,7 @@ def test_checkpoint_carries_text_features_and_loading_runs_no_text_tower(tmp_pat
     with torch.no_grad():
         for m in model.moa:  # a trained part that differs from a fresh one
             m.up_w.normal_(0, 0.1)
-    clip_id = {"name": clip_file, "sha256": moa.clip_sha256(clip_file)}
+    clip_id = {"name": clip_file, "sha256": clip_vit.weights_sha256(clip_file)}
     moa.save_checkpoint(tmp_path / "ckpt.pt", model, clip=clip_id)
     ckpt = moa.load_checkpoint(tmp_path / "ckpt.pt")
     stored = ckpt["text_features"]

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cli
 import clip_vit
 import moa
 import train
@@ -199,7 +200,7 @@ def test_each_parameter_group_trains_at_its_own_rate(small_clip):
             "0.02",
         ]
     )
-    model = moa.MoADepthCLIP(clip, train.model_config(args))
+    model = moa.MoADepthCLIP(clip, cli.config_of(moa.DepthConfig, args))
     optimizer = train.make_optimizer(model, args)
     rate = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
     decay = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
@@ -241,7 +242,7 @@ def test_adadepthclip_recipe_sets_what_it_names_and_given_flags_win(small_clip):
     args = train.parse_args(["--recipe", "adadepthclip", "--clip", "random"])
     assert {name: getattr(args, name) for name in authors} == authors
     assert set(train.RECIPES["adadepthclip"]) <= set(authors)  # every value the preset names is checked here
-    cfg = train.model_config(args)
+    cfg = cli.config_of(moa.DepthConfig, args)
     assert (cfg.temperature, cfg.composite, cfg.loss, cfg.head, cfg.use_context) == (
         1.0,
         "authors",
@@ -251,7 +252,9 @@ def test_adadepthclip_recipe_sets_what_it_names_and_given_flags_win(small_clip):
     )
     model = moa.MoADepthCLIP(
         clip_vit.load(small_clip),
-        train.model_config(train.parse_args(["--recipe", "adadepthclip", "--clip", str(small_clip), *SMALL])),
+        cli.config_of(
+            moa.DepthConfig, train.parse_args(["--recipe", "adadepthclip", "--clip", str(small_clip), *SMALL])
+        ),
     )
     optimizer = train.make_optimizer(model, args)
     rates = {group["name"]: (group["lr"], group["weight_decay"]) for group in optimizer.param_groups}

@@ -1,0 +1,66 @@
+"""
+What train.py and evaluate.py share around the method: flags made from the config dataclasses, and the way
+a command ends, in one line (a problem the user can fix, Ctrl-C) rather than a traceback.
+"""
+
+import argparse
+import sys
+from dataclasses import fields
+
+import clip_vit
+import moa
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, except that a bad flag ends in one `error:` line and a pointer to --help."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n(python {self.prog} --help lists every flag)\n")
+
+
+# "2,5,8,11" -> (2, 5, 8, 11); a typo reads "invalid int_list value"
+def int_list(text):
+    return tuple(int(x) for x in text.split(","))
+
+
+# "0" or "1" -> False or True
+def zero_one(text):
+    if text not in ("0", "1"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not 0 or 1")
+    return text == "1"
+
+
+METAVARS = {int: "N", float: "X", bool: "0/1", tuple: "LIST", str: None}
+
+
+def add_options(parser, config):
+    """A flag per field of the dataclass `config` (moa.option's): --num-experts for num_experts, with the
+    field's default, type, choices and help."""
+    for f in fields(config):
+        kind = type(f.default)
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type={bool: zero_one, tuple: int_list}.get(kind, kind),
+            default=f.default,
+            choices=f.metadata["choices"],
+            metavar=f.metadata["metavar"] or METAVARS[kind],
+            help=f"{f.metadata['help']} (default: {moa.typed(f.default)})",
+        )
+
+
+def config_of(config, args):
+    """The `config` dataclass from the flags of add_options; a broken rule: UserError."""
+    return config(**{f.name: getattr(args, f.name) for f in fields(config)})
+
+
+def run(main, interrupted):
+    """main(), ending a command as a user expects: a problem they can fix in one `error:` line (exit 1),
+    Ctrl-C in one line that interrupted() words (exit 130, as a shell reports a program stopped by
+    SIGINT). A bug keeps its traceback."""
+    try:
+        main()
+    except clip_vit.UserError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print(f"interrupted: {interrupted()}", file=sys.stderr)
+        sys.exit(130)
