@@ -629,7 +629,7 @@ def load(name_or_path="ViT-B/32", device="cpu"):
     except Exception as e:
         detail = " ".join(f"{type(e).__name__}: {e}".split())[:500]
         raise UserError(
-            f"{path}: not a CLIP ViT weights file, i.e. OpenAI's TorchScript archive "
+            f"{path}: not a CLIP weights file, i.e. OpenAI's TorchScript archive "
             f"or a torch.save'd state dict ({detail})"
         ) from None
 

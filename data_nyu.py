@@ -226,9 +226,9 @@ def normalize(x):
     return (x - mean) / std
 
 
-def bicubic(img, size, divisor):
-    """uint8 (B, 3, H, W) -> float32 (B, 3, h, w): img / divisor, antialiased bicubic to size (PIL's BICUBIC)."""
-    return F.interpolate(img.float() / divisor, size, mode="bicubic", antialias=True, align_corners=False)
+def bicubic(x, size):
+    """(B, 3, H, W) floats -> (B, 3, h, w): antialiased bicubic to size, as PIL's BICUBIC resizes."""
+    return F.interpolate(x, size, mode="bicubic", antialias=True, align_corners=False)
 
 
 def resize(img, depth, size):
@@ -237,7 +237,7 @@ def resize(img, depth, size):
     (h, w), so they stay aligned (the authors' training code crops the RGB but not the depth, G16).
     The image: antialiased bicubic, as CLIP's own preprocessing and the authors' scripts (PIL's
     BICUBIC) resize; it overshoots a little, hence the clamp to [0, 1]."""
-    img = bicubic(img, size, 255)
+    img = bicubic(img.float() / 255, size)
     if depth is not None:
         # nearest-exact takes the source pixel whose centre is nearest, on the same pixel-centre grid
         # as the image's resize: depth edges land where image edges land, and a hole (0) is never

@@ -18,7 +18,7 @@ DepthCLIP on the same CLIP, or predict depth for your own photos.
              in their list's order (scene type, then frame), no clamp after the scaling
 --ceiling: no model; the ground truth averaged onto the model's 7x7 output grid (a checkpoint's
 grid if one is given), upsampled as the model's output: the best such a model can score.
-Scored alone: fused depth and the dual head's binned and regressed maps. Last stdout line: JSON.
+Scored alone: the depth (the dual head's fusion of its maps) and the dual head's binned and regressed maps. Last stdout line: JSON.
 """
 
 import json
@@ -268,7 +268,7 @@ def predict_maps(model, img, dtype, out_size, flip=False, resize="training"):
     authors' script: PIL's antialiased bicubic, whose result PIL rounds to uint8)."""
     cfg = model.cfg
     if resize == "pil-bicubic":
-        x = data_nyu.bicubic(img, cfg.input_size, 1)
+        x = data_nyu.bicubic(img.float(), cfg.input_size)
         x = x.round().clamp(0, 255) / 255  # (B, 3, h, w)
     else:
         x = data_nyu.resize(img, None, cfg.input_size)[0]  # (B, 3, h, w)
@@ -623,7 +623,7 @@ def evaluate_frames(ds, order, protocols, maps_of, device, args):
 
 
 def save_pictures(ds, positions, rgb, gt, maps, args):
-    # the fused map (or the ceiling's)
+    # the depth map (or the ceiling's)
     depth = next(iter(maps.values()))
     # named by the frame's position in the split
     for j, i in enumerate(positions):
@@ -650,11 +650,8 @@ def report(rows, scenes, about):
             for key, rs in outputs.items()
             # {key: {metric: one score per frame or group}}
         }
-        # the output's name; a model with one output (the similarity head, zero-shot) has "depth" alone
+        # the output's name: depth, binned, regressed (the ceiling's maps keep their keys)
         labels = {key: moa.OUTPUTS.get(key, key) for key in scores}
-        # the one output of a similarity head or zero-shot model: not "fused"
-        if list(scores) == ["depth"]:
-            labels["depth"] = "depth"
         lines = [(f"all ({labels[key]})", s) for key, s in scores.items()]
         first = next(iter(scores.values()))
         # frames behind each score: 1 per image, or the size of each group (the last one may be short)
@@ -680,7 +677,8 @@ def report(rows, scenes, about):
 def main():
     args = parse_args()
     # a device this machine lacks: one error line
-    device, dtype = moa.runtime(args.device)[:2]
+    rt = moa.runtime(args.device)
+    device, dtype = rt.device, rt.dtype
     photos = [(path, read_photo(path)) for path in args.image or []]  # all readable, or stop here
     # no model: the ground truth on the output grid of a checkpoint's model (or 7x7)
     if args.ceiling:

@@ -78,7 +78,7 @@ SSIM_C1 = 0.01**2
 SSIM_C2 = 0.03**2
 # the weights of the composite loss's four terms
 W_COMPOSITE = {"silog": 1.0, "grad": 0.5, "ssim": 0.2, "l1": 0.1}
-OUTPUTS = {"depth": "fused", "depth_cls": "binned", "depth_reg": "regressed"}  # forward's maps
+OUTPUTS = {"depth": "depth", "depth_cls": "binned", "depth_reg": "regressed"}  # forward's maps
 
 
 # -----------------------------------------------------------------------------
@@ -628,15 +628,20 @@ def runtime(device="auto"):
 
 # -----------------------------------------------------------------------------
 # parameters and checkpoints: the trainable parameters, the config, the CLIP weights' identity
-def parameter_report(model):
-    """({module or "total": [trainable, frozen]}, a printable table of them): parameter counts."""
+def parameter_counts(model):
+    """{module or "total": [trainable, frozen]}: the parameters of each top-level module."""
     counts = {}
     for name, p in model.named_parameters():
         row = counts.setdefault(name.split(".")[0], [0, 0])
         row[0 if p.requires_grad else 1] += p.numel()
     counts["total"] = [sum(t for t, _ in counts.values()), sum(f for _, f in counts.values())]
-    table = [f"{part:<8} {t:>11,} trainable {f:>11,} frozen" for part, (t, f) in counts.items()]
-    return counts, "\n".join(table)
+    return counts
+
+
+def parameter_table(model):
+    return "\n".join(
+        f"{part:<8} {t:>11,} trainable {f:>11,} frozen" for part, (t, f) in parameter_counts(model).items()
+    )
 
 
 def load_trainable_state_dict(model, sd, where="checkpoint"):

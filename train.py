@@ -56,7 +56,7 @@ class TrainConfig:
     )
     early_stop: int = option(0, "stop after N epochs without a lower validation loss; 0 = never", low=0)
     best_by: str = option(
-        "d1", "what picks best.pt on the held-out scenes: fused d1, or the loss", ("d1", "loss")
+        "d1", "what picks best.pt on the held-out scenes: the depth's d1, or the loss", ("d1", "loss")
     )
     max_steps: int = option(0, "stop after N steps; 0 = never", low=0)
     val_frac: float = option(
@@ -89,7 +89,7 @@ class TrainConfig:
 def main(args):
     """One training run. Returns the model and its optimizer (None when a resumed run had nothing left)."""
     cfg, tc = cli.config_of(moa.DepthConfig, args), cli.config_of(TrainConfig, args)
-    device, amp_dtype, use_scaler, precision = moa.runtime(args.device)
+    rt = moa.runtime(args.device)
     record = run_record(args, tc)
     ckpt = check_run_folder(args, cfg, record)
     if ckpt is not None and (why := nothing_left(ckpt, tc)):
@@ -109,16 +109,16 @@ def main(args):
     held_out = f"{len(val_scenes)} scenes: {', '.join(sorted(val_scenes)) or 'none'}"
     print(f"data: {len(train_items)} train frames, {len(val_items)} held out ({held_out})")
     # decoded once, onto the device: a step never waits for a DataLoader
-    batches = partial(data_nyu.PreloadedBatches, ds, cfg.input_size, tc.batch_size, device)
+    batches = partial(data_nyu.PreloadedBatches, ds, cfg.input_size, tc.batch_size, rt.device)
     train_batches = batches(seed=tc.seed, augment=tc.augment, items=train_items)
     val_batches = batches(shuffle=False, items=val_items) if val_items else None
-    print(moa.parameter_report(model.to(device))[1])
+    print(moa.parameter_table(model.to(rt.device)))
 
     # optimizer: AdamW in three groups at their own rates; fp16 scales its loss
     optimizer = make_optimizer(model, tc)
     scheduler = make_scheduler(optimizer, tc)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.grad_scaler)
+    autocast = torch.autocast(rt.device.type, dtype=rt.dtype, enabled=rt.dtype is not None)
     progress = Progress() if ckpt is None else restore(ckpt, model, optimizer, scheduler, scaler, args)
     if args.recipe != "paper":
         print(
@@ -127,7 +127,7 @@ def main(args):
         )
     total = min(tc.epochs * len(train_batches), tc.max_steps or math.inf)
     print(
-        f"training {total} steps: {tc.epochs} epochs x {len(train_batches)} batches of {tc.batch_size} on {device}, {precision}"
+        f"training {total} steps: {tc.epochs} epochs x {len(train_batches)} batches of {tc.batch_size} on {rt.device}, {rt.precision}"
     )
 
     # the loop

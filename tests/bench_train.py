@@ -66,7 +66,8 @@ if __name__ == "__main__":
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--profile", action="store_true", help="also print the torch profiler's top ops (CUDA)")
     args = p.parse_args()
-    dev, dtype = moa.runtime(args.device)[:2]
+    rt = moa.runtime(args.device)
+    dev, dtype = rt.device, rt.dtype
     bs, on_gpu = args.batch_size, dev.type == "cuda"
     if args.profile and not on_gpu:
         p.error("--profile needs a CUDA device")

@@ -249,7 +249,7 @@ def test_bad_files(tmp_path):
     _bad(tmp_path / "trunc.pt")
     _bad(tmp_path / "missing.pt", "no such file")
     (tmp_path / "notes.txt").write_text("my notes\n")
-    _bad(tmp_path / "notes.txt", "not a CLIP ViT weights file")  # once just "101"
+    _bad(tmp_path / "notes.txt", "not a CLIP weights file")  # once just "101"
     for i, obj in enumerate([[1, 2], {"model": {}}]):  # a torch.save file, but no CLIP state dict
         torch.save(obj, tmp_path / f"other{i}.pt")
         _bad(tmp_path / f"other{i}.pt", "not a CLIP state dict")

@@ -76,12 +76,12 @@ def test_every_protocol_end_to_end(trained, tmp_path, run_script):
     assert result["n_images"] == 10
     assert list(result["protocols"]) == list(evaluate.PROTOCOLS)  # all four, in the table's order
     for name, scores in result["protocols"].items():
-        assert set(scores) == {"protocol", "fused", "binned", "regressed"}, name
-        for output in ("fused", "binned", "regressed"):
+        assert set(scores) == {"protocol", "depth", "binned", "regressed"}, name
+        for output in ("depth", "binned", "regressed"):
             assert set(scores[output]) == METRICS
             assert 0 <= scores[output]["d1"] <= 1 and scores[output]["rmse"] > 0
     standard = result["protocols"]["standard"]
-    assert result["metrics"] == standard["fused"] and result["protocol"] == standard["protocol"]
+    assert result["metrics"] == standard["depth"] and result["protocol"] == standard["protocol"]
     assert standard["protocol"]["flip_tta"] is True
     assert standard["protocol"]["crop_box"] == [45, 471, 46, 601]
     assert result["protocols"]["authors"]["protocol"]["crop_box"] == [195, 476, 23, 616]
@@ -91,7 +91,7 @@ def test_every_protocol_end_to_end(trained, tmp_path, run_script):
         assert f"{name} protocol" in r.stdout  # then a table
     authors_table = r.stdout.split("authors protocol")[1].splitlines()
     # 10 frames in batches of 8 and 2: two scores, and n counts the 10 frames, as the JSON's n_images does
-    assert authors_table[2].split()[:3] == ["all", "(fused)", "10"]
+    assert authors_table[2].split()[:3] == ["all", "(depth)", "10"]
     assert len(list((tmp_path / "vis" / "new").glob("*.png"))) == 10
 
     alone = last_json(
@@ -131,7 +131,7 @@ def test_zero_shot_depthclip(small_clip, tmp_path, run_script):
     )
     result = last_json(r)
     for name, scores in result["protocols"].items():
-        assert set(scores) == {"protocol", "depth"}, name  # the similarity head has one output: not "fused"
+        assert set(scores) == {"protocol", "depth"}, name  # the similarity head has one output
         assert 0 <= scores["depth"]["d1"] <= 1
     Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "room.png")
     run_script("evaluate.py", "--zero-shot", "--clip", small_clip, "--image", tmp_path / "room.png")

@@ -203,7 +203,7 @@ def test_default_model_parameters_and_large_input(monkeypatch):
     monkeypatch.setattr(moa, "scene_context", lambda clip: torch.randn(512))  # skip the text tower
     clip = clip_vit.build_model(clip_vit.random_state_dict())
     model = moa.MoADepthCLIP(clip, moa.DepthConfig())
-    got, table = moa.parameter_report(model)
+    got, table = moa.parameter_counts(model), moa.parameter_table(model)
     assert got["visual"] == [4 * 7_087_872, 87_849_216 - 4 * 7_087_872]  # paper notes §1
     assert got["moa"] == [1_981_968, 0]
     assert got["cls_head"] == [1280 * 128 + 128, 0] and got["reg_head"] == [1280 + 1, 0]
@@ -309,7 +309,7 @@ def test_similarity_head_trains_its_adapters_with_either_loss(monkeypatch):
         total.backward()
         assert model.moa[0].up_w.grad.abs().sum() > 0
         assert model.visual.transformer.resblocks[11].mlp.c_fc.weight.grad.abs().sum() > 0
-        assert not hasattr(model, "cls_head") and moa.parameter_report(model)[0]["total"][0] > 0
+        assert not hasattr(model, "cls_head") and moa.parameter_counts(model)["total"][0] > 0
     with pytest.raises(clip_vit.UserError, match="--head similarity: .*--use-context 0"):
         moa.DepthConfig(head="similarity")
 

@@ -72,7 +72,7 @@ def test_end_to_end_train_resume_evaluate(small_clip, tmp_path, run_script, trai
     r = train_small(tmp_path / "run", "--epochs", "1", "--val-frac", "0.1", "--head-lr", "1e-4")
     assert "step 2/2" in r.stdout and "gate H" in r.stdout and "img/s" in r.stdout and "eta" in r.stdout
     assert "lr 1.0e-05 head lr 1.0e-04" in r.stdout  # the rate the heads really get is logged too
-    for output in ("fused", "binned", "regressed"):  # validation scores each output on its own
+    for output in ("depth", "binned", "regressed"):  # validation scores each output on its own
         assert f"{output} d1 " in r.stdout
     r = train_small(tmp_path / "run", "--epochs", "2", "--val-frac", "0.1", "--head-lr", "1e-4", "--resume")
     assert "resumed from" in r.stdout and "step 4/4" in r.stdout
@@ -306,7 +306,7 @@ def test_similarity_head_and_composite_loss_end_to_end(tmp_path, train_small, ru
         "--val-frac",
         "0.1",
     )
-    assert "fused d1 " in r.stdout and "binned" not in r.stdout  # that head has one output
+    assert "depth d1 " in r.stdout and "binned" not in r.stdout  # that head has one output
     assert "ssim" in r.stdout and "grad" in r.stdout  # the composite loss's terms are logged
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
     assert ckpt["model_config"]["head"] == "similarity" and ckpt["model_config"]["loss"] == "composite"
@@ -624,7 +624,7 @@ def test_clip_file_that_is_not_clip(tmp_path, offline, train_small, fails):
     notes.write_text("my notes, not weights\n")
     r = train_small(tmp_path / "out", clip=notes, ok=False)
     fails(r, notes)
-    assert "not a CLIP ViT weights file" in r.stderr and not (tmp_path / "out").exists()
+    assert "not a CLIP weights file" in r.stderr and not (tmp_path / "out").exists()
 
 
 def test_data_paths_download_only_when_meant(small_clip, tmp_path, offline, run_script, fails):
