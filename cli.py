@@ -4,6 +4,8 @@ a command ends, in one line (a problem the user can fix, Ctrl-C) rather than a t
 """
 
 import argparse
+import contextlib
+import signal
 import sys
 from dataclasses import fields
 
@@ -53,14 +55,33 @@ def config_of(config, args):
     return config(**{f.name: getattr(args, f.name) for f in fields(config)})
 
 
-def run(main, interrupted):
-    """main(), ending a command as a user expects: a problem they can fix in one `error:` line (exit 1),
-    Ctrl-C in one line that interrupted() words (exit 130, as a shell reports a program stopped by
-    SIGINT). A bug keeps its traceback."""
+@contextlib.contextmanager
+def sigint_held():
+    """Ctrl-C inside the block waits for its end (a checkpoint being written stays whole, and torch.save
+    would swallow it), then stops the run as Ctrl-C does."""
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def run(main, interrupted, memory_hint):
+    """main(), ending a command as a user expects: a problem they can fix in one `error:` line (exit 1), out
+    of memory too (with memory_hint), and Ctrl-C in one line that interrupted() words (exit 130, as a shell
+    reports a program stopped by SIGINT). A bug keeps its traceback."""
     try:
         main()
     except clip_vit.UserError as e:
         sys.exit(f"error: {e}")
+    # torch's allocators raise RuntimeErrors (torch.OutOfMemoryError on a GPU) that say "memory"
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and "memory" not in str(e).split("\n")[0]:
+            raise
+        sys.exit(f"error: out of memory ({' '.join(str(e).split())[:120]}); {memory_hint}")
     except KeyboardInterrupt:
         print(f"interrupted: {interrupted()}", file=sys.stderr)
         sys.exit(130)

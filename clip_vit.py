@@ -11,6 +11,7 @@ preprocessing, the BPE tokenizer, a zero-shot demo.
 Zero-shot from the shell: python clip_vit.py CLIP.png "a diagram" "a dog" "a cat" [--clip random]
 """
 
+import contextlib
 import gzip
 import hashlib
 import html
@@ -399,7 +400,8 @@ class UserError(Exception):
 
 
 def atomic_write(path, write):
-    """Call write(f) on a new file beside path, then rename it over path: never half a file at path."""
+    """Call write(f) on a new file beside path, then rename it over path: never half a file at path. A write
+    that fails (no permission, a full disk) is a UserError naming path, and what was at path stays."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -407,8 +409,16 @@ def atomic_write(path, write):
         with open(tmp, "wb") as f:
             write(f)
         os.replace(tmp, path)
+    # torch.save reports a full disk as its zip writer's RuntimeError
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "write" not in str(e):
+            raise
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise UserError(f"{path}: cannot write it ({reason})") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        # the cleanup never hides the error above
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def official_sha256(name):

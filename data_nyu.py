@@ -25,6 +25,12 @@ SPLITS_URL = "http://horatio.cs.nyu.edu/mit/silberman/indoor_seg_sup/splits.mat"
 SPLITS_SHA256 = "6e081404491a8bfba2f066beaa9713ef6046f9007aa5f799f2a350506a580cee"
 # the usual valid range (BTS, AdaBins), both ends exclusive
 MIN_DEPTH, MAX_DEPTH = 1e-3, 10.0
+VALID = f"{MIN_DEPTH:g} < depth < {MAX_DEPTH:g} m"
+
+
+# the pixels with a depth reading in the valid range, compared in depth's own dtype
+def valid_depth(depth):
+    return (depth > MIN_DEPTH) & (depth < MAX_DEPTH)
 
 
 # -----------------------------------------------------------------------------
@@ -298,8 +304,7 @@ class PreloadedBatches:
                 depth = torch.where(flip, depth.flip(-1), depth)
                 mean = img.mean(dim=(1, 2, 3), keepdim=True)
                 img = (((img - mean) * contrast + mean) * bright).clamp(0, 1)
-            mask = (depth > MIN_DEPTH) & (depth < MAX_DEPTH)  # (B, 1, h, w) pixels to learn from
-            yield {"image": normalize(img), "depth": depth, "mask": mask}
+            yield {"image": normalize(img), "depth": depth, "mask": valid_depth(depth)}
 
 
 # -----------------------------------------------------------------------------
@@ -328,7 +333,7 @@ def depth_metrics(pred, gt, crop="eigen", clamp=True):
         pred = pred[..., r0:r1, c0:c1]
         gt = gt[..., r0:r1, c0:c1]
     # the range in gt's own dtype (float32 1e-3 is not > 1e-3); the formulas in float64
-    valid = (gt > MIN_DEPTH) & (gt < MAX_DEPTH)
+    valid = valid_depth(gt)
     gt = gt.double()
     pred = pred.double().nan_to_num(nan=MIN_DEPTH)
     if clamp:

@@ -106,12 +106,16 @@ def main(args):
     # model: CLIP (a bad file fails before the slow decode), then the run folder is taken
     model = moa.build_model(clip_vit.load(args.clip), cfg, moa_impl=args.moa_impl)
     lock, log_file = open_run_folder(args)
-    held_out = f"{len(val_scenes)} scenes: {', '.join(sorted(val_scenes)) or 'none'}"
+    held_out = (
+        f"{len(val_scenes)} scene{'s' * (len(val_scenes) != 1)}: {', '.join(sorted(val_scenes)) or 'none'}"
+    )
     print(f"data: {len(train_items)} train frames, {len(val_items)} held out ({held_out})")
     # decoded once, onto the device: a step never waits for a DataLoader
     batches = partial(data_nyu.PreloadedBatches, ds, cfg.input_size, tc.batch_size, rt.device)
     train_batches = batches(seed=tc.seed, augment=tc.augment, items=train_items)
     val_batches = batches(shuffle=False, items=val_items) if val_items else None
+    has_depth = data_nyu.valid_depth(train_batches.depths).any()
+    require(has_depth, f"{args.data}: no train frame has a valid depth ({data_nyu.VALID}): in millimetres?")
     print(moa.parameter_table(model.to(rt.device)))
 
     # optimizer: AdamW in three groups at their own rates; fp16 scales its loss
@@ -119,7 +123,7 @@ def main(args):
     scheduler = make_scheduler(optimizer, tc)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.grad_scaler)
     autocast = torch.autocast(rt.device.type, dtype=rt.dtype, enabled=rt.dtype is not None)
-    progress = Progress() if ckpt is None else restore(ckpt, model, optimizer, scheduler, scaler, args)
+    progress = Progress() if ckpt is None else restore(ckpt, model, optimizer, scheduler, scaler, args, tc)
     if args.recipe != "paper":
         print(
             f"recipe {args.recipe}: "
@@ -156,13 +160,15 @@ def main(args):
         # end of an epoch: validate (with --val-frac), then best.pt, model.pt and ckpt.pt
         progress.epoch = epoch
         row = {"epoch": epoch, "step": progress.step}
-        if val_items:
+        if val_batches:
             row |= validate_epoch(model, val_batches, autocast, cfg, tc, progress, scheduler)
-            if row.pop("improved"):
+        # a Ctrl-C from here waits for the files to be whole
+        with cli.sigint_held():
+            if row.pop("improved", False):
                 save_checkpoint(Path(args.out) / "best.pt", model, record, progress)
-        save_checkpoint(Path(args.out) / "model.pt", model, record, progress)
-        save_checkpoint(Path(args.out) / "ckpt.pt", model, record, progress, optimizer, scheduler, scaler)
-        print(json.dumps(row), file=log_file)
+            save_checkpoint(Path(args.out) / "model.pt", model, record, progress)
+            save_checkpoint(Path(args.out) / "ckpt.pt", model, record, progress, optimizer, scheduler, scaler)
+            print(json.dumps(row), file=log_file)
         if progress.step >= total:
             break
         if tc.early_stop and progress.bad_epochs >= tc.early_stop:
@@ -208,9 +214,12 @@ def make_optimizer(model, tc):
         if p.requires_grad:
             group = {"visual": "backbone", "moa": "adapters"}.get(name.split(".")[0], "heads")
             params[group].append(p)
-    rates = {"backbone": tc.lr, "adapters": tc.adapter_lr or tc.lr, "heads": tc.head_lr or tc.lr}
-    groups = [{"name": name, "params": params[name], "lr": rates[name]} for name in params]
+    groups = [{"name": name, "params": params[name], "lr": rate} for name, rate in group_rates(tc).items()]
     return torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
+
+
+def group_rates(tc):
+    return {"backbone": tc.lr, "adapters": tc.adapter_lr or tc.lr, "heads": tc.head_lr or tc.lr}
 
 
 # --lr-schedule plateau: halve every rate after 5 epochs without a lower val loss
@@ -361,26 +370,47 @@ def check_run_folder(args, cfg, record):
     earlier = [name for name in RUN_FILES if (out_dir / name).exists()]
     ckpt_path = out_dir / "ckpt.pt"
     require(not args.resume or ckpt_path.exists(), f"{ckpt_path}: --resume given but there is no checkpoint")
+    resumable = "continue it with --resume, " if "ckpt.pt" in earlier else "no ckpt.pt to resume from; "
     require(
         not earlier or args.resume or args.overwrite,
-        f"{out_dir}: holds {' and '.join(earlier)} of an earlier run; continue it with --resume, pick another "
-        "--out, or replace it with --overwrite",
+        f"{out_dir}: holds {' and '.join(earlier)} of an earlier run; {resumable}pick another --out, or "
+        "replace it with --overwrite",
     )
     if not args.resume:
         return None
     ckpt = moa.load_checkpoint(ckpt_path)
+    require(
+        "optimizer" in ckpt,
+        f"{ckpt_path}: weights only (a model.pt), without AdamW's state; --resume continues from the ckpt.pt "
+        "that train.py writes beside it (evaluate.py reads this one), or start afresh with --overwrite",
+    )
     moa.check_clip(ckpt, args.clip, record["clip"]["sha256"], ckpt_path)
-    saved = ckpt["model_config"]
-    for name, value in asdict(cfg).items():
+    # the model and the data plan stay; a flag that would change them is refused
+    saved = {**ckpt.get("train_config", {}), **ckpt["model_config"], "data": ckpt["data"]}
+    for name, value in {**record["train_config"], **asdict(cfg), "data": record["data"]}.items():
+        flag = f"--{name.replace('_', '-')}"
         require(
-            name in LOSS_FIELDS or saved.get(name, value) == value,
-            f"{ckpt_path}: trained with --{name.replace('_', '-')} {moa.typed(saved.get(name))}; --resume needs the same model flags",
+            name in MAY_CHANGE or saved.get(name, value) == value,
+            f"{ckpt_path}: trained with {flag} {moa.typed(saved.get(name))}; --resume keeps the model and "
+            f"the data plan: drop {flag}, or start afresh with --overwrite",
         )
     return ckpt
 
 
-# model_config fields that may change on --resume
-LOSS_FIELDS = ("loss", "silog", "composite", "w_cls", "w_reg", "w_silog")
+# what --resume may change mid-run: the loss, the rates and the schedule, how long and how it logs
+MAY_CHANGE = (
+    "loss",
+    "silog",
+    "composite",
+    "w_cls",
+    "w_reg",
+    "w_silog",
+    "epochs",
+    "lr",
+    "adapter_lr",
+    "head_lr",
+)
+MAY_CHANGE += ("weight_decay", "lr_schedule", "early_stop", "best_by", "max_steps", "log_interval")
 
 
 def nothing_left(ckpt, tc):
@@ -459,9 +489,10 @@ def take_lock(out_dir):
     return lock_file
 
 
-def restore(ckpt, model, optimizer, scheduler, scaler, args):
+def restore(ckpt, model, optimizer, scheduler, scaler, args, tc):
     """--resume: the trainable weights, AdamW's moments (no restart bump), the schedule, fp16's loss scale
-    and the random stream of an uninterrupted run. -> the run's Progress."""
+    and the random stream of an uninterrupted run; then the rates and weight decay of this command where it
+    changed them (else those restored, the plateau schedule's cuts included). -> the run's Progress."""
     ckpt_path = Path(args.out) / "ckpt.pt"
     moa.load_trainable_state_dict(model, ckpt["model"], ckpt_path)
     try:
@@ -476,8 +507,19 @@ def restore(ckpt, model, optimizer, scheduler, scaler, args):
     if scaler.is_enabled() and ckpt.get("grad_scaler"):
         scaler.load_state_dict(ckpt["grad_scaler"])
     torch.set_rng_state(ckpt["rng"])
+    before = ckpt.get("train_config", {})
+    changed = {k: (before[k], v) for k, v in asdict(tc).items() if k in before and before[k] != v}
+    for group in optimizer.param_groups:
+        if changed.keys() & {"lr", "adapter_lr", "head_lr"}:
+            group["lr"] = group_rates(tc)[group["name"]]
+        group["weight_decay"] = tc.weight_decay
     progress = Progress(**{f.name: ckpt.get(f.name, f.default) for f in fields(Progress)})
-    print(f"resumed from {ckpt_path}: epoch {progress.epoch + 1}, step {progress.step}")
+    news = ", ".join(
+        f"--{k.replace('_', '-')} {moa.typed(a)} -> {moa.typed(b)}" for k, (a, b) in changed.items()
+    )
+    print(
+        f"resumed from {ckpt_path}: epoch {progress.epoch + 1}, step {progress.step}; changed: {news or 'nothing'}"
+    )
     return progress
 
 
@@ -620,4 +662,4 @@ if __name__ == "__main__":
     args = parse_args()
     # each log line at once, also through a pipe or tee
     sys.stdout.reconfigure(line_buffering=True)
-    cli.run(lambda: main(args), lambda: resume_hint(args))
+    cli.run(lambda: main(args), lambda: resume_hint(args), "lower --batch-size")

@@ -7,6 +7,7 @@ Run: python -m pytest -q tests/test_train.py
 
 import json
 import os
+import resource
 import shlex
 import signal
 import subprocess
@@ -702,3 +703,120 @@ def test_bad_data_clip_out_and_images(trained, small_clip, tmp_path, run_script,
     notimg.write_text("not an image")
     fails(run_script("evaluate.py", trained, "--image", notimg, ok=False), notimg)
     assert not list(tmp_path.glob("photo_depth*"))
+
+
+# -----------------------------------------------------------------------------
+# nothing silent, nothing lost (resume, Ctrl-C in a write, a full disk, the wrong file, millimetres)
+
+
+def test_resume_applies_new_rates_says_so_and_refuses_a_new_data_plan(tmp_path, train_small, fails):
+    """--resume with a new --lr: AdamW's groups take it, the first line says what changed, the checkpoint
+    records what ran, and the step plan stays whole. A new --batch-size (the data plan) is refused before
+    any work, every file byte-identical."""
+    out = tmp_path / "run"
+    train_small(out, "--epochs", "1")
+    r = train_small(out, "--epochs", "2", "--lr", "1e-4", "--resume")
+    assert "resumed from" in r.stdout and "changed: --epochs 1 -> 2, --lr 1e-05 -> 0.0001" in r.stdout
+    assert "step 6/6 " in r.stdout  # 12 frames / 4 per batch = 3 steps an epoch: the plan of the whole run
+    assert {row["lr"] for row in logs(out) if row.get("epoch") == 1 and "lr" in row} == {1e-4}
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["train_config"]["lr"] == 1e-4 and ckpt["train_config"]["epochs"] == 2
+    assert {group["lr"] for group in ckpt["optimizer"]["param_groups"]} == {1e-4}
+    before = {name: (out / name).read_bytes() for name in ("ckpt.pt", "model.pt", "log.jsonl")}
+    r = train_small(out, "--epochs", "3", "--batch-size", "3", "--resume", ok=False)
+    fails(r, "--batch-size")
+    assert "trained with --batch-size 4" in r.stderr
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
+SLOW_CHECKPOINT = """
+import runpy, sys, time, torch
+save = torch.save
+def slow_save(obj, f, *args, **kw):
+    save(obj, f, *args, **kw)
+    if "optimizer" in obj:  # ckpt.pt, inside its atomic write
+        print("writing ckpt.pt", file=sys.stderr, flush=True)
+        time.sleep(2)
+torch.save = slow_save
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_ctrl_c_during_a_checkpoint_write_waits_for_it_then_stops(small_clip, tmp_path):
+    """A real SIGINT while ckpt.pt is being written: the write completes, then the run stops with exit 130
+    and the resume hint, and ckpt.pt is whole (epoch 0 of 200)."""
+    out = tmp_path / "run"
+    args = ["--data", "synthetic", "--clip", small_clip, "--out", out, *SMALL, "--epochs", "200"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CHECKPOINT, *map(str, args)],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    for line in proc.stderr:
+        if line.startswith("writing ckpt.pt"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    (line,) = [line for line in err.splitlines() if line.startswith("interrupted:")]
+    assert "after epoch 1 of 200" in line and "--resume" in line
+    assert torch.load(out / "ckpt.pt", weights_only=True)["epoch"] == 0
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_a_full_disk_ends_in_one_line_and_the_folder_says_what_it_holds(
+    small_clip, tmp_path, train_small, fails
+):
+    """A file-size limit as a full disk: model.pt fits, ckpt.pt does not. One line names ckpt.pt and the
+    cause; no temporary file is left; the folder then says it has no ckpt.pt to resume from."""
+    out = tmp_path / "run"
+    train_small(tmp_path / "sizes", "--epochs", "1")
+    limit = (tmp_path / "sizes" / "model.pt").stat().st_size + 4096
+    assert (tmp_path / "sizes" / "ckpt.pt").stat().st_size > limit
+
+    def full_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), not the process
+
+    args = f"train.py --data synthetic --clip {small_clip} --out {out} --epochs 1".split()
+    r = subprocess.run(
+        [sys.executable, *args, *SMALL],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        preexec_fn=full_disk,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+    )
+    fails(r, out / "ckpt.pt")
+    assert "cannot write it (File too large)" in r.stderr
+    assert (out / "model.pt").exists() and not (out / "ckpt.pt").exists() and not list(out.glob(".*.tmp"))
+    fails(train_small(out, "--epochs", "1", ok=False), "no ckpt.pt to resume from")
+
+
+def test_weights_only_file_given_to_resume_is_refused_before_any_work(trained, tmp_path, train_small, fails):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes((trained.parent / "model.pt").read_bytes())  # model.pt copied as ckpt.pt
+    (out / "log.jsonl").write_text('{"step": 3}\n')
+    r = train_small(out, "--epochs", "2", "--resume", ok=False)
+    fails(r, out / "ckpt.pt")
+    assert "weights only" in r.stderr and "--overwrite" in r.stderr
+    assert (out / "log.jsonl").read_text() == '{"step": 3}\n'  # nothing emptied
+
+
+def test_depths_in_millimetres_are_refused(small_clip, tmp_path, run_script, fails):
+    from nyu_fixtures import asymmetric_frames, write_splits, write_v73
+
+    images, depths, raw = asymmetric_frames(3)
+    write_v73(tmp_path / "nyu.mat", images, depths * 1000, raw_depths=raw * 1000)
+    write_splits(tmp_path / "splits.mat", [1, 2], [3])
+    flags = ["--data", tmp_path / "nyu.mat", "--clip", small_clip, "--out", tmp_path / "run", *SMALL[:8]]
+    r = run_script("train.py", *flags, "--batch-size", "1", ok=False)
+    fails(r, "no train frame has a valid depth")
+    assert "millimetres" in r.stderr and not (tmp_path / "run" / "ckpt.pt").exists()
