@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import signal
 import sys
+import threading
 from dataclasses import fields
 
 import clip_vit
@@ -55,6 +56,22 @@ def config_of(config, args):
     return config(**{f.name: getattr(args, f.name) for f in fields(config)})
 
 
+# Ctrl-C as run() sets it up: a KeyboardInterrupt where Python raises it, and a mark for a library that
+# swallows it (torch.save does; so do some ops under load), which stop_if_interrupted() acts on
+CTRL_C = threading.Event()
+
+
+def on_ctrl_c(signum, frame):
+    CTRL_C.set()
+    raise KeyboardInterrupt
+
+
+def stop_if_interrupted():
+    """At a safe point of a loop: a Ctrl-C that some library swallowed stops the run here."""
+    if CTRL_C.is_set():
+        raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def sigint_held():
     """Ctrl-C inside the block waits for its end (a checkpoint being written stays whole, and torch.save
@@ -69,19 +86,23 @@ def sigint_held():
         raise KeyboardInterrupt
 
 
-def run(main, interrupted, memory_hint):
+def run(main, interrupted, memory_hint, on_failure=lambda: None):
     """main(), ending a command as a user expects: a problem they can fix in one `error:` line (exit 1), out
     of memory too (with memory_hint), and Ctrl-C in one line that interrupted() words (exit 130, as a shell
-    reports a program stopped by SIGINT). A bug keeps its traceback."""
+    reports a program stopped by SIGINT); on_failure() first. A bug keeps its traceback."""
+    signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         main()
     except clip_vit.UserError as e:
+        on_failure()
         sys.exit(f"error: {e}")
     # torch's allocators raise RuntimeErrors (torch.OutOfMemoryError on a GPU) that say "memory"
     except (MemoryError, RuntimeError) as e:
         if not isinstance(e, MemoryError) and "memory" not in str(e).split("\n")[0]:
             raise
+        on_failure()
         sys.exit(f"error: out of memory ({' '.join(str(e).split())[:120]}); {memory_hint}")
     except KeyboardInterrupt:
+        on_failure()
         print(f"interrupted: {interrupted()}", file=sys.stderr)
         sys.exit(130)

@@ -145,28 +145,6 @@ class NYUDepthV2:
             raise UserError(f"{self.path}: cannot read frame {j}: {hdf5_problem(e)}") from None
         return np.ascontiguousarray(rgb, np.uint8), np.ascontiguousarray(depth, np.float32)
 
-    def frames(self, positions):
-        """The frames at these positions of the split, with one HDF5 read per run of consecutive
-        frame numbers -> uint8 (B, H, W, 3), float32 (B, H, W): views of the file's layout."""
-        numbers = self.indices[np.asarray(positions, dtype=np.int64)]  # IndexError past the end
-        images = self.h5["images"]
-        depths = self.h5[self.key]
-        rgb = np.empty((len(numbers), *images.shape[1:]), np.uint8)  # (B, 3, W, H)
-        depth = np.empty((len(numbers), *depths.shape[1:]), np.float32)  # (B, W, H)
-        starts = np.flatnonzero(np.diff(numbers, prepend=-2) != 1)  # where each run begins
-        for start, stop in zip(starts, [*starts[1:], len(numbers)]):
-            first = int(numbers[start])
-            source = np.s_[first : first + stop - start]
-            try:
-                images.read_direct(rgb, source, np.s_[start:stop])
-                depths.read_direct(depth, source, np.s_[start:stop])
-            except OSError as e:
-                raise UserError(
-                    f"{self.path}: cannot read frames {first} to "
-                    f"{first + stop - start - 1}: {hdf5_problem(e)}"
-                ) from None
-        return rgb.transpose(0, 3, 2, 1), depth.transpose(0, 2, 1)
-
     # e.g. "kitchen": train.py holds out whole scenes for validation
     def scene(self, i):
         # a reference to a MATLAB string

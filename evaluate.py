@@ -1,30 +1,38 @@
 """
 Evaluate MoA-DepthCLIP on the 654 frames of NYU Depth V2's official test split, run zero-shot
-DepthCLIP on the same CLIP, or predict depth for your own photos.
+DepthCLIP on the same CLIP, or predict depth for your own photos. Read top to bottom: the protocols,
+how each scores, the model's maps, the evaluation loop; then the machinery (data, photos, flags).
 
-    python evaluate.py out/ckpt.pt                      # NYU test split, standard protocol
-    python evaluate.py out/ckpt.pt --protocol all --save-vis vis/   # every protocol; pictures
+    python evaluate.py out/model.pt                     # NYU test split, standard protocol
+    python evaluate.py out/model.pt --protocol all --save-vis vis/   # every protocol; pictures
+    python evaluate.py runs/s*/model.pt                 # several seeds: mean +- sd per metric
+    python evaluate.py --zero-shot --clip RN50 --protocol depthclip   # DepthCLIP's row: a setup check
     python evaluate.py --zero-shot --protocol all       # zero-shot DepthCLIP on ViT-B/32
-    python evaluate.py --ceiling --protocol all         # the best a 7x7 output grid can score
-    python evaluate.py --zero-shot --clip RN50 --protocol depthclip   # DepthCLIP's own row, RN50
-    python evaluate.py out/ckpt.pt --image photo.jpg    # photo_depth.png (picture), .npy (metres)
-    python evaluate.py out/ckpt.pt --data synthetic --limit 16   # offline, synthetic rooms
+    python evaluate.py --ceiling --protocol all         # the least RMSE a 7x7 output grid can score
+    python evaluate.py out/model.pt --image photo.jpg   # photo_depth: .npy, _mm.png, .ply (metres), .json
+    python evaluate.py out/model.pt --data synthetic --limit 16   # offline, synthetic rooms
 
 --protocol (the paper says "standard protocol"; docs/paper-notes.md §7 has details); all = each:
   standard   BTS/AdaBins: Eigen crop (--crop), prediction clamped to [1e-3, 10] m, per-image mean
-  standard-depthclip-crop   the same with DepthCLIP's crop (cols 46:601): the authors' first script
+  standard-depthclip-crop   the same with DepthCLIP's metric function (cols 46:601; only where the
+             map is > 1e-3): the authors' first script
   depthclip  DepthCLIP's script: the model sees RGB rows 56:472, cols 60:604 and its mirror image
   authors    the authors' second script: bicubic squash, Garg crop, median scaling per batch of 8
              in their list's order (scene type, then frame), no clamp after the scaling
---ceiling: no model; the ground truth averaged onto the model's 7x7 output grid (a checkpoint's
-grid if one is given), upsampled as the model's output: the best such a model can score.
-Scored alone: the depth (the dual head's fusion of its maps) and the dual head's binned and regressed maps. Last stdout line: JSON.
+--ceiling: no model; per frame, the 7x7 output grid (a checkpoint's grid if one is given) whose map,
+upsampled as the model's output is, has the least squared error over the pixels each protocol scores:
+no such map scores a lower RMSE under standard, standard-depthclip-crop and depthclip (other metrics,
+and the authors' median-scaled scores, are not bounded by it). Also cell_mean, the ground truth
+averaged on each cell: a reference, not a bound.
+Scored alone: the depth (the dual head's fusion of its maps) and the dual head's binned and regressed
+maps. Last stdout line: JSON.
 """
 
 import json
 import math
+import os
 import sys
-from argparse import ArgumentParser, RawDescriptionHelpFormatter
+from argparse import RawDescriptionHelpFormatter
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from functools import partial
@@ -33,335 +41,26 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
+import cli
 import clip_vit
 import data_nyu
 import moa
+import pictures
 
 # NYU frames; every crop here is defined on them
 FRAME = (480, 640)
 FULL_FRAME = (0, 480, 0, 640)  # rows, cols: the whole frame
 # rows, cols of the RGB crop DepthCLIP's model sees
 DEPTHCLIP_INPUT = (56, 472, 60, 604)
-# KITTI's Garg crop, cut as the authors' script cuts it
-GARG_BOX = data_nyu.CROPS["garg"]
 # the authors' script scales and pools per batch of 8
 AUTHORS_BATCH = 8
 # ViT-B/32: one output cell per 32x32 input pixels
 PATCH = 32
-# NYU's test size; + the run's seed: unseen rooms
-SYNTHETIC_TEST, SYNTHETIC_SEED = 654, 10_000
-# a picture's long side at most, short side at least (px)
-PICTURE_MAX, PICTURE_MIN = 2048, 256
-# font size / height of a picture's maps: letters >= 2 %
-TEXT = 0.04
-# pixels: the font of a picture of tiny maps
-MIN_FONT = 14
-# the folders this run created: removed again if still empty when it stops early
-MADE = []
-TURBO = np.array(
-    [
-        [0.13572138, 4.6153926, -42.66032258, 132.13108234, -152.94239396, 59.28637943],
-        [0.09140261, 2.19418839, 4.84296658, -14.18503333, 4.27729857, 2.82956604],
-        [0.1066733, 12.64194608, -60.58204836, 110.36276771, -89.90310912, 27.34824973],
-    ]
-)
 
 
 # -----------------------------------------------------------------------------
-# pictures (PIL only): turbo colours, a title per panel, a colour bar in metres under each map
-
-
-def colorize(x, lo, hi):
-    """(H, W) -> (H, W, 3) uint8 in turbo, Google's smoothed rainbow: lo dark blue, hi dark red."""
-    # 0 to 1 across the scale
-    t = np.clip((x - lo) / max(hi - lo, 1e-9), 0, 1)[..., None]
-    powers = t ** np.arange(6)  # (H, W, 6): 1, t, ..., t^5; TURBO's rows: R, G, B coefficients
-    return (np.clip(powers @ TURBO.T, 0, 1) * 255).astype(np.uint8)
-
-
-def picture_layout(h, w, rows, cols, header, cells):
-    """Maps of h x w pixels in a rows x cols grid -> the picture's geometry, a dict. Under a header
-    line, each cell is a title row, the map, a colour bar and a row of the bar's labels; columns are
-    one font size apart, and a cell is as wide as its texts need, so no two labels touch.
-    cells: (title, bar labels or ()) per cell. The font is TEXT of the maps' height."""
-    size = max(MIN_FONT, round(TEXT * rows * h))
-    # Pillow >= 10.1: scalable, no font file needed
-    font = ImageFont.load_default(size=size)
-    cell_w = w
-    # the bar's labels side by side, a font size apart
-    for title, labels in cells:
-        need = sum(font.getlength(label) + size for label in labels)
-        cell_w = max(cell_w, math.ceil(font.getlength(title)), math.ceil(need))
-    g = {
-        "font": font,
-        "size": size,
-        "cell_w": cell_w,
-        "header_h": round(1.6 * size),
-        "title_h": round(1.4 * size),
-        "bar_h": round(0.6 * size),
-        "label_h": round(1.4 * size),
-    }
-    g["cell_h"] = g["title_h"] + h + g["bar_h"] + g["label_h"]
-    g["height"] = g["header_h"] + rows * g["cell_h"]
-    g["width"] = max(cols * cell_w + (cols + 1) * size, math.ceil(font.getlength(header)) + 2 * size)
-    return g
-
-
-def boundary(ok, lo, hi):
-    """-> (last, first), ok(last) true and ok(first) false, 0.1 % apart, for an ok that holds up
-    to a point and not after it, given ok(lo) true and ok(hi) false."""
-    while hi / lo > 1.001:
-        # geometric: scales run from 1e-4 to 1e4
-        mid = (lo * hi) ** 0.5
-        if ok(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo, hi
-
-
-def fit_scale(H, W, rows, cols, header, cells):
-    """The scale for (H, W) maps: 1, their own pixels, where the picture is then at most PICTURE_MAX
-    on its long side and at least PICTURE_MIN on its short side; else the nearest scale that keeps
-    the long side in bounds and, where the photo's shape allows it, the short side."""
-
-    # -> (short, long) of the picture
-    def sides(scale):
-        g = picture_layout(max(1, round(scale * H)), max(1, round(scale * W)), rows, cols, header, cells)
-        return min(g["height"], g["width"]), max(g["height"], g["width"])
-
-    short, long = sides(1.0)
-    if long > PICTURE_MAX:  # a large photo: shrink
-        return boundary(lambda s: sides(s)[1] <= PICTURE_MAX, 1e-4, 1.0)[0]
-    if short >= PICTURE_MIN:
-        return 1.0
-    reaches = boundary(lambda s: sides(s)[0] < PICTURE_MIN, 1.0, 1e4)[1]  # a tiny photo: enlarge
-    fits = boundary(lambda s: sides(s)[1] <= PICTURE_MAX, 1.0, 1e4)[0]
-    return min(reaches, fits)
-
-
-def resized(a, h, w):
-    """A map (nearest pixel: depths stay depths, holes stay holes) or an RGB photo (box filter when
-    smaller, nearest when larger: a 1x1 photo shows as one block) at h x w."""
-    if a.shape[:2] == (h, w):
-        return a
-    im = Image.fromarray(a)  # (H, W) float32: mode F; (H, W, 3) uint8: RGB
-    smaller = h * w < a.shape[0] * a.shape[1]
-    resample = Image.Resampling.BOX if a.ndim == 3 and smaller else Image.Resampling.NEAREST
-    return np.asarray(im.resize((w, h), resample))
-
-
-def save_picture(path, rgb, pred, gt=None, *, title="", scene=None, crop="eigen", metrics=None):
-    """RGB | prediction [| ground truth | |error|] as one PNG, a colour bar in metres under each
-    map, under a header: title, scene and, with ground truth, the frame's d1 and RMSE within `crop`
-    (metrics: this frame's, if already scored; else scored here). Maps keep their pixels unless the
-    picture would be too large or too small (fit_scale)."""
-    # fitted: a 3.5-6.4 m room uses every colour
-    lo, hi = float(pred.min()), float(pred.max())
-    panels = [("prediction", pred)]
-    score = ""
-    if gt is not None:
-        valid = (gt > data_nyu.MIN_DEPTH) & (gt < data_nyu.MAX_DEPTH)  # no holes
-        if valid.any():
-            lo, hi = min(lo, float(gt[valid].min())), max(hi, float(gt[valid].max()))  # one scale
-        error = (np.abs(pred - gt) * valid).astype(np.float32)  # 0 at GT holes
-        panels += [("ground truth", gt), ("|error|", error)]
-        m = metrics or data_nyu.depth_metrics(pred, gt, crop=crop)  # as the standard protocol does
-        d1, rmse = float(m["d1"]), float(m["rmse"])  # NaN: not one valid pixel
-        within = "" if crop == "none" else f" ({crop} crop)"
-        score = "no valid ground truth" if math.isnan(d1) else f"d1 {d1:.3f}, RMSE {rmse:.3f} m{within}"
-    names = ", ".join(t for t in (title, scene) if t)
-    header = ": ".join(t for t in (names, score) if t)
-    scales = [(0.0, float(a.max())) if name == "|error|" else (lo, hi) for name, a in panels]
-    cells = [("RGB", ())]  # (title, colour bar labels) per panel
-    cells += [(name, (f"{a:.2f} m", f"{b:.2f} m")) for (name, _), (a, b) in zip(panels, scales)]
-    # four maps in 2x2: a picture to see whole
-    cols = 2 if len(cells) == 4 else len(cells)
-    rows = len(cells) // cols
-    H, W = rgb.shape[:2]
-    scale = fit_scale(H, W, rows, cols, header, cells)  # resized before colouring: little memory
-    h, w = max(1, round(scale * H)), max(1, round(scale * W))
-    images = [resized(rgb, h, w)]
-    images += [colorize(resized(a, h, w), a_lo, a_hi) for (_, a), (a_lo, a_hi) in zip(panels, scales)]
-    canvas = draw_picture(header, cells, images, picture_layout(h, w, rows, cols, header, cells), cols)
-    make_folder(Path(path).parent)  # --save-vis, --out-dir may not exist
-    clip_vit.atomic_write(path, lambda f: canvas.save(f, format="PNG"))  # an old one stays whole
-
-
-def draw_picture(header, cells, images, g, cols):
-    """The header, then per cell its title, its image (h, w, 3) and, given labels, a colour bar."""
-    size, font, cell_w = g["size"], g["font"], g["cell_w"]
-    h, w = images[0].shape[:2]
-    canvas = Image.new("RGB", (max(g["width"], PICTURE_MIN), max(g["height"], PICTURE_MIN)), "white")
-    draw = ImageDraw.Draw(canvas)
-    draw.text((size, size // 4), header, fill="black", font=font)
-    ramp = colorize(np.tile(np.linspace(0, 1, cell_w), (g["bar_h"], 1)), 0, 1)  # low to high
-    for i, ((title, labels), image) in enumerate(zip(cells, images)):
-        x = size + (i % cols) * (cell_w + size)  # the cell's top left corner
-        y = g["header_h"] + (i // cols) * g["cell_h"]
-        draw.text((x, y + size // 8), title, fill="black", font=font)
-        canvas.paste(Image.fromarray(image), (x + (cell_w - w) // 2, y + g["title_h"]))
-        # a colour bar, its lowest value at the left, its highest at the right
-        if labels:
-            bar_y = y + g["title_h"] + h
-            canvas.paste(Image.fromarray(ramp), (x, bar_y))
-            draw.text((x, bar_y + g["bar_h"]), labels[0], fill="black", font=font)
-            right = x + cell_w - draw.textlength(labels[1], font=font)
-            draw.text((right, bar_y + g["bar_h"]), labels[1], fill="black", font=font)
-    return canvas
-
-
-def make_folder(folder):
-    """mkdir -p that remembers each folder it made (MADE), so an interrupted run removes them
-    again if they are still empty."""
-    folder = Path(folder)
-    missing = [p for p in (folder, *folder.parents) if not p.exists()]
-    folder.mkdir(parents=True, exist_ok=True)
-    MADE.extend(reversed(missing))  # outermost first
-
-
-def remove_empty_folders():
-    for folder in reversed(MADE):  # innermost first
-        try:
-            folder.rmdir()  # only an empty folder goes
-        except OSError:
-            pass
-
-
-def read_photo(path):
-    """Any photo -> uint8 (H, W, 3) RGB, upright (EXIF), from greyscale, RGBA, palette, 16-bit."""
-    try:
-        im = ImageOps.exif_transpose(Image.open(path))
-        # decode now: a broken file fails here, before the model is loaded
-        im.load()
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise clip_vit.UserError(f"{path}: not a readable image ({e.__class__.__name__})") from None
-    # 16-bit greyscale: stretch to 8 bits
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        a = np.asarray(im, dtype=np.float64)
-        im = Image.fromarray((255 * (a - a.min()) / max(a.max() - a.min(), 1)).astype(np.uint8))
-    # transparent pixels over white, as a viewer shows them
-    if im.mode in ("RGBA", "LA", "P"):
-        im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
-    # a writable copy: torch warns on read-only arrays
-    return np.array(im.convert("RGB"))
-
-
-@torch.no_grad()
-def predict(model, rgb, dtype, out_size, flip=False, bicubic=False):
-    """uint8 (B, H, W, 3) array -> {output key: (B, *out_size) float32 array, metres, clamped to the
-    range}: predict_maps for arrays (your photos, the pictures)."""
-    device = next(model.parameters()).device
-    img = torch.from_numpy(rgb).to(device).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
-    resize = "pil-bicubic" if bicubic else "training"
-    maps = predict_maps(model, img, dtype, out_size, flip=flip, resize=resize)
-    return {key: depth.cpu().numpy() for key, depth in maps.items()}
-
-
-@torch.no_grad()
-def predict_maps(model, img, dtype, out_size, flip=False, resize="training"):
-    """uint8 (B, 3, H, W) tensor -> {output key: (B, *out_size) float32 tensor, metres, clamped to
-    the range}, on img's device. flip: the mean with the mirrored-back prediction of the mirrored
-    image. resize: "training" (data_nyu.resize, as the model was trained) or "pil-bicubic" (the
-    authors' script: PIL's antialiased bicubic, whose result PIL rounds to uint8)."""
-    cfg = model.cfg
-    if resize == "pil-bicubic":
-        x = data_nyu.bicubic(img.float(), cfg.input_size)
-        x = x.round().clamp(0, 255) / 255  # (B, 3, h, w)
-    else:
-        x = data_nyu.resize(img, None, cfg.input_size)[0]  # (B, 3, h, w)
-    x = data_nyu.normalize(x)
-    with torch.autocast(img.device.type, dtype=dtype, enabled=dtype is not None):  # as in training
-        out = model(x)
-        mirrored = model(x.flip(-1)) if flip else None
-    maps = {}
-    # the similarity head has only "depth"
-    for key in [k for k in moa.OUTPUTS if k in out]:
-        depth = out[key].float()  # (B, 1, h, w)
-        if flip:
-            depth = 0.5 * (depth + mirrored[key].float().flip(-1))  # mirrored back
-        depth = F.interpolate(depth, size=out_size, mode="bilinear", align_corners=False)
-        maps[key] = depth[:, 0].clamp(cfg.min_depth, cfg.max_depth)
-    return maps
-
-
-def ceiling_map(gt, input_size, out_size):
-    """The best map a model with a patch grid can give: gt (B, H, W) averaged over the valid pixels
-    under each cell of the output grid (input_size / 32; a cell without one: the frame's valid
-    mean), upsampled as the model's output is: bilinear to input_size (the forward), bilinear to
-    out_size (predict_maps), clamped. -> (B, *out_size) float64 metres."""
-    grid = (input_size[0] // PATCH, input_size[1] // PATCH)
-    valid = ((gt > data_nyu.MIN_DEPTH) & (gt < data_nyu.MAX_DEPTH)).double()[:, None]  # (B, 1, H, W)
-    depth = gt.double()[:, None] * valid
-    # each cell's sum / its pixels, holes as 0
-    depth_mean = F.adaptive_avg_pool2d(depth, grid)
-    # each cell's valid share: same cells
-    valid_mean = F.adaptive_avg_pool2d(valid, grid)
-    frame_mean = depth.sum((1, 2, 3), keepdim=True) / valid.sum((1, 2, 3), keepdim=True).clamp_min(1)
-    cells = torch.where(valid_mean > 0, depth_mean / valid_mean.clamp_min(1e-12), frame_mean)
-    up = F.interpolate(cells, size=input_size, mode="bilinear", align_corners=False)
-    up = F.interpolate(up, size=out_size, mode="bilinear", align_corners=False)
-    return up[:, 0].clamp(data_nyu.MIN_DEPTH, data_nyu.MAX_DEPTH)
-
-
-def protocol_maps(rgb, gt, protocol, model=None, dtype=None, ceiling=None):
-    """The maps a protocol scores, {output key: (B, 480, 640)}: the model's prediction of its input
-    box, or with ceiling=input_size the oracle's ({"ceiling": ...}), pasted into a zero frame."""
-    r0, r1, c0, c1 = protocol.input_box
-    size = (r1 - r0, c1 - c0)
-    if ceiling:
-        maps = {"ceiling": ceiling_map(gt[:, r0:r1, c0:c1], ceiling, size)}
-    else:
-        maps = predict_maps(model, rgb[..., r0:r1, c0:c1], dtype, size, protocol.flip, protocol.resize)
-    if size == FRAME:
-        return maps
-    # as DepthCLIP pastes it: zeros around the box (left, right, top, bottom)
-    around = (c0, FRAME[1] - c1, r0, FRAME[0] - r1)
-    return {key: F.pad(depth, around) for key, depth in maps.items()}
-
-
-# -----------------------------------------------------------------------------
-# the protocols: what each feeds the model and how it scores, around data_nyu.depth_metrics
-
-
-def score_per_image(maps, gt, protocol):
-    """Each frame on its own within the protocol's crop (BTS, AdaBins, DepthCLIP); a pasted map
-    counts only where it is > 1e-3, as DepthCLIP masks it. -> {output key: {metric: (B,)}}"""
-    scores = {}
-    for key, pred in maps.items():
-        # outside the box the canvas is 0: not scored
-        frame_gt = gt if protocol.input_box == FULL_FRAME else torch.where(pred > data_nyu.MIN_DEPTH, gt, 0.0)
-        scores[key] = data_nyu.depth_metrics(pred, frame_gt, crop=protocol.crop)
-    return scores
-
-
-def score_authors(maps, gt, protocol):
-    """The authors' script, per group of 8 frames as their list orders them: the Garg crop, one
-    scale median(gt) / median(pred) over the group's valid pixels (torch.median: the lower middle
-    value), the metrics over those pixels pooled, with no clamp after the scaling.
-    -> {output key: {metric: (groups,)}}"""
-    r0, r1, c0, c1 = data_nyu.CROPS[protocol.crop]
-    gt = gt[:, r0:r1, c0:c1]
-    valid = (gt > data_nyu.MIN_DEPTH) & (gt < data_nyu.MAX_DEPTH)
-    rows = defaultdict(list)
-    size = protocol.group
-    for s in range(0, len(gt), size):
-        # the group as one tall image
-        group_gt = gt[s : s + size].reshape(1, -1, c1 - c0)
-        group_valid = valid[s : s + size].reshape(1, -1, c1 - c0)
-        # torch.median: the lower of the two middle values; NaN for a group without a valid pixel
-        gt_median = group_gt[group_valid].median().double()
-        for key, depth in maps.items():
-            pred = depth[s : s + size, r0:r1, c0:c1].reshape(1, -1, c1 - c0)
-            scaled = pred.double() * (gt_median / pred[group_valid].median().double())
-            rows[key].append(data_nyu.depth_metrics(scaled, group_gt, crop="none", clamp=False))
-    return {
-        key: {m: torch.cat([r[m] for r in groups]) for m in data_nyu.KEYS} for key, groups in rows.items()
-    }
-
-
+# the protocols: what each feeds the model and how it scores (docs/paper-notes.md §7)
 @dataclass(frozen=True)
 class Protocol:
     # rows, cols of the 480x640 frame the model sees, pasted back there
@@ -370,60 +69,393 @@ class Protocol:
     flip: bool
     # "training": as the model was trained; "pil-bicubic": the authors' script
     resize: str
-    # the pixels scored: a data_nyu.CROPS box (and 1e-3 < gt < 10)
+    # the pixels scored: a data_nyu.CROPS box (and 1e-3 < gt < 10); "depthclip": also where the map > 1e-3
     crop: str
-    # frames scored together, consecutive in the order given: 1 = each alone
+    # frames scored together, consecutive in the order given: 1 = each alone; more: the authors' groups
     group: int
-    # how the frames' scores make one number
-    average: str
-    scorer: object  # (maps, gt, protocol) -> {output key: {metric: scores}}
 
 
+PROTOCOLS = {
+    # BTS, AdaBins
+    "standard": Protocol(FULL_FRAME, flip=False, resize="training", crop="eigen", group=1),
+    # the authors' first (compiled) metric function: DepthCLIP's, on the whole frame
+    "standard-depthclip-crop": Protocol(FULL_FRAME, flip=False, resize="training", crop="depthclip", group=1),
+    # DepthCLIP's NYU script
+    "depthclip": Protocol(DEPTHCLIP_INPUT, flip=True, resize="training", crop="depthclip", group=1),
+    # the authors' second, readable script
+    "authors": Protocol(FULL_FRAME, flip=False, resize="pil-bicubic", crop="garg", group=AUTHORS_BATCH),
+}
 PER_IMAGE = "per image, then the mean over images"
 PER_GROUP = (
     f"per group of {AUTHORS_BATCH} frames in the authors' list order (scene type, then frame): "
     "median-scaled, pixels pooled, then the mean over groups"
 )
-# the order --protocol all runs them (docs/paper-notes.md §7)
-PROTOCOLS = {
-    "standard": Protocol(  # BTS, AdaBins
-        input_box=FULL_FRAME,
-        flip=False,
-        resize="training",
-        crop="eigen",
-        group=1,
-        average=PER_IMAGE,
-        scorer=score_per_image,
-    ),
-    # the authors' first (compiled) metric function
-    "standard-depthclip-crop": Protocol(
-        input_box=FULL_FRAME,
-        flip=False,
-        resize="training",
-        crop="depthclip",
-        group=1,
-        average=PER_IMAGE,
-        scorer=score_per_image,
-    ),
-    "depthclip": Protocol(  # DepthCLIP's NYU script
-        input_box=DEPTHCLIP_INPUT,
-        flip=True,
-        resize="training",
-        crop="depthclip",
-        group=1,
-        average=PER_IMAGE,
-        scorer=score_per_image,
-    ),
-    "authors": Protocol(  # the authors' second, readable script
-        input_box=FULL_FRAME,
-        flip=False,
-        resize="pil-bicubic",
-        crop="garg",
-        group=AUTHORS_BATCH,
-        average=PER_GROUP,
-        scorer=score_authors,
-    ),
-}
+
+
+def score(maps, gt, protocol):
+    """{output key: (B, 480, 640) map} -> {output key: {metric: scores}}: one per frame, or per group."""
+    return score_authors(maps, gt, protocol) if protocol.group > 1 else score_per_image(maps, gt, protocol)
+
+
+def score_per_image(maps, gt, protocol):
+    """Each frame on its own within the protocol's crop (BTS, AdaBins, DepthCLIP); under DepthCLIP's
+    crop a pixel counts only where the map is > 1e-3, as DepthCLIP's metric function (and the
+    authors' first, a copy) masks it."""
+    scores = {}
+    for key, pred in maps.items():
+        frame_gt = torch.where(pred > data_nyu.MIN_DEPTH, gt, 0.0) if protocol.crop == "depthclip" else gt
+        scores[key] = data_nyu.depth_metrics(pred, frame_gt, crop=protocol.crop)
+    return scores
+
+
+def score_authors(maps, gt, protocol):
+    """The authors' script, per group of 8 frames as their list orders them: the Garg crop, one
+    scale median(gt) / median(pred) over the group's valid pixels (torch.median: the lower middle
+    value), the metrics over those pixels pooled, with no clamp after the scaling."""
+    r0, r1, c0, c1 = data_nyu.CROPS[protocol.crop]
+    gt = gt[:, r0:r1, c0:c1]
+    valid = data_nyu.valid_depth(gt)
+    rows = defaultdict(list)
+    for s in range(0, len(gt), protocol.group):
+        # the group as one tall image
+        group_gt = gt[s : s + protocol.group].reshape(1, -1, c1 - c0)
+        group_valid = valid[s : s + protocol.group].reshape(1, -1, c1 - c0)
+        # NaN for a group without a valid pixel
+        gt_median = group_gt[group_valid].median().double()
+        for key, depth in maps.items():
+            pred = depth[s : s + protocol.group, r0:r1, c0:c1].reshape(1, -1, c1 - c0)
+            scaled = pred.double() * (gt_median / pred[group_valid].median().double())
+            rows[key].append(data_nyu.depth_metrics(scaled, group_gt, crop="none", clamp=False))
+    return {
+        key: {m: torch.cat([r[m] for r in groups]) for m in data_nyu.KEYS} for key, groups in rows.items()
+    }
+
+
+# -----------------------------------------------------------------------------
+# the maps a protocol scores: the model's prediction of its input box, or the ceiling's
+@torch.no_grad()
+def predict_maps(model, img, dtype, out_size, flip=False, resize="training"):
+    """uint8 (B, 3, H, W) tensor -> {output key: (B, *out_size) float32 tensor, metres, clamped to
+    the range}, on img's device. flip: the mean with the mirrored-back prediction of the mirrored
+    image (run first, so that the model's gates are the plain image's). resize: "training"
+    (data_nyu.resize, as the model was trained) or "pil-bicubic" (the authors' script: PIL's
+    antialiased bicubic, whose result PIL rounds to uint8)."""
+    cfg = model.cfg
+    if resize == "pil-bicubic":
+        x = data_nyu.bicubic(img.float(), cfg.input_size).round().clamp(0, 255) / 255
+    else:
+        x = data_nyu.resize(img, None, cfg.input_size)[0]
+    x = data_nyu.normalize(x)
+    with torch.autocast(img.device.type, dtype=dtype, enabled=dtype is not None):
+        mirrored = model(x.flip(-1)) if flip else None
+        out = model(x)
+    maps = {}
+    for key in [k for k in moa.OUTPUTS if k in out]:
+        depth = out[key].float()  # (B, 1, h, w)
+        if flip:
+            depth = 0.5 * (depth + mirrored[key].float().flip(-1))
+        depth = F.interpolate(depth, size=out_size, mode="bilinear", align_corners=False)
+        maps[key] = depth[:, 0].clamp(cfg.min_depth, cfg.max_depth)
+    return maps
+
+
+def protocol_maps(rgb, gt, protocol, model=None, dtype=None, ceiling_input=None):
+    """The maps a protocol scores, {output key: (B, 480, 640)}: the model's prediction of its input box,
+    or with ceiling_input (an input size) the ceiling's, pasted into a zero frame."""
+    r0, r1, c0, c1 = protocol.input_box
+    size = (r1 - r0, c1 - c0)
+    if ceiling_input:
+        # the ground truth of the pixels the protocol's crop scores
+        k0, k1, j0, j1 = data_nyu.CROPS[protocol.crop] or FULL_FRAME
+        scored = torch.zeros_like(gt)
+        scored[:, k0:k1, j0:j1] = gt[:, k0:k1, j0:j1]
+        maps = ceiling_maps(scored[:, r0:r1, c0:c1], ceiling_input, size)
+    else:
+        maps = predict_maps(model, rgb[..., r0:r1, c0:c1], dtype, size, protocol.flip, protocol.resize)
+    # as DepthCLIP pastes it: zeros around the box (left, right, top, bottom)
+    around = (c0, FRAME[1] - c1, r0, FRAME[0] - r1)
+    return {key: F.pad(depth, around) for key, depth in maps.items()}
+
+
+# --ceiling's least squares: its pull towards the cell means, against ~6,000 pixels' weight per cell
+CEILING_RIDGE = 1e-9
+
+
+def ceiling_maps(gt, input_size, out_size):
+    """The ceiling "model", two maps from the ground truth gt (B, H, W) of the pixels a protocol scores (0
+    elsewhere), each a grid of input_size / 32 cells upsampled as the model's output is (bilinear to
+    input_size in the forward, bilinear to out_size in predict_maps) and clamped -> {"ceiling",
+    "cell_mean": (B, *out_size) float64 metres}. cell_mean: each cell's mean of the valid ground truth
+    under it (a cell without one: the frame's valid mean). ceiling: the grid whose upsampled map has
+    the least squared error over the valid pixels, a linear least-squares problem solved per frame on
+    its normal equations; a ridge of CEILING_RIDGE towards the cell means settles the cells that no
+    valid pixel depends on (they keep their cell mean). No grid's map has a lower RMSE before the
+    clamp, and the clamp only moves a pixel towards its valid ground truth."""
+    grid = (input_size[0] // PATCH, input_size[1] // PATCH)
+    cells = grid[0] * grid[1]
+
+    def upsample(x, *sizes):  # the model's path: to input_size (the forward), to out_size (predict_maps)
+        for size in sizes:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return x
+
+    valid = data_nyu.valid_depth(gt).double()  # (B, H, W)
+    depth = gt.double() * valid
+    # each cell's sum / its pixels, holes as 0; each cell's valid share
+    depth_mean = F.adaptive_avg_pool2d(depth[:, None], grid)
+    valid_mean = F.adaptive_avg_pool2d(valid[:, None], grid)
+    frame_mean = depth.sum((1, 2), keepdim=True) / valid.sum((1, 2), keepdim=True).clamp_min(1)
+    means = torch.where(valid_mean > 0, depth_mean / valid_mean.clamp_min(1e-12), frame_mean[:, None])
+    # bilinear resizing is separable: the map of a grid g is R^T g C, R and C the resized unit vectors
+    eye = torch.eye(max(grid), dtype=torch.float64, device=gt.device)
+    R = upsample(eye[: grid[0], None, : grid[0], None], (input_size[0], 1), (out_size[0], 1))[:, 0, :, 0]
+    C = upsample(eye[: grid[1], None, None, : grid[1]], (1, input_size[1]), (1, out_size[1]))[:, 0, 0]
+    # the normal equations of min over g of sum_pq valid_pq ((R^T g C)_pq - gt_pq)^2
+    normal = torch.einsum("ip,kp,bpq,jq,lq->bijkl", R, R, valid, C, C).reshape(-1, cells, cells)
+    rhs = torch.einsum("ip,bpq,jq->bij", R, depth, C) + CEILING_RIDGE * means[:, 0]
+    ridge = CEILING_RIDGE * torch.eye(cells, dtype=torch.float64, device=gt.device)
+    best = torch.linalg.solve(normal + ridge, rhs.flatten(1))  # (B, cells)
+    maps = {"ceiling": best.view(means.shape), "cell_mean": means}
+    return {
+        key: upsample(x, input_size, out_size)[:, 0].clamp(data_nyu.MIN_DEPTH, data_nyu.MAX_DEPTH)
+        for key, x in maps.items()
+    }
+
+
+# -----------------------------------------------------------------------------
+# the evaluation: every protocol over the test frames, each frame read once
+def evaluate_frames(ds, order, protocols, maps_of, device, args, model=None, made=None):
+    """The frames at positions `order` under every protocol, read once per pass of --batch-size frames,
+    rounded up to whole groups (the authors' batches of 8 stay whole); maps_of(rgb, gt, protocol): the
+    maps it scores. -> ({protocol: {output key: [{metric: scores of a pass}]}}, {scene: (layers, E) summed
+    expert shares} of the model's gates)."""
+    rows = {name: defaultdict(list) for name in protocols}
+    shares = {}
+    group = max(protocol.group for protocol in protocols.values())
+    step = group * math.ceil(args.batch_size / group)
+    for s in range(0, len(order), step):
+        positions = order[s : s + step]
+        rgb, gt = read_frames(ds, positions, device)
+        # protocols that feed the model alike share its maps: standard, standard-depthclip-crop (not the
+        # ceiling's, fitted to the pixels each crop scores)
+        maps_by_input = {}
+        gates = None
+        for name, protocol in protocols.items():
+            fed = (protocol.input_box, protocol.flip, protocol.resize, args.ceiling and protocol.crop)
+            if fed not in maps_by_input:
+                maps_by_input[fed] = maps_of(rgb, gt, protocol)
+                # the MoA gates of the first protocol's input
+                gates = gates or gates_of(model)
+            for key, metrics in score(maps_by_input[fed], gt, protocol).items():
+                rows[name][key].append(metrics)
+        for j, i in enumerate(positions):
+            if gates is not None:
+                frame_gates = [g[j] for g in gates.values()]
+                shares[ds.scene(i)] = shares.get(ds.scene(i), 0) + pictures.expert_shares(frame_gates)
+        if args.save_vis:
+            save_pictures(ds, positions, rgb, gt, next(iter(maps_by_input.values())), gates, args, made)
+        print(f"evaluated {s + len(positions)}/{len(order)}", file=sys.stderr)
+        cli.stop_if_interrupted()
+    return rows, shares
+
+
+def gates_of(model):
+    """{"block i": the patch tokens' gates of the model's last forward, (B, gh*gw, E)} per MoA layer, or
+    None (no MoA: the ceiling, zero-shot models, plain adapters)."""
+    layers = getattr(model, "moa", [])
+    if not layers or not layers[0].gated:
+        return None
+    return {f"block {i}": m.last_gates[:, 1:].cpu().numpy() for i, m in zip(model.cfg.moa_layers, layers)}
+
+
+def report(rows, scenes, about):
+    """A table per protocol on stdout: each output over all frames, then the first output per
+    scene (not for the authors', whose rows are groups). -> {protocol: {output: means}}"""
+    results = {}
+    for name, outputs in rows.items():
+        head = f"{name + ' protocol':<34}{'n':>5}" + "".join(f"{k:>10}" for k in data_nyu.KEYS)
+        print(head + "\n" + "-" * len(head))
+        # {output: {metric: one score per frame or group}}
+        scores = {
+            key: {m: torch.cat([r[m] for r in rs]).cpu() for m in data_nyu.KEYS}
+            for key, rs in outputs.items()
+        }
+        labels = {key: moa.OUTPUTS.get(key, key) for key in scores}
+        lines = [(f"all ({labels[key]})", s) for key, s in scores.items()]
+        # frames behind each score: 1 per image, or the size of each group (the last one may be short)
+        group = PROTOCOLS[name].group
+        frames = torch.tensor([min(group, len(scenes) - start) for start in range(0, len(scenes), group)])
+        if group == 1:
+            first = next(iter(scores.values()))
+            for scene in sorted(set(scenes)):
+                at = torch.tensor([where == scene for where in scenes])
+                lines.append((scene, {m: v[at] for m, v in first.items()}))
+        for label, s in lines:
+            means = data_nyu.mean_metrics([s])
+            # n counts frames, also where a score is a group's; NaN: no valid pixel in the frame (or group)
+            scored = int(frames[: len(s["d1"])][~s["d1"].isnan()].sum())
+            print(f"{label:<34}{scored:>5}" + "".join(f"{v:>10.4f}" for v in means.values()))
+        results[name] = {"protocol": about[name]}
+        # JSON has no NaN: null where nothing could be scored
+        for key, s in scores.items():
+            means = data_nyu.mean_metrics([s]).items()
+            results[name][labels[key]] = {k: None if math.isnan(v) else v for k, v in means}
+    return results
+
+
+def report_experts(shares, counts, layers):
+    """Each expert's share of the gate weight, per scene type and MoA layer: do the experts specialise?
+    -> {layer: {scene: [share per expert]}}"""
+    print("expert shares (mean gate per expert over a scene's patches)")
+    table = {}
+    for scene in sorted(shares):
+        mean = shares[scene] / counts[scene]  # (layers, E)
+        print(
+            f"{scene:<24}"
+            + "  ".join(f"L{layer} " + " ".join(f"{v:.2f}" for v in row) for layer, row in zip(layers, mean))
+        )
+        for layer, row in zip(layers, mean):
+            table.setdefault(f"L{layer}", {})[scene] = [round(float(v), 4) for v in row]
+    return table
+
+
+# DepthCLIP's published NYU row (its paper, Table 1), and how far a correct setup may land from it
+DEPTHCLIP_ROW = {"d1": 0.394, "d2": 0.683, "d3": 0.851, "abs_rel": 0.388, "rmse": 1.167}
+TOLERANCE = {"d1": 0.01, "d2": 0.01, "d3": 0.01, "abs_rel": 0.01, "rmse": 0.03}
+
+
+def verdict(metrics, n):
+    """The setup check's one line: zero-shot DepthCLIP on RN50 against DepthCLIP's published row, within
+    TOLERANCE (docs/paper-notes.md §7), or which metric is off, by how much, and the usual causes."""
+    off = {k: metrics[k] - v for k, v in DEPTHCLIP_ROW.items() if not abs(metrics[k] - v) <= TOLERANCE[k]}
+    if n != 654:
+        return (
+            f"setup check: {n} frames, not the 654 of NYU's test split; the check needs them all (no --limit)"
+        )
+    if not off:
+        return "setup check: matches DepthCLIP's published row within " + ", ".join(
+            f"{k} +-{t}" for k, t in TOLERANCE.items()
+        )
+    diffs = ", ".join(f"{k} {metrics[k]:.3f} ({v:+.3f} from {DEPTHCLIP_ROW[k]})" for k, v in off.items())
+    if metrics["rmse"] > 100 * DEPTHCLIP_ROW["rmse"] or metrics["d1"] < 0.01:
+        cause = "depths in other units (millimetres?)"
+    else:
+        cause = "ground truth in-painted instead of raw (--gt raw), another crop, or another split"
+    return f"setup check: off DepthCLIP's published row: {diffs}; usually {cause}"
+
+
+def spread(runs):
+    """Each metric's mean and sample standard deviation over runs (several seeds' checkpoints), per
+    protocol, of each run's first output. -> {protocol: {metric: [mean, sd]}}"""
+    table = {}
+    for name in runs[0][1]:
+        values = np.array(
+            [[headline(result[name])[k] for k in data_nyu.KEYS] for _, result in runs], dtype=float
+        )
+        print(f"{name} protocol over {len(runs)} runs (first output)")
+        for path, row in zip([p for p, _ in runs], values):
+            print(f"{str(path):<34}" + "".join(f"{v:>10.4f}" for v in row))
+        mean, sd = values.mean(0), values.std(0, ddof=1)
+        print(f"{'mean +- sd':<34}" + "".join(f"{m:>7.4f}+-{s:.4f}" for m, s in zip(mean, sd)))
+        table[name] = {k: [m, s] for k, m, s in zip(data_nyu.KEYS, mean.tolist(), sd.tolist())}
+    return table
+
+
+# a protocol's first output: the model's depth, or the ceiling's least-squares map
+def headline(result):
+    return next(v for k, v in result.items() if k != "protocol")
+
+
+def evaluate(args, ckpt_path, rt, made):
+    """One model (a checkpoint, zero-shot DepthCLIP or the ceiling) on the test frames under each chosen
+    protocol: the tables, then -> {protocol: {"protocol": how, output: mean metrics}}, plus n and extras."""
+    ckpt, model = load_model(args, ckpt_path, rt)
+    ceiling_input = None
+    if args.ceiling:
+        ceiling_input = tuple(ckpt.get("model_config", {}).get("input_size", moa.DepthConfig().input_size))
+    ds, data = open_data(args, ckpt)
+    n = min(len(ds), args.limit or len(ds))
+    # one order for all: per-image scores do not depend on it
+    order = authors_order(ds, n)
+    protocols = chosen_protocols(args)
+    about = {name: describe(p, args, n, data, ceiling_input) for name, p in protocols.items()}
+    # how the numbers are made, before any number appears
+    for name, lines in about.items():
+        print(f"protocol {name}: " + ", ".join(f"{k}={v}" for k, v in lines.items()), file=sys.stderr)
+    maps_of = partial(protocol_maps, model=model, dtype=rt.dtype, ceiling_input=ceiling_input)
+    rows, shares = evaluate_frames(ds, order, protocols, maps_of, rt.device, args, model, made)
+    results = report(rows, [ds.scene(i) for i in order], about)
+    if headline(results[next(iter(protocols))])["d1"] is None:
+        raise clip_vit.UserError(
+            f"{data}: no test frame has a valid ground-truth pixel ({data_nyu.VALID}): depths in millimetres?"
+        )
+    extras = {}
+    if shares:
+        counts = defaultdict(int)
+        for i in order:
+            counts[ds.scene(i)] += 1
+        extras["expert_shares"] = report_experts(shares, counts, model.cfg.moa_layers)
+    if isinstance(model, moa.DepthCLIPZeroShot) and "depthclip" in results:
+        extras["setup_check"] = verdict(headline(results["depthclip"]), n)
+        print(extras["setup_check"])
+    return results, n, extras
+
+
+def main(args, made):
+    """Photos, or the test frames for each checkpoint given (their spread over several), and the JSON line."""
+    rt = moa.runtime(args.device)
+    if args.image:
+        return predict_photos(args, rt, made)
+    runs = []
+    for ckpt_path in args.ckpt or [None]:
+        results, n, extras = evaluate(args, ckpt_path, rt, made)
+        runs.append((ckpt_path, results))
+    first = results[next(iter(results))]
+    line = {
+        "metrics": headline(first),
+        "n_images": n,
+        "protocol": first["protocol"],
+        "protocols": results,
+        **extras,
+    }
+    if len(runs) > 1:
+        line = {
+            "spread": spread(runs),
+            "n_images": n,
+            "runs": [{"checkpoint": str(p), "protocols": r} for p, r in runs],
+        }
+    print(json.dumps(line, allow_nan=False))
+
+
+# =============================================================================
+# machinery: the test frames, how a protocol is described, pictures, your photos, flags
+SYNTHETIC_TEST = 654  # NYU's test size
+# + the run's seed: rooms the run never trained on
+SYNTHETIC_SEED = 10_000
+
+
+def open_data(args, ckpt):
+    """-> (the test frames, the name of their data): --data, else the data the run trained on."""
+    data = args.data or ckpt.get("data") or data_nyu.FILE_NAME
+    if data == "synthetic":
+        return data_nyu.SyntheticDepth(n=SYNTHETIC_TEST, seed=SYNTHETIC_SEED + (ckpt.get("seed") or 0)), data
+    raw = args.gt == "raw"
+    return data_nyu.NYUDepthV2(
+        data, "test", splits_path=args.splits, raw_depth=raw, download=args.download
+    ), data
+
+
+def authors_order(ds, n):
+    """Positions 0..n-1 as the authors' test list orders its frames: by scene type, then frame
+    number (DepthCLIP's nyudepthv2_test_files_with_gt_dense.txt; docs/paper-notes.md §7)."""
+    return sorted(range(n), key=lambda i: (ds.scene(i), i))
+
+
+def read_frames(ds, positions, device):
+    """-> uint8 (B, 3, 480, 640) and float32 (B, 480, 640) tensors on device."""
+    rgb, gt = zip(*(ds[i] for i in positions))
+    rgb = torch.from_numpy(np.stack(rgb)).to(device).permute(0, 3, 1, 2)
+    return rgb, torch.from_numpy(np.stack(gt)).to(device)
 
 
 def chosen_protocols(args):
@@ -435,98 +467,149 @@ def chosen_protocols(args):
     return chosen
 
 
-def authors_order(ds, n):
-    """Positions 0..n-1 as the authors' test list orders its frames: by scene type, then frame
-    number (DepthCLIP's nyudepthv2_test_files_with_gt_dense.txt; docs/paper-notes.md §7)."""
-    return sorted(range(n), key=lambda i: (ds.scene(i), i))  # positions ascend with frame numbers
-
-
-def read_frames(ds, positions, device):
-    """-> uint8 (B, 3, 480, 640) and float32 (B, 480, 640) tensors on device: from an NYU file in
-    runs of consecutive frames (NYUDepthV2.frames), from other datasets frame by frame."""
-    if hasattr(ds, "frames"):
-        rgb, gt = ds.frames(positions)  # (B, H, W, 3), (B, H, W)
-    else:
-        rgb = np.stack([ds[i][0] for i in positions])
-        gt = np.stack([ds[i][1] for i in positions])
-    rgb = torch.from_numpy(np.ascontiguousarray(rgb)).to(device).permute(0, 3, 1, 2)  # channels last
-    return rgb, torch.from_numpy(np.ascontiguousarray(gt)).to(device)
-
-
-def describe(name, protocol, args, n, data, ceiling=None):
+def describe(protocol, args, n, data, ceiling_input=None):
     """How a protocol made its numbers: printed first, and kept with them in the JSON line."""
-    split = "official test"
-    gt = {"raw": "rawDepths", "dense": "depths (in-painted)"}[args.gt]
-    # generated rooms: their depth is exact, without Kinect holes
-    if data == "synthetic":
-        split = "synthetic"
-        gt = "exact (synthetic)"
+    synthetic = data == "synthetic"
     about = {
-        "split": f"{split} ({n} frames)",
-        "gt": gt,
-        "valid": f"{data_nyu.MIN_DEPTH:g} < gt < {data_nyu.MAX_DEPTH:g}",
+        "split": f"{'synthetic' if synthetic else 'official test'} ({n} frames)",
+        "gt": "exact (synthetic)"
+        if synthetic
+        else {"raw": "rawDepths", "dense": "depths (in-painted)"}[args.gt],
+        "valid": data_nyu.VALID,
         "input_box": protocol.input_box,
         "resize": protocol.resize,
         "crop": protocol.crop,
         "crop_box": data_nyu.CROPS[protocol.crop],
         "flip_tta": protocol.flip,
-        "average": protocol.average,
+        "average": PER_IMAGE if protocol.group == 1 else PER_GROUP,
     }
-    if ceiling:
-        grid = f"{ceiling[0] // PATCH}x{ceiling[1] // PATCH}"
+    if ceiling_input:
+        grid = f"{ceiling_input[0] // PATCH}x{ceiling_input[1] // PATCH}"
         about["model"] = (
-            f"ceiling: the ground truth averaged on each cell of the {grid} output grid "
-            f"(input {ceiling[0]}x{ceiling[1]}), upsampled as the model's output is"
+            f"ceiling: the least-squares {grid} output grid (input {ceiling_input[0]}x{ceiling_input[1]}), "
+            "upsampled as the model's output is, over the scored pixels; cell_mean: the ground truth averaged on each cell"
         )
     return about
 
 
-def predict_photos(photos, model, dtype, out_dir=None):
-    """Your photos [(path, rgb)]: <name>_depth.npy, float32 metres at the photo's resolution, and
-    <name>_depth.png, a picture to look at, next to each photo or in out_dir."""
-    for path, rgb in photos:
-        depth = predict(model, rgb[None], dtype, rgb.shape[:2])["depth"][0]  # (H, W) metres
-        stem = Path(out_dir or Path(path).parent) / f"{Path(path).stem}_depth"
-        save_picture(f"{stem}.png", rgb, depth, title=Path(path).name)  # first: it makes out_dir
-        clip_vit.atomic_write(f"{stem}.npy", lambda f: np.save(f, depth))
-        print(f"{path}: depth {depth.min():.2f}-{depth.max():.2f} m -> {stem}.png, {stem}.npy")
+def frame_number(ds, i):
+    """The frame's index in NYU's labeled file (0-based), or its position in other data."""
+    return int(ds.indices[i]) if hasattr(ds, "indices") else i
 
 
-# -----------------------------------------------------------------------------
-# the script
+def save_pictures(ds, positions, rgb, gt, maps, gates, args, made):
+    """--save-vis: per frame <frame number>.png (RGB, the first output, ground truth, |error|) and, for a
+    MoA model, <frame number>_gates.png (the expert that wins each patch, per layer)."""
+    made += pictures.make_folder(args.save_vis)
+    depth = next(iter(maps.values()))
+    for j, i in enumerate(positions):
+        frame = frame_number(ds, i)
+        path = Path(args.save_vis) / f"{frame:04d}"
+        image = rgb[j].permute(1, 2, 0).cpu().numpy()
+        pictures.save_frame_picture(
+            f"{path}.png",
+            image,
+            depth[j].cpu().numpy(),
+            gt[j].cpu().numpy(),
+            title=f"frame {frame}",
+            scene=ds.scene(i),
+            crop=args.crop,
+        )
+        if gates is not None:
+            pictures.save_gate_panel(f"{path}_gates.png", image, [g[j] for g in gates.values()], list(gates))
 
 
-class Parser(ArgumentParser):
-    # the problem and where to look, not the whole usage
-    def error(self, message):
-        self.exit(2, f"error: {message}\npython {self.prog} --help lists every flag\n")
+def load_model(args, ckpt_path, rt):
+    """-> (the checkpoint or {}, the model or None for the ceiling): zero-shot DepthCLIP on --clip, or the
+    checkpoint's model on its CLIP weights."""
+    ckpt = moa.load_checkpoint(ckpt_path) if ckpt_path else {}
+    if args.ceiling:
+        return ckpt, None
+    if args.zero_shot:
+        return ckpt, moa.build_model(clip_vit.load(args.clip or "ViT-B/32"), None, args.moa_impl).to(
+            rt.device
+        ).eval()
+    return ckpt, moa.from_checkpoint(ckpt, args.clip, rt.device, where=ckpt_path, moa_impl=args.moa_impl)
 
 
-def parse_args():
-    p = Parser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
-    # every help line: what it means, its format, its default
+def predict_photos(args, rt, made):
+    """--image: per photo, beside it or in --out-dir, <name>_depth.npy (float32 metres at the photo's size),
+    .png (a picture), _mm.png (16-bit millimetres), .ply (a point cloud) and .json (units, range,
+    intrinsics and where they came from, the model), and _gates.png for a MoA model."""
+    paths = pictures.photo_paths(args.image)
+    # two photos with one name (room.jpg, room.png) keep their suffix in their outputs' names
+    names = [p.stem for p in paths]
+    stems = [
+        Path(args.out_dir or p.parent)
+        / f"{p.stem if names.count(p.stem) == 1 else p.name.replace('.', '_')}_depth"
+        for p in paths
+    ]
+    for stem in stems:
+        check_folder("--out-dir" if args.out_dir else "the photo's folder", stem.parent)
+    ckpt, model = load_model(args, args.ckpt[0] if args.ckpt else None, rt)
+    cfg = model.cfg
+    grid = f"{cfg.input_size[0] // PATCH}x{cfg.input_size[1] // PATCH} cells for a {cfg.input_size[0]}x{cfg.input_size[1]} input"
+    for path, stem in zip(paths, stems):
+        rgb, notes, focal35 = pictures.read_photo(path)
+        img = torch.from_numpy(rgb).to(rt.device).permute(2, 0, 1)[None]
+        depth = predict_maps(model, img, rt.dtype, rgb.shape[:2])["depth"][0].cpu().numpy()
+        made += pictures.make_folder(stem.parent)
+        sidecar = {
+            "photo": path.name,
+            "checkpoint": str(args.ckpt[0]) if args.ckpt else "zero-shot DepthCLIP",
+            "clip": ckpt.get("clip", {"name": args.clip or "ViT-B/32"}),
+            "output_grid": f"{grid}, bilinearly upsampled to the photo: an indoor model, {cfg.min_depth:g}-{cfg.max_depth:g} m",
+        }
+        intrinsics = pictures.photo_intrinsics(rgb.shape, args.focal, focal35)
+        pictures.write_photo_outputs(stem, rgb, depth, intrinsics, sidecar, (cfg.min_depth, cfg.max_depth))
+        if gates := gates_of(model):
+            pictures.save_gate_panel(f"{stem}_gates.png", rgb, [g[0] for g in gates.values()], list(gates))
+        print(
+            f"{path}: depth {depth.min():.2f}-{depth.max():.2f} m -> {stem}.npy, .png, _mm.png, .ply, .json"
+        )
+        for note in [*notes, pictures.cap_warning(depth, cfg.max_depth)]:
+            if note:
+                print(f"note: {path}: {note}", file=sys.stderr)
+
+
+def check_folder(flag, folder):
+    """Before any work: an output folder is a folder (or can be made) and can be written to."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise clip_vit.UserError(f"{flag} {folder}: exists and is not a folder")
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise clip_vit.UserError(f"{flag} {folder}: cannot write there ({existing} is read-only)")
+
+
+# flags that mean nothing with --image, and flags that mean something only with it
+NOT_FOR_PHOTOS = ("ceiling", "protocol", "data", "splits", "gt", "crop", "flip", "limit", "save_vis")
+ONLY_FOR_PHOTOS = ("out_dir", "focal")
+
+
+def parse_args(argv=None):
+    p = cli.ArgumentParser(
+        prog="evaluate.py", description=__doc__, formatter_class=RawDescriptionHelpFormatter
+    )
     arg = p.add_argument
-    arg("ckpt", nargs="?", help="checkpoint written by train.py (or --zero-shot)")
+    arg(
+        "ckpt", nargs="*", help="checkpoints written by train.py (model.pt or ckpt.pt); several: their spread"
+    )
     arg(
         "--ceiling",
         action="store_true",
-        help="no model: the best any model with this output "
-        "grid could score (the ground truth averaged on it), under each protocol",
+        help="no model: the least-squares map of this output grid (the lowest RMSE any model's grid can score, per-image protocols), and the ground truth averaged on it (cell_mean)",
     )
     arg(
         "--zero-shot",
         action="store_true",
-        help="no checkpoint: frozen CLIP, DepthCLIP's prompts "
-        "and bins. On RN50 exactly DepthCLIP's code: 416x544 input, ImageNet mean/std, layer4 "
-        "features, every other channel; on a ViT: 224x224, CLIP's mean/std, tokens through "
-        "ln_post and proj (G23). Each follows its own reference",
+        help="no checkpoint: frozen CLIP, DepthCLIP's prompts and bins. On RN50 exactly DepthCLIP's code: 416x544 input, ImageNet mean/std, layer4 features, every other channel; on a ViT: 224x224, CLIP's mean/std, tokens through ln_post and proj (G23). Each follows its own reference",
     )
     arg("--protocol", choices=(*PROTOCOLS, "all"), default="standard", help="see above (default: standard)")
     arg(
         "--data",
         metavar="PATH",
-        help="NYU labeled .mat, or synthetic: 654 generated rooms "
-        f"(default: the file the run trained on, else {data_nyu.FILE_NAME})",
+        help=f"NYU labeled .mat, or synthetic: 654 generated rooms (default: the file the run trained on, else {data_nyu.FILE_NAME})",
     )
     arg("--splits", metavar="PATH", help="splits.mat (default: next to --data, else the cache's)")
     arg(
@@ -544,7 +627,7 @@ def parse_args():
         "--crop",
         choices=tuple(data_nyu.CROPS),
         default="eigen",
-        help="the standard protocol's crop (default: eigen, rows 45:471, cols 41:601)",
+        help="the standard protocol's crop (default: eigen, rows 45:471, cols 41:601; depthclip: cols 46:601 and only where the map is > 1e-3, DepthCLIP's mask)",
     )
     arg("--flip", action="store_true", help="standard protocol: add the mirrored prediction")
     arg(
@@ -552,186 +635,59 @@ def parse_args():
         type=int,
         default=16,
         metavar="N",
-        help="frames per pass; with the authors' protocol rounded up to a multiple of 8 (default: 16)",
+        help="frames per pass, each ~80 MB on a CPU; with the authors' protocol rounded up to a multiple of 8 (default: 16)",
     )
     arg("--limit", type=int, metavar="N", help="score the first N frames only (default: all)")
     arg("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     arg(
         "--moa-impl",
-        choices=("auto", "triton", "torch"),
+        choices=moa.MOA_IMPLS,
         default="auto",
         help="the MoA layer's code (default: auto = Triton on CUDA, else PyTorch)",
     )
-    fetch = p.add_mutually_exclusive_group().add_argument  # args.download: True, False or None
+    fetch = p.add_mutually_exclusive_group().add_argument
     fetch("--download", action="store_const", const=True, help="fetch a missing --data, any name")
     fetch("--no-download", dest="download", action="store_const", const=False, help="fetch nothing")
-    arg("--save-vis", metavar="DIR", help="a labelled PNG per frame into DIR (default: none)")
-    arg("--image", nargs="+", metavar="PHOTO", help="predict depth for these photos instead")
+    arg(
+        "--save-vis",
+        metavar="DIR",
+        help="per frame <frame index in the labeled file>.png (and _gates.png for a MoA model) into DIR",
+    )
+    arg("--image", nargs="+", metavar="PHOTO", help="predict depth for these photos (or a folder's) instead")
     arg("--out-dir", metavar="DIR", help="--image: write there (default: next to each photo)")
-    args = p.parse_args()
-    if (args.ckpt is None) != args.zero_shot and not args.ceiling:  # checked before any loading
-        p.error("give either a checkpoint or --zero-shot (or --ceiling)")
-    for flag, count in (("--batch-size", args.batch_size), ("--limit", args.limit)):
-        if count is not None and count < 1:
-            p.error(f"argument {flag}: {count} is not a count >= 1")
+    arg(
+        "--focal",
+        type=float,
+        metavar="PIXELS",
+        help="--image: the camera's focal length for the point cloud (default: EXIF's, else NYU's Kinect scaled to the photo)",
+    )
+    args = p.parse_args(argv)
+    if bool(args.ckpt) == args.zero_shot and not args.ceiling:
+        p.error("give either a checkpoint (several: their spread) or --zero-shot (or --ceiling)")
+    if len(args.ckpt) > 1 and (args.image or args.ceiling):
+        p.error("--image and --ceiling take one checkpoint")
+    for flag, count in (("--batch-size", args.batch_size), ("--limit", args.limit), ("--focal", args.focal)):
+        if count is not None and not count > 0:
+            p.error(f"argument {flag}: {count} is not > 0")
+    unused = NOT_FOR_PHOTOS if args.image else ONLY_FOR_PHOTOS
+    for name in [n for n in unused if getattr(args, n) != p.get_default(n)]:
+        p.error(f"--{name.replace('_', '-')}: does nothing {'with' if args.image else 'without'} --image")
     for flag, folder in (("--save-vis", args.save_vis), ("--out-dir", args.out_dir)):
-        if folder and Path(folder).exists() and not Path(folder).is_dir():
-            p.error(f"{flag} {folder}: exists and is not a folder")
+        if folder:
+            try:
+                check_folder(flag, folder)
+            except clip_vit.UserError as e:
+                p.error(str(e))
     return args
 
 
-def open_data(args, ckpt):
-    """-> (the test frames, the name of their data): --data, else the data the run trained on."""
-    data = args.data or ckpt.get("data") or data_nyu.FILE_NAME
-    if data == "synthetic":
-        ds = data_nyu.SyntheticDepth(n=SYNTHETIC_TEST, seed=SYNTHETIC_SEED + (ckpt.get("seed") or 0))
-    else:
-        ds = data_nyu.NYUDepthV2(
-            data, split="test", splits_path=args.splits, raw_depth=args.gt == "raw", download=args.download
-        )
-    return ds, data
-
-
-def evaluate_frames(ds, order, protocols, maps_of, device, args):
-    """The frames at positions `order` under every protocol, read once per pass of --batch-size
-    frames, rounded up to whole groups (the authors' batches of 8 stay whole).
-    -> {protocol: {output key: [{metric: scores of a pass}]}}, the scores still on device."""
-    rows = {name: defaultdict(list) for name in protocols}
-    group = max(protocol.group for protocol in protocols.values())
-    step = group * math.ceil(args.batch_size / group)
-    for s in range(0, len(order), step):
-        positions = order[s : s + step]
-        rgb, gt = read_frames(ds, positions, device)  # (b, 3, 480, 640), (b, 480, 640)
-        # protocols that feed the model alike share its maps: standard, standard-depthclip-crop
-        maps_by_input = {}
-
-        def maps_for(protocol):
-            fed = (protocol.input_box, protocol.flip, protocol.resize)
-            if fed not in maps_by_input:
-                maps_by_input[fed] = maps_of(rgb, gt, protocol)  # {key: (b, 480, 640)}
-            return maps_by_input[fed]
-
-        for name, protocol in protocols.items():
-            for key, metrics in protocol.scorer(maps_for(protocol), gt, protocol).items():
-                rows[name][key].append(metrics)
-        # pictures of the standard protocol's map of the whole frame
-        if args.save_vis:
-            standard = chosen_protocols(args).get("standard", PROTOCOLS["standard"])
-            save_pictures(ds, positions, rgb, gt, maps_for(standard), args)
-        print(f"evaluated {s + len(positions)}/{len(order)}", file=sys.stderr)
-    return rows
-
-
-def save_pictures(ds, positions, rgb, gt, maps, args):
-    # the depth map (or the ceiling's)
-    depth = next(iter(maps.values()))
-    # named by the frame's position in the split
-    for j, i in enumerate(positions):
-        save_picture(
-            Path(args.save_vis) / f"{i:04d}.png",
-            rgb[j].permute(1, 2, 0).cpu().numpy(),
-            depth[j].cpu().numpy(),
-            gt[j].cpu().numpy(),
-            title=f"frame {i}",
-            scene=ds.scene(i),
-            crop=args.crop,
-        )
-
-
-def report(rows, scenes, about):
-    """A table per protocol on stdout: each output over all frames, then the first output per
-    scene (not for the authors', whose rows are groups). -> {protocol: {output: means}}"""
-    results = {}
-    for name, outputs in rows.items():
-        head = f"{name + ' protocol':<34}{'n':>5}" + "".join(f"{k:>10}" for k in data_nyu.KEYS)
-        print(head + "\n" + "-" * len(head))
-        scores = {
-            key: {m: torch.cat([r[m] for r in rs]).cpu() for m in data_nyu.KEYS}
-            for key, rs in outputs.items()
-            # {key: {metric: one score per frame or group}}
-        }
-        # the output's name: depth, binned, regressed (the ceiling's maps keep their keys)
-        labels = {key: moa.OUTPUTS.get(key, key) for key in scores}
-        lines = [(f"all ({labels[key]})", s) for key, s in scores.items()]
-        first = next(iter(scores.values()))
-        # frames behind each score: 1 per image, or the size of each group (the last one may be short)
-        group = PROTOCOLS[name].group
-        frames = torch.tensor([min(group, len(scenes) - start) for start in range(0, len(scenes), group)])
-        if about[name]["average"] == PER_IMAGE:
-            for scene in sorted(set(scenes)):
-                at = torch.tensor([where == scene for where in scenes])
-                lines.append((scene, {m: v[at] for m, v in first.items()}))
-        for label, s in lines:
-            means = data_nyu.mean_metrics([s])
-            # n counts frames, also where a score is a group's; NaN: no valid pixel in the frame (or group)
-            scored = int(frames[: len(s["d1"])][~s["d1"].isnan()].sum())
-            print(f"{label:<34}{scored:>5}" + "".join(f"{v:>10.4f}" for v in means.values()))
-        results[name] = {"protocol": about[name]}
-        # JSON has no NaN: null where nothing could be scored
-        for key, s in scores.items():
-            means = data_nyu.mean_metrics([s]).items()
-            results[name][labels[key]] = {k: None if math.isnan(v) else v for k, v in means}
-    return results
-
-
-def main():
-    args = parse_args()
-    # a device this machine lacks: one error line
-    rt = moa.runtime(args.device)
-    device, dtype = rt.device, rt.dtype
-    photos = [(path, read_photo(path)) for path in args.image or []]  # all readable, or stop here
-    # no model: the ground truth on the output grid of a checkpoint's model (or 7x7)
-    if args.ceiling:
-        ckpt = moa.load_checkpoint(args.ckpt) if args.ckpt else {}
-        model = None
-    # DepthCLIP: CLIP as it is, so nothing is trained and no checkpoint read
-    elif args.zero_shot:
-        model = moa.build_model(clip_vit.load(args.clip or "ViT-B/32"), None, args.moa_impl).to(device).eval()
-        ckpt = {}
-    else:
-        ckpt = moa.load_checkpoint(args.ckpt)  # its config: data, seed
-        model = moa.from_checkpoint(ckpt, args.clip, device, where=args.ckpt, moa_impl=args.moa_impl)
-    if photos:
-        predict_photos(photos, model, dtype, args.out_dir)
-        return
-
-    ds, data = open_data(args, ckpt)
-    n = min(len(ds), args.limit or len(ds))  # --limit: the first N frames
-    # one order for all: per-image scores do not depend on it
-    order = authors_order(ds, n)
-    protocols = chosen_protocols(args)
-    # --ceiling: the input size whose output grid the ceiling is computed on; None: a model runs
-    ceiling = None
-    if args.ceiling:
-        ceiling = tuple(ckpt.get("model_config", {}).get("input_size", moa.DepthConfig().input_size))
-    about = {name: describe(name, p, args, n, data, ceiling) for name, p in protocols.items()}
-    # say how the numbers are made before any number appears
-    for name, lines in about.items():
-        print(f"protocol {name}: " + ", ".join(f"{k}={v}" for k, v in lines.items()), file=sys.stderr)
-    maps_of = partial(protocol_maps, model=model, dtype=dtype, ceiling=ceiling)
-    rows = evaluate_frames(ds, order, protocols, maps_of, device, args)
-    results = report(rows, [ds.scene(i) for i in order], about)
-    # the headline: the first protocol's first output
-    first = results[next(iter(protocols))]
-    headline = next(v for k, v in first.items() if k != "protocol")
-    print(
-        json.dumps(
-            {"metrics": headline, "n_images": n, "protocol": first["protocol"], "protocols": results},
-            allow_nan=False,
-        )
-    )
-
-
 if __name__ == "__main__":
-    try:
-        main()
-    # a problem the user can fix: one line, no traceback
-    except clip_vit.UserError as e:
-        remove_empty_folders()
-        sys.exit(f"error: {e}")
-    # Ctrl-C: one line; every file written is whole (atomic_write)
-    except KeyboardInterrupt:
-        remove_empty_folders()
-        print("interrupted: stopped before the end; the files written so far are complete", file=sys.stderr)
-        # 128 + SIGINT: what a shell reports for a program stopped by Ctrl-C
-        sys.exit(130)
+    args = parse_args()
+    # the folders this run made: removed again if still empty when it stops early
+    made = []
+    cli.run(
+        lambda: main(args, made),
+        lambda: "stopped before the end; the files written so far are complete",
+        "lower --batch-size (a frame costs about 80 MB)",
+        on_failure=lambda: pictures.remove_empty_folders(made),
+    )

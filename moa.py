@@ -144,7 +144,8 @@ class MoA(nn.Module):
         # up_w and up_b start at zero, so a fresh MoA is exactly the identity: the pretrained
         # features flow through unchanged at step 0 and the adapters grow from there (Houlsby)
         self.up_w, self.up_b = nn.Parameter(torch.zeros(E, D, R)), nn.Parameter(torch.zeros(E, D))
-        self.last_entropy = torch.zeros(())
+        # (B, L, E) of the last forward
+        self.last_gates = None
 
     # x (B, L, D), fp32 also under autocast: the residual sum stays fp32
     def forward(self, x):
@@ -168,9 +169,8 @@ class MoA(nn.Module):
             y, gates = self.fused(x, weights, top_k)
         else:
             y, gates = moa_reference(x, *weights, top_k, self.temperature)
-        # monitored, not a loss: -sum g log g, one op per step (entr)
-        g = gates.detach().float()
-        self.last_entropy = torch.special.entr(g).sum(-1).mean()
+        # kept for the log's gate entropy and evaluate.py's expert maps, not a loss
+        self.last_gates = gates.detach().float()
         return y
 
     def fused(self, x, weights, top_k):
@@ -417,9 +417,11 @@ class MoADepthCLIP(nn.Module):
             depth = F.interpolate(depth, size=out_size, mode="bilinear", align_corners=False)
         return {"depth": depth}
 
-    # mean per-token gate entropy of the last forward (0: plain adapters)
+    # the mean per-token gate entropy -sum g log g of the last forward (0: plain adapters)
     def gate_entropy(self):
-        return torch.stack([m.last_entropy for m in self.moa]).mean().item()
+        if not self.cfg.use_moa:
+            return 0.0
+        return torch.stack([torch.special.entr(m.last_gates).sum(-1).mean() for m in self.moa]).mean().item()
 
 
 # zero-shot DepthCLIP on a CLIP ResNet (RN50), as DepthCLIP's own code computes it
@@ -724,6 +726,9 @@ def check_clip(ckpt, clip_arg, sha, where):
 def from_checkpoint(ckpt, clip_arg=None, device="cpu", where="checkpoint", moa_impl="auto"):
     """Rebuild a trained model: the CLIP weights (SHA-256 checked) plus its trainable part."""
     clip_arg = clip_arg or ckpt["clip"]["name"]
+    # a model name's SHA-256 is in its URL: a mismatch is known before any download
+    if clip_arg in (*clip_vit.MODELS, "random"):
+        check_clip(ckpt, clip_arg, clip_vit.weights_sha256(clip_arg), where)
     # a missing or broken file is a UserError here
     clip = clip_vit.load(clip_arg)
     sha = clip_vit.weights_sha256(clip_arg)

@@ -40,8 +40,9 @@ EXPERT_COLOURS = np.array(
 )
 # NYU Depth V2's Kinect colour camera at 640x480: fx, fy, cx, cy in pixels
 NYU_CAMERA = (518.8579, 519.4696, 325.5824, 253.7362)
-# what a folder of photos is expanded into
+# what a folder of photos is expanded into, and the endings of the pictures written for a photo
 PHOTO_TYPES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
+OUTPUTS = ("_depth", "_depth_mm", "_depth_gates")
 # warn when more than this share of a photo's pixels sits at the depth cap
 CAP_SHARE = 0.3
 
@@ -214,9 +215,9 @@ def photo_paths(args):
         path = Path(arg)
         if not path.exists():
             raise clip_vit.UserError(f"{arg}: no such file")
-        found = (
-            sorted(p for p in path.iterdir() if p.suffix.lower() in PHOTO_TYPES) if path.is_dir() else [path]
-        )
+        # a folder's photos, not the pictures an earlier run wrote beside them
+        photos = [p for p in sorted(path.glob("*")) if p.suffix.lower() in PHOTO_TYPES]
+        found = [p for p in photos if not p.stem.endswith(OUTPUTS)] if path.is_dir() else [path]
         if not found:
             raise clip_vit.UserError(f"{arg}: a folder without photos ({' '.join(PHOTO_TYPES)})")
         paths += found

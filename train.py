@@ -152,6 +152,7 @@ def main(args):
             scaler.step(optimizer)
             scaler.update()
             progress.step += 1
+            cli.stop_if_interrupted()
             if progress.step % tc.log_interval == 0 or progress.step == total:
                 log_step(progress, epoch, loss, terms, model, optimizer, clock, log_file)
             if progress.step >= total:

@@ -631,23 +631,6 @@ def test_mean_metrics_leaves_out_frames_without_a_valid_pixel():
     assert all(np.isnan(v) for v in data_nyu.mean_metrics([]).values())
 
 
-def test_frames_reads_runs_of_frames_as_the_dataset_serves_them(tmp_path, v73, frames):
-    """NYUDepthV2.frames (one HDF5 read per run of consecutive frame numbers) returns exactly what
-    ds[i] does, for positions in any order, repeated, and across gaps in the split."""
-    splits = tmp_path / "splits.mat"
-    write_splits(splits, [2], [1, 3, 4])  # test frames 0, 2, 3 (0-based): a gap, then a run
-    ds = NYUDepthV2(v73, split="test", splits_path=splits, download=False)
-    positions = [2, 0, 1, 2]
-    rgb, depth = ds.frames(positions)
-    assert rgb.shape == (4, 480, 640, 3) and rgb.dtype == np.uint8
-    assert depth.shape == (4, 480, 640) and depth.dtype == np.float32
-    for k, i in enumerate(positions):
-        np.testing.assert_array_equal(rgb[k], ds[i][0])
-        np.testing.assert_array_equal(depth[k], ds[i][1])
-    with pytest.raises(IndexError):
-        ds.frames([3])
-
-
 def test_resize_of_a_batch_equals_each_frame_alone():
     """data_nyu.resize of a batch of 5 comes out bit for bit as each frame resized alone, image and
     depth, and in order."""

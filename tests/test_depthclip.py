@@ -204,7 +204,7 @@ def test_zero_shot_depth_maps_and_scores_match_depthclips_code(real_frames, rn50
         # ImageNet's: 6%, though only 2e-4 relative, since random weights make the maps nearly flat)
         assert np.abs(a - b).max() < 0.01 * b.std(), np.abs(a - b).max() / b.std()
     # scored: the project's depthclip protocol against calculate_error.py on DepthCLIP's own map
-    scores = protocol.scorer(maps, depths, protocol)["depth"]
+    scores = evaluate.score(maps, depths, protocol)["depth"]
     for i in range(len(rgb)):
         ref = compute_errors_NYU(torch.from_numpy(gt[i])[None, None], torch.from_numpy(theirs[i])[None, None])
         _, a1, a2, a3, abs_rel, log10, rmse = ref

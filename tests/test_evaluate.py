@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import clip_vit
 import data_nyu
 import evaluate
 import moa
-from evaluate import colorize
+import pictures
+from test_data_nyu import bts_metrics
 
 METRICS = set(data_nyu.KEYS)
 ROOT = Path(evaluate.__file__).resolve().parent
@@ -92,7 +93,8 @@ def test_every_protocol_end_to_end(trained, tmp_path, run_script):
     authors_table = r.stdout.split("authors protocol")[1].splitlines()
     # 10 frames in batches of 8 and 2: two scores, and n counts the 10 frames, as the JSON's n_images does
     assert authors_table[2].split()[:3] == ["all", "(depth)", "10"]
-    assert len(list((tmp_path / "vis" / "new").glob("*.png"))) == 10
+    assert len(list((tmp_path / "vis" / "new").glob("*[0-9].png"))) == 10  # and a gate panel each
+    assert len(list((tmp_path / "vis" / "new").glob("*_gates.png"))) == 10
 
     alone = last_json(
         run_script(
@@ -140,7 +142,9 @@ def test_zero_shot_depthclip(small_clip, tmp_path, run_script):
     assert (depth >= 1 - 1e-5).all() and (depth <= 3 + 1e-5).all()  # DepthCLIP's bins: 1-3 m
 
 
-def test_no_valid_pixel_gives_null_not_nan(trained, tmp_path, run_script):
+def test_no_valid_pixel_stops_in_one_line_that_suggests_the_units(trained, tmp_path, run_script, fails):
+    """Ground truth without one valid pixel (here all holes; depths in millimetres look the same): one
+    line naming the data file and the likely cause, not a table of n 0 and NaN."""
     from nyu_fixtures import asymmetric_frames, write_splits, write_v73
 
     images, depths, _ = asymmetric_frames(2)
@@ -148,13 +152,10 @@ def test_no_valid_pixel_gives_null_not_nan(trained, tmp_path, run_script):
     write_v73(tmp_path / "nyu.mat", images, depths, raw_depths=holes, scene_types=["bath", "office"])
     write_splits(tmp_path / "splits.mat", [1], [2])
     r = run_script(
-        "evaluate.py", trained, "--data", tmp_path / "nyu.mat", "--no-download", "--protocol", "all"
+        "evaluate.py", trained, "--data", tmp_path / "nyu.mat", "--no-download", "--protocol", "all", ok=False
     )
-    result = last_json(r)
-    assert result["metrics"] == {k: None for k in METRICS}
-    for scores in result["protocols"].values():
-        for output, metrics in scores.items():
-            assert output == "protocol" or set(metrics.values()) == {None}
+    fails(r, "no test frame has a valid ground-truth pixel")
+    assert "millimetres" in r.stderr and r.stdout.strip().splitlines()[-1].startswith("all ")
 
 
 def test_image_mode_handles_exif_grey_rgba_16bit(trained, tmp_path, run_script):
@@ -174,12 +175,12 @@ def test_image_mode_handles_exif_grey_rgba_16bit(trained, tmp_path, run_script):
         depth = np.load(tmp_path / f"{name}_depth.npy")
         assert depth.shape == (h, w) and depth.dtype == np.float32
         assert (depth > 0).all() and (depth <= 10).all()
-        picture = Image.open(tmp_path / f"{name}_depth.png")  # RGB | prediction, over a colour bar
-        assert min(picture.size) >= evaluate.PICTURE_MIN and max(picture.size) <= evaluate.PICTURE_MAX
+        Image.open(tmp_path / f"{name}_depth.png").verify()  # RGB | prediction, over a colour bar
     run_script("evaluate.py", trained, "--image", photos[0], "--out-dir", tmp_path / "out" / "new")
     written = {str(p) for p in files_under(tmp_path / "out")}
-    assert written == {"new", "new/grey_depth.png", "new/grey_depth.npy"}
-    assert evaluate.read_photo(photos[1]).flags.writeable  # torch warns on read-only arrays
+    files = {"new/grey_depth" + end for end in (".png", ".npy", "_mm.png", ".ply", ".json", "_gates.png")}
+    assert written == {"new", *files}
+    assert pictures.read_photo(photos[1])[0].flags.writeable  # torch warns on read-only arrays
 
 
 # -----------------------------------------------------------------------------
@@ -266,7 +267,7 @@ def test_authors_protocol_crop_bounds():
     one pixel outside) scores perfectly."""
     H, W = 480, 640  # the fractions as the authors' script has them
     assert (
-        evaluate.GARG_BOX
+        data_nyu.CROPS["garg"]
         == (int(0.40810811 * H), int(0.99189189 * H), int(0.03594771 * W), int(0.96405229 * W))
         == (195, 476, 23, 616)
     )
@@ -332,8 +333,8 @@ def test_protocols_fed_alike_share_one_prediction():
         depth = torch.full(gt.shape, 1.0 + len(fed))  # a new map each time: which call made it
         return {"depth": depth}
 
-    args = argparse.Namespace(batch_size=8, save_vis=None)
-    rows = evaluate.evaluate_frames(
+    args = argparse.Namespace(batch_size=8, save_vis=None, ceiling=False)
+    rows, _ = evaluate.evaluate_frames(
         ds, list(range(8)), evaluate.PROTOCOLS, maps_of, torch.device("cpu"), args
     )
     assert len(fed) == 3
@@ -414,136 +415,34 @@ def test_depthclip_protocol_scores_only_where_the_pasted_map_lands():
     assert float(evaluate.score_per_image(maps, gt, protocol)["depth"]["d1"][0]) < 1
 
 
-# -----------------------------------------------------------------------------
-# pictures
-
-LUT = colorize(np.linspace(0, 1, 256)[None, :], 0, 1)[0].astype(int)  # (256, 3): level -> colour
-
-
-def levels(pixels):
-    """Colours (N, 3) -> the colormap level 0..255 each is nearest to."""
-    return np.argmin(((pixels[:, None, :].astype(int) - LUT[None]) ** 2).sum(-1), axis=1)
-
-
-def test_colormap_runs_blue_green_red():
-    c = LUT
-    assert c.shape == (256, 3) and colorize(np.ones((2, 2)), 0, 1).dtype == np.uint8
-    # turbo runs blue, green, red
-    assert c[38, 2] > c[38, 0] and c[128, 1] == c[128].max() and c[230, 0] > c[230, 2]
-
-
-def test_picture_panels_titles_and_colour_bars(tmp_path):
-    """A 3.5-6.4 m room: four panels of the frame's size in 2x2, over a colour bar each, every bar
-    running low to high; prediction and ground truth on one scale fitted to both (3.5-6.7 m here),
-    so the room spans the whole colormap and one depth has one colour in both panels."""
-    H, W = 480, 640  # an NYU frame: shown at its own pixels
-    gt = np.tile(np.linspace(3.5, 6.4, W, dtype=np.float32), (H, 1))  # depth grows left to right
-    gt[:4] = 0  # a hole: not part of the scale
-    pred = gt[:, ::-1] + 0.3  # right to left, 3.8-6.7 m
-    pred[:4] = 5.0
-    evaluate.save_picture(tmp_path / "p.png", np.zeros((H, W, 3), np.uint8), pred, gt)
-    picture = np.asarray(Image.open(tmp_path / "p.png").convert("RGB"))
-    g = evaluate.picture_layout(H, W, 2, 2, "", [])  # its geometry: the texts fit a 640 px cell
-    assert picture.shape == (g["height"], g["width"], 3)
-    assert (picture[: g["header_h"]] < 128).any(axis=-1).sum() > 50  # dark header text on white
-
-    def cell(i):  # panel i (0 RGB, 1 prediction, 2 ground truth, 3 |error|): its map's top left
-        return g["size"] + (i % 2) * (W + g["size"]), g["header_h"] + (i // 2) * g["cell_h"] + g["title_h"]
-
-    for i in (1, 2, 3):  # a bar from the lowest to the highest colour under each map
-        x, y = cell(i)
-        run = levels(picture[y + H + g["bar_h"] // 2, x : x + W])
-        assert (np.diff(run) >= 0).all() and run[0] <= 3 and run[-1] >= 252, i
-    (x1, y1), (x2, y2) = cell(1), cell(2)
-    shown_pred = levels(picture[y1 + H // 2, x1 : x1 + W])
-    shown_gt = levels(picture[y2 + H // 2, x2 : x2 + W])
-    shown = np.concatenate([shown_pred, shown_gt])
-    assert shown.min() <= 3 and shown.max() >= 252  # fitted to both, not a fixed 0-10 m
-    j = int(np.argmin(np.abs(pred[H // 2] - 5.0)))
-    k = int(np.argmin(np.abs(gt[H // 2] - pred[H // 2, j])))
-    assert abs(gt[H // 2, k] - pred[H // 2, j]) < 0.03  # the same depth ...
-    assert abs(int(shown_pred[j]) - int(shown_gt[k])) <= 3  # ... the same colour
-
-
-# -----------------------------------------------------------------------------
-# pictures to read whole, Ctrl-C, and messages that are one whole line (issue 19)
-
-
-def text_bands(path):
-    """A picture's rows of text, top to bottom: [(first row, end row)], and the text's pixels (H, W).
-    PIL draws black text on white in neutral greys, which turbo never produces (and the test
-    photos here have no neutral pixel)."""
-    picture = np.asarray(Image.open(path).convert("RGB")).astype(int)
-    r, g, b = picture[..., 0], picture[..., 1], picture[..., 2]
-    ink = (r == g) & (g == b) & (r < 128)  # (H, W)
-    edges = np.flatnonzero(np.diff(np.r_[0, ink.any(axis=1).astype(int), 0]))
-    return list(zip(edges[::2], edges[1::2])), ink
-
-
-def texts_in_band(ink, band):
-    """How many separate texts a band of rows holds: ink columns more than the band's height apart
-    start a new one. The band's height is the digits' (0.72 of the font size); the space inside
-    "5.31 m" leaves at most 0.7 of it, while save_picture keeps labels a font size apart."""
-    top, bottom = band
-    columns = np.flatnonzero(ink[top:bottom].any(axis=0))
-    return 1 + int((np.diff(columns) > bottom - top).sum())
-
-
-def test_photo_pictures_read_whole_at_any_size(trained, tmp_path, run_script):
-    """A 6000x4000 photo and a 1x1 photo: each picture is at most 2048 px on its long side and at
-    least 256 on its short side, its texts (header, titles, colour-bar labels) are each at least
-    2 % of its height, the bar's two labels stand apart, and the .npy keeps the photo's pixels."""
-    red = np.linspace(100, 255, 6000).astype(np.uint8)  # no neutral grey anywhere
-    big = np.zeros((4000, 6000, 3), np.uint8)
-    big[..., 0], big[..., 1] = red, 40
-    Image.fromarray(big).save(tmp_path / "big.jpg", quality=90)
-    Image.fromarray(np.array([[[200, 30, 30]]], np.uint8)).save(tmp_path / "tiny.png")
-    run_script(
-        "evaluate.py",
-        trained,
-        "--image",
-        tmp_path / "big.jpg",
-        tmp_path / "tiny.png",
-        "--out-dir",
-        tmp_path / "out",
+def test_depthclip_metric_function_drops_predictions_at_or_below_1e_3():
+    """DepthCLIP's compute_errors_NYU, and the authors' first metric function (standard-depthclip-crop), a
+    copy of it: valid = (1e-3 < gt < 10) & (pred > 1e-3), the mask taken before the clamp. A non-constant
+    map with pixels at exactly 1e-3, below it, at 0, negative and NaN: standard-depthclip-crop scores as
+    if they were holes, standard clamps them to 1e-3 and keeps them, and 1.5e-3 counts in both."""
+    rng = np.random.default_rng(5)
+    gt = rng.uniform(0.5, 9.5, (2, 480, 640))
+    pred = gt * rng.uniform(0.8, 1.25, gt.shape)
+    low = rng.random(gt.shape) < 0.05
+    pred[low] = rng.choice([1e-3, 5e-4, 0.0, -1.0, np.nan], int(low.sum()))
+    pred[:, 100, 100:110] = 1.5e-3  # just above: scored, far off
+    maps = {"depth": torch.from_numpy(pred)}
+    for name, holed in (("standard-depthclip-crop", np.where(low, 0.0, gt)), ("standard", gt)):
+        protocol = evaluate.PROTOCOLS[name]
+        got = evaluate.score(maps, torch.from_numpy(gt), protocol)["depth"]
+        expected = [bts_metrics(pred[b], holed[b], data_nyu.CROPS[protocol.crop]) for b in range(2)]
+        assert_scores(got, expected)
+    dropped = evaluate.score_per_image(
+        maps, torch.from_numpy(gt), evaluate.PROTOCOLS["standard-depthclip-crop"]
     )
-    for name, shape in (("big", (4000, 6000)), ("tiny", (1, 1))):
-        depth = np.load(tmp_path / "out" / f"{name}_depth.npy")
-        assert depth.shape == shape and depth.dtype == np.float32 and (depth > 0).all()
-        png = tmp_path / "out" / f"{name}_depth.png"
-        width, height = Image.open(png).size
-        assert max(width, height) <= 2048 and min(width, height) >= 256, (name, width, height)
-        bands, ink = text_bands(png)
-        assert len(bands) == 3, (name, bands)  # the photo's name; RGB, prediction; the bar's labels
-        for top, bottom in bands:
-            assert bottom - top >= 0.02 * height, (name, top, bottom, height)
-        assert texts_in_band(ink, bands[1]) == 2 and texts_in_band(ink, bands[2]) == 2, name
+    assert (
+        dropped["depth"]["d1"]
+        > evaluate.score_per_image(maps, torch.from_numpy(gt), evaluate.PROTOCOLS["standard"])["depth"]["d1"]
+    ).all()
 
 
-def test_evaluation_picture_reads_whole_and_names_its_frame(tmp_path):
-    """A frame in 2x2: texts at least 2 % of the picture's height, neighbouring colour bars'
-    labels apart (they ran together as "5.34 m 2.71 m"), and a header that is exactly the frame,
-    its scene and its d1 and RMSE as the standard protocol scores them."""
-    H, W = 480, 640
-    rgb = np.zeros((H, W, 3), np.uint8)
-    rgb[..., 2] = 200  # blue: no neutral grey
-    gt = np.tile(np.linspace(2.71, 5.34, W, dtype=np.float32), (H, 1))
-    pred = gt[:, ::-1].copy()
-    evaluate.save_picture(tmp_path / "p.png", rgb, pred, gt, title="frame 7", scene="kitchen")
-    bands, ink = text_bands(tmp_path / "p.png")
-    height = ink.shape[0]
-    assert len(bands) == 5, bands  # header; RGB, prediction; its bar; ground truth, |error|; bars
-    for top, bottom in bands:
-        assert bottom - top >= 0.02 * height, (top, bottom, height)
-    assert texts_in_band(ink, bands[2]) == 2 and texts_in_band(ink, bands[4]) == 4
-
-    m = data_nyu.depth_metrics(pred, gt, crop="eigen")
-    header = f"frame 7, kitchen: d1 {m['d1']:.3f}, RMSE {m['rmse']:.3f} m (eigen crop)"
-    g = evaluate.picture_layout(H, W, 2, 2, header, [])
-    expected = Image.new("RGB", (ink.shape[1], g["header_h"]), "white")
-    ImageDraw.Draw(expected).text((g["size"], g["size"] // 4), header, fill="black", font=g["font"])
-    shown = np.asarray(Image.open(tmp_path / "p.png").convert("RGB"))[: g["header_h"]]
-    assert (shown == np.asarray(expected)).all()
+# -----------------------------------------------------------------------------
+# Ctrl-C
 
 
 def interrupt(args, after):
@@ -591,17 +490,6 @@ def test_ctrl_c_ends_in_one_line_and_leaves_nothing_half_done(trained, tmp_path)
         Image.open(p).verify()  # whole
 
 
-def test_an_interrupted_picture_leaves_no_empty_folder(tmp_path, monkeypatch):
-    """The folders a run made are removed again if still empty when it stops; others stay."""
-    monkeypatch.setattr(evaluate, "MADE", [])
-    (tmp_path / "old").mkdir()
-    evaluate.make_folder(tmp_path / "old" / "a" / "b")
-    evaluate.make_folder(tmp_path / "kept")
-    (tmp_path / "kept" / "0000.png").write_bytes(b"a picture")
-    evaluate.remove_empty_folders()
-    assert files_under(tmp_path) == [Path("kept"), Path("kept/0000.png"), Path("old")]
-
-
 def test_flag_errors_are_the_error_and_where_to_look(trained, tmp_path, run_script):
     rows = [("--limit", "0"), ("--protocol", "median"), ("--no-such-flag",)]
     with ThreadPoolExecutor(max_workers=3) as pool:
@@ -610,7 +498,7 @@ def test_flag_errors_are_the_error_and_where_to_look(trained, tmp_path, run_scri
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and "usage" not in r.stderr, r.stderr
         assert len(lines) == 2 and lines[0].startswith("error: ") and row[0] in lines[0], lines
-        assert lines[1] == "python evaluate.py --help lists every flag"
+        assert lines[1] == "(python evaluate.py --help lists every flag)"
 
 
 def test_messages_are_one_whole_line(trained, tmp_path, run_script):
@@ -665,18 +553,17 @@ def test_failed_download_leaves_no_empty_folder(tmp_path, http_server):
 def oracle_scores(name, preds, gts, order=None):
     """numpy: what protocol `name` makes of maps preds (K, B, 480, 640) and ground truth gts
     (B, 480, 640), frames in the given order -> [[metrics per frame or group] per output]."""
-    from test_data_nyu import bts_metrics
-
     protocol = evaluate.PROTOCOLS[name]
     box = data_nyu.CROPS[protocol.crop]
     order = range(gts.shape[0]) if order is None else order
     scores = []
     for pred in preds:
         if name != "authors":
-            pasted = protocol.input_box != evaluate.FULL_FRAME  # DepthCLIP's mask: canvas > 1e-3
+            # DepthCLIP's compute_errors_NYU, and the authors' first function, a copy: valid = ... & (pred > 1e-3)
+            masked = name in ("depthclip", "standard-depthclip-crop")
             scores.append(
                 [
-                    bts_metrics(pred[i], np.where(pred[i] > 1e-3, gts[i], 0) if pasted else gts[i], box)
+                    bts_metrics(pred[i], np.where(pred[i] > 1e-3, gts[i], 0) if masked else gts[i], box)
                     for i in order
                 ]
             )
@@ -728,7 +615,7 @@ def test_each_protocols_scores_equal_its_numpy_oracle(name):
     if name == "authors":  # the script clamps before it scales: its maps are in range
         preds = np.clip(np.nan_to_num(preds, nan=1e-3), 1e-3, 10)
     maps = dict(zip(moa.OUTPUTS, torch.from_numpy(preds)))
-    got = protocol.scorer(maps, torch.from_numpy(gt), protocol)
+    got = evaluate.score(maps, torch.from_numpy(gt), protocol)
     for key, expected in zip(moa.OUTPUTS, oracle_scores(name, preds, gt)):
         assert_scores(got[key], expected)
 
@@ -775,9 +662,11 @@ def test_every_output_is_scored_from_its_own_map_in_the_authors_list_order(tmp_p
         }
 
     model = FakeModel(forward, input_size=(64, 64))
-    args = argparse.Namespace(batch_size=3, save_vis=None, crop="eigen", flip=False, protocol="all")
+    args = argparse.Namespace(
+        batch_size=3, save_vis=None, crop="eigen", flip=False, protocol="all", ceiling=False
+    )
     maps_of = functools.partial(evaluate.protocol_maps, model=model, dtype=None)
-    rows = evaluate.evaluate_frames(ds, order, evaluate.PROTOCOLS, maps_of, torch.device("cpu"), args)
+    rows, _ = evaluate.evaluate_frames(ds, order, evaluate.PROTOCOLS, maps_of, torch.device("cpu"), args)
     preds = np.stack(
         [np.broadcast_to(v[:, None, None], gts.shape) for v in fake_outputs(torch.arange(10.0))]
     ).astype(np.float32)  # (3, 10, 480, 640)
@@ -828,36 +717,106 @@ def bilinear(a, size):
     return rows[:, :, c_lo] * (1 - c_t) + rows[:, :, c_hi] * c_t
 
 
-def ceiling_by_hand(gt, grid=(7, 7), input_size=(224, 224)):
-    """numpy: each cell's mean of the valid ground truth (the cells of adaptive average pooling:
-    rows floor(i H / 7) to ceil((i + 1) H / 7)), upsampled to the input size, then to gt's size."""
+@functools.lru_cache(maxsize=4)
+def unit_maps(grid, input_size, size):
+    """numpy: the map of each unit grid, upsampled to input_size, then to size: (cells, size[0] * size[1])."""
+    n = grid[0] * grid[1]
+    return bilinear(bilinear(np.eye(n).reshape(n, *grid), input_size), size).reshape(n, -1)
+
+
+def ceiling_grids(gt, grid=(7, 7), input_size=(224, 224)):
+    """numpy, from the ground truth gt (B, H, W) that counts (0 elsewhere): {"cell_mean": each cell's
+    mean of the valid ground truth (the cells of adaptive average pooling: rows floor(i H / 7) to
+    ceil((i + 1) H / 7); a cell without a valid pixel: the frame's valid mean), "ceiling": the grid
+    whose upsampled map (to the input size, then to gt's size) has the least squared error over the
+    valid pixels (np.linalg.lstsq, minimum norm)}: (B, *grid) each."""
     B, H, W = gt.shape
     valid = (gt > 1e-3) & (gt < 10)
-    cells = np.zeros((B, *grid))
+    means = np.zeros((B, *grid))
     for i in range(grid[0]):
         for j in range(grid[1]):
             rows = slice(i * H // grid[0], -(-(i + 1) * H // grid[0]))
             cols = slice(j * W // grid[1], -(-(j + 1) * W // grid[1]))
             for b in range(B):
                 g = gt[b, rows, cols][valid[b, rows, cols]]
-                cells[b, i, j] = g.mean() if g.size else gt[b][valid[b]].mean()
-    return np.clip(bilinear(bilinear(cells, input_size), (H, W)), 1e-3, 10)
+                means[b, i, j] = g.mean() if g.size else gt[b][valid[b]].mean()
+    basis = unit_maps(grid, input_size, (H, W))  # (cells, H * W)
+    best = [
+        np.linalg.lstsq(basis[:, v].T, g[v], rcond=None)[0]
+        for g, v in zip(gt.reshape(B, -1), valid.reshape(B, -1))
+    ]
+    return {"ceiling": np.reshape(best, (B, *grid)), "cell_mean": means}
+
+
+def ceiling_by_hand(gt, input_size=(224, 224)):
+    """ceiling_grids' grids upsampled to the input size, then to gt's size, and clamped: the maps."""
+    grids = ceiling_grids(gt, input_size=input_size)
+    return {k: np.clip(bilinear(bilinear(c, input_size), gt.shape[1:]), 1e-3, 10) for k, c in grids.items()}
+
+
+def scored_gt(gt, name):
+    """The ground truth that protocol `name` scores: inside its crop and, for depthclip, its input box."""
+    kept = np.zeros_like(gt)
+    r0, r1, c0, c1 = data_nyu.CROPS[evaluate.PROTOCOLS[name].crop]
+    kept[:, r0:r1, c0:c1] = gt[:, r0:r1, c0:c1]
+    r0, r1, c0, c1 = evaluate.PROTOCOLS[name].input_box
+    return kept[:, r0:r1, c0:c1]
 
 
 def check_ceiling(result, images_gt, tol=1e-6):
     """The JSON of evaluate.py --ceiling --protocol all against ceiling_by_hand, protocol by
-    protocol (the frames: one scene type, so the authors' order is frame order)."""
+    protocol, each fitted to the pixels it scores (the frames: one scene type, so the authors'
+    order is frame order). -> {protocol: {output: the oracle's mean metrics}}"""
     gt = images_gt.astype(np.float64)
-    whole = ceiling_by_hand(gt)[None]  # (1, B, 480, 640)
-    r0, r1, c0, c1 = evaluate.DEPTHCLIP_INPUT
-    pasted = np.zeros_like(whole)
-    pasted[0, :, r0:r1, c0:c1] = ceiling_by_hand(gt[:, r0:r1, c0:c1])
-    for name in evaluate.PROTOCOLS:
-        maps = pasted if name == "depthclip" else whole
-        expected = [e for e in oracle_scores(name, maps, gt)[0] if e is not None]
-        got = result["protocols"][name]["ceiling"]
-        for k in data_nyu.KEYS:
-            assert got[k] == pytest.approx(np.mean([e[k] for e in expected]), rel=tol, abs=tol), (name, k)
+    expected = {}
+    for name, protocol in evaluate.PROTOCOLS.items():
+        r0, r1, c0, c1 = protocol.input_box
+        maps = ceiling_by_hand(scored_gt(gt, name))
+        pasted = np.zeros((2, *gt.shape))
+        pasted[:, :, r0:r1, c0:c1] = [maps["ceiling"], maps["cell_mean"]]
+        expected[name] = {}
+        for output, scores in zip(("ceiling", "cell_mean"), oracle_scores(name, pasted, gt)):
+            scores = [e for e in scores if e is not None]
+            expected[name][output] = {k: np.mean([e[k] for e in scores]) for k in data_nyu.KEYS}
+            got = result["protocols"][name][output]
+            for k in data_nyu.KEYS:
+                want = expected[name][output][k]
+                assert got[k] == pytest.approx(want, rel=tol, abs=tol), (name, output, k)
+    return expected
+
+
+@pytest.mark.parametrize("name", ["standard", "depthclip"])
+def test_ceiling_is_the_least_rmse_any_grid_can_score(name):
+    """--ceiling's maps against other 7x7 grids under the same upsampling, scored by the protocol itself,
+    on rooms with holes, ground truth out of range and a whole row of cells without a valid pixel. The
+    ceiling's RMSE is numpy's least squares', frame by frame; the cell means, 20 random grids in the
+    model's range and 5 small steps off the least-squares grid all score a higher RMSE."""
+    rooms = data_nyu.SyntheticDepth(n=3, seed=11)
+    gt = np.stack([rooms[i][1] * (0.9 + 0.1 * np.sin(np.arange(640) / 7)) for i in range(3)])  # not flat
+    rng = np.random.default_rng(0)
+    gt[rng.random(gt.shape) < 0.1] = 0
+    gt[0, :150] = 0  # frame 0: no pixel of the top row of cells is valid
+    gt[1, 300:, 320:] = 12  # frame 1: out of range
+    protocol = evaluate.PROTOCOLS[name]
+    r0, r1, c0, c1 = protocol.input_box
+
+    def rmse(depth):  # a map (3, 480, 640) -> its RMSE per frame, as the protocol scores it
+        return evaluate.score({"depth": depth}, torch.from_numpy(gt), protocol)["depth"]["rmse"].numpy()
+
+    def pasted(cells):  # (3, 7, 7) -> the map a model's grid gives, upsampled as predict_maps does
+        canvas = np.zeros(gt.shape)
+        canvas[:, r0:r1, c0:c1] = np.clip(bilinear(bilinear(cells, (224, 224)), (r1 - r0, c1 - c0)), 1e-3, 10)
+        return torch.from_numpy(canvas)
+
+    maps = evaluate.protocol_maps(None, torch.from_numpy(gt), protocol, ceiling_input=(224, 224))
+    ceiling = rmse(maps["ceiling"])
+    grids = ceiling_grids(scored_gt(gt, name))
+    np.testing.assert_allclose(ceiling, rmse(pasted(grids["ceiling"])), rtol=1e-9)
+    np.testing.assert_allclose(rmse(maps["cell_mean"]), rmse(pasted(grids["cell_mean"])), rtol=1e-9)
+    others = [grids["cell_mean"], *rng.uniform(1e-3, 10, (20, 3, 7, 7))]
+    others += [grids["ceiling"] + rng.normal(0, 0.02, (3, 7, 7)) for _ in range(5)]
+    for cells in others:
+        assert (rmse(pasted(cells)) > ceiling).all()
 
 
 def test_ceiling_on_synthetic_rooms(run_script):

@@ -92,7 +92,8 @@ def test_moa_parameter_counts_identity_init_and_top_k_zero_means_all():
     layer = paper_moa(dim=32, bottleneck=8, gate_hidden=16, top_k=0)
     x = torch.randn(2, 5, 32)
     assert torch.equal(layer(x), x)  # zero-initialised up-projection: identity at insertion
-    assert 0 < layer.last_entropy <= math.log(4) + 1e-6
+    entropy = torch.special.entr(layer.last_gates).sum(-1).mean()  # the gates of this forward, kept
+    assert layer.last_gates.shape == (2, 5, 4) and 0 < entropy <= math.log(4) + 1e-6
     with torch.no_grad():
         layer.up_w.normal_()
     ws = [
