@@ -5,19 +5,23 @@ DepthCLIP on the same CLIP, or predict depth for your own photos.
     python evaluate.py out/ckpt.pt                      # NYU test split, standard protocol
     python evaluate.py out/ckpt.pt --protocol all --save-vis vis/   # every protocol; pictures
     python evaluate.py --zero-shot --protocol all       # zero-shot DepthCLIP on ViT-B/32
-    python evaluate.py --ceiling --protocol all         # the best a 7x7 output grid can score
+    python evaluate.py --ceiling --protocol all         # the least RMSE a 7x7 output grid can score
     python evaluate.py --zero-shot --clip RN50 --protocol depthclip   # DepthCLIP's own row, RN50
     python evaluate.py out/ckpt.pt --image photo.jpg    # photo_depth.png (picture), .npy (metres)
     python evaluate.py out/ckpt.pt --data synthetic --limit 16   # offline, synthetic rooms
 
 --protocol (the paper says "standard protocol"; docs/paper-notes.md §7 has details); all = each:
   standard   BTS/AdaBins: Eigen crop (--crop), prediction clamped to [1e-3, 10] m, per-image mean
-  standard-depthclip-crop   the same with DepthCLIP's crop (cols 46:601): the authors' first script
+  standard-depthclip-crop   the same with DepthCLIP's metric function (cols 46:601; only where the
+             map is > 1e-3): the authors' first script
   depthclip  DepthCLIP's script: the model sees RGB rows 56:472, cols 60:604 and its mirror image
   authors    the authors' second script: bicubic squash, Garg crop, median scaling per batch of 8
              in their list's order (scene type, then frame), no clamp after the scaling
---ceiling: no model; the ground truth averaged onto the model's 7x7 output grid (a checkpoint's
-grid if one is given), upsampled as the model's output: the best such a model can score.
+--ceiling: no model; per frame, the 7x7 output grid (a checkpoint's grid if one is given) whose map,
+upsampled as the model's output is, has the least squared error over the pixels each protocol scores:
+no such map scores a lower RMSE under standard, standard-depthclip-crop and depthclip (other metrics,
+and the authors' median-scaled scores, are not bounded by it). Also cell_mean, the ground truth
+averaged on each cell: a reference, not a bound.
 Scored alone: fused depth and the dual head's binned and regressed maps. Last stdout line: JSON.
 """
 
@@ -50,6 +54,8 @@ GARG_BOX = data_nyu.CROPS["garg"]
 AUTHORS_BATCH = 8
 # ViT-B/32: one output cell per 32x32 input pixels
 PATCH = 32
+# --ceiling's least squares: its pull towards the cell means, against ~6,000 pixels' weight per cell
+CEILING_RIDGE = 1e-9
 # NYU's test size; + the run's seed: unseen rooms
 SYNTHETIC_TEST, SYNTHETIC_SEED = 654, 10_000
 # a picture's long side at most, short side at least (px)
@@ -287,32 +293,58 @@ def predict_maps(model, img, dtype, out_size, flip=False, resize="training"):
     return maps
 
 
-def ceiling_map(gt, input_size, out_size):
-    """The best map a model with a patch grid can give: gt (B, H, W) averaged over the valid pixels
-    under each cell of the output grid (input_size / 32; a cell without one: the frame's valid
-    mean), upsampled as the model's output is: bilinear to input_size (the forward), bilinear to
-    out_size (predict_maps), clamped. -> (B, *out_size) float64 metres."""
+def ceiling_maps(gt, input_size, out_size):
+    """The ceiling "model", two maps from the ground truth gt (B, H, W) of the pixels a protocol scores (0
+    elsewhere), each a grid of input_size / 32 cells upsampled as the model's output is (bilinear to
+    input_size in the forward, bilinear to out_size in predict_maps) and clamped -> {"ceiling",
+    "cell_mean": (B, *out_size) float64 metres}. cell_mean: each cell's mean of the valid ground truth
+    under it (a cell without one: the frame's valid mean). ceiling: the grid whose upsampled map has
+    the least squared error over the valid pixels, a linear least-squares problem solved per frame on
+    its normal equations; a ridge of CEILING_RIDGE towards the cell means settles the cells that no
+    valid pixel depends on (they keep their cell mean). No grid's map has a lower RMSE before the
+    clamp, and the clamp only moves a pixel towards its valid ground truth."""
     grid = (input_size[0] // PATCH, input_size[1] // PATCH)
-    valid = ((gt > data_nyu.MIN_DEPTH) & (gt < data_nyu.MAX_DEPTH)).double()[:, None]  # (B, 1, H, W)
-    depth = gt.double()[:, None] * valid
+    cells = grid[0] * grid[1]
+
+    def upsample(x, *sizes):  # the model's path: to input_size (the forward), to out_size (predict_maps)
+        for size in sizes:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return x
+
+    valid = ((gt > data_nyu.MIN_DEPTH) & (gt < data_nyu.MAX_DEPTH)).double()  # (B, H, W)
+    depth = gt.double() * valid
     # each cell's sum / its pixels, holes as 0
-    depth_mean = F.adaptive_avg_pool2d(depth, grid)
+    depth_mean = F.adaptive_avg_pool2d(depth[:, None], grid)
     # each cell's valid share: same cells
-    valid_mean = F.adaptive_avg_pool2d(valid, grid)
-    frame_mean = depth.sum((1, 2, 3), keepdim=True) / valid.sum((1, 2, 3), keepdim=True).clamp_min(1)
-    cells = torch.where(valid_mean > 0, depth_mean / valid_mean.clamp_min(1e-12), frame_mean)
-    up = F.interpolate(cells, size=input_size, mode="bilinear", align_corners=False)
-    up = F.interpolate(up, size=out_size, mode="bilinear", align_corners=False)
-    return up[:, 0].clamp(data_nyu.MIN_DEPTH, data_nyu.MAX_DEPTH)
+    valid_mean = F.adaptive_avg_pool2d(valid[:, None], grid)
+    frame_mean = depth.sum((1, 2), keepdim=True) / valid.sum((1, 2), keepdim=True).clamp_min(1)
+    means = torch.where(valid_mean > 0, depth_mean / valid_mean.clamp_min(1e-12), frame_mean[:, None])
+    # bilinear resizing is separable: the map of a grid g is R^T g C, R and C the resized unit vectors
+    eye = partial(torch.eye, dtype=torch.float64, device=gt.device)
+    R = upsample(eye(grid[0])[:, None, :, None], (input_size[0], 1), (out_size[0], 1))[:, 0, :, 0]
+    C = upsample(eye(grid[1])[:, None, None], (1, input_size[1]), (1, out_size[1]))[:, 0, 0]
+    # the normal equations of min over g of sum_pq valid_pq ((R^T g C)_pq - gt_pq)^2
+    normal = torch.einsum("ip,kp,bpq,jq,lq->bijkl", R, R, valid, C, C).reshape(-1, cells, cells)
+    rhs = torch.einsum("ip,bpq,jq->bij", R, depth, C) + CEILING_RIDGE * means[:, 0]
+    best = torch.linalg.solve(normal + CEILING_RIDGE * eye(cells), rhs.flatten(1))  # (B, cells)
+    maps = {"ceiling": best.view(means.shape), "cell_mean": means}
+    return {
+        key: upsample(x, input_size, out_size)[:, 0].clamp(data_nyu.MIN_DEPTH, data_nyu.MAX_DEPTH)
+        for key, x in maps.items()
+    }
 
 
 def protocol_maps(rgb, gt, protocol, model=None, dtype=None, ceiling=None):
     """The maps a protocol scores, {output key: (B, 480, 640)}: the model's prediction of its input
-    box, or with ceiling=input_size the oracle's ({"ceiling": ...}), pasted into a zero frame."""
+    box, or with ceiling=input_size the ceiling's (ceiling_maps of the ground truth that the protocol's
+    crop scores), pasted into a zero frame."""
     r0, r1, c0, c1 = protocol.input_box
     size = (r1 - r0, c1 - c0)
     if ceiling:
-        maps = {"ceiling": ceiling_map(gt[:, r0:r1, c0:c1], ceiling, size)}
+        k0, k1, j0, j1 = data_nyu.CROPS[protocol.crop] or FULL_FRAME
+        scored = torch.zeros_like(gt)
+        scored[:, k0:k1, j0:j1] = gt[:, k0:k1, j0:j1]
+        maps = ceiling_maps(scored[:, r0:r1, c0:c1], ceiling, size)
     else:
         maps = predict_maps(model, rgb[..., r0:r1, c0:c1], dtype, size, protocol.flip, protocol.resize)
     if size == FRAME:
@@ -333,8 +365,9 @@ def frames_per_call(device):
 
 
 def score_per_image(maps, gt, protocol):
-    """Each frame on its own within the protocol's crop (BTS, AdaBins, DepthCLIP); a pasted map
-    counts only where it is > 1e-3, as DepthCLIP masks it. -> {output key: {metric: (B,)}}"""
+    """Each frame on its own within the protocol's crop (BTS, AdaBins, DepthCLIP); under DepthCLIP's
+    crop a pixel counts only where the map is > 1e-3, as DepthCLIP's metric function (and the
+    authors' first, a copy) masks it. -> {output key: {metric: (B,)}}"""
     step = frames_per_call(gt.device) or len(gt)
     scores = {}
     # output by output: stacking them first costs a copy and is slower on a CPU
@@ -343,8 +376,9 @@ def score_per_image(maps, gt, protocol):
         for s in range(0, len(gt), step):
             pred = depth[s : s + step]  # (b, 480, 640)
             frame_gt = gt[s : s + step]
-            # outside the box the canvas is 0: not scored
-            if protocol.input_box != FULL_FRAME:
+            # DepthCLIP's metric function, which the authors' first copies: only where the map is > 1e-3
+            # (outside a pasted map's box the canvas is 0)
+            if protocol.crop == "depthclip":
                 frame_gt = torch.where(pred > data_nyu.MIN_DEPTH, frame_gt, 0.0)
             parts.append(data_nyu.depth_metrics(pred, frame_gt, crop=protocol.crop))  # {metric: (b,)}
         scores[key] = {m: torch.cat([part[m] for part in parts]) for m in data_nyu.KEYS}
@@ -523,8 +557,8 @@ def describe(name, protocol, args, n, data, ceiling=None):
     if ceiling:
         grid = f"{ceiling[0] // PATCH}x{ceiling[1] // PATCH}"
         about["model"] = (
-            f"ceiling: the ground truth averaged on each cell of the {grid} output grid "
-            f"(input {ceiling[0]}x{ceiling[1]}), upsampled as the model's output is"
+            f"ceiling: the least-squares {grid} output grid (input {ceiling[0]}x{ceiling[1]}), upsampled as "
+            "the model's output is, over the scored pixels; cell_mean: the ground truth averaged on each cell"
         )
     return about
 
@@ -558,8 +592,8 @@ def parse_args():
     arg(
         "--ceiling",
         action="store_true",
-        help="no model: the best any model with this output "
-        "grid could score (the ground truth averaged on it), under each protocol",
+        help="no model: the least-squares map of this output grid (the lowest RMSE any model's grid "
+        "can score, per-image protocols), and the ground truth averaged on it (cell_mean)",
     )
     arg(
         "--zero-shot",
@@ -592,7 +626,8 @@ def parse_args():
         "--crop",
         choices=tuple(data_nyu.CROPS),
         default="eigen",
-        help="the standard protocol's crop (default: eigen, rows 45:471, cols 41:601)",
+        help="the standard protocol's crop (default: eigen, rows 45:471, cols 41:601; depthclip: "
+        "cols 46:601 and only where the map is > 1e-3, DepthCLIP's mask)",
     )
     arg("--flip", action="store_true", help="standard protocol: add the mirrored prediction")
     arg(
@@ -650,11 +685,12 @@ def evaluate_frames(ds, order, protocols, maps_of, device, args):
     for s in range(0, len(order), step):
         positions = order[s : s + step]
         rgb, gt = read_frames(ds, positions, device)  # (b, 3, 480, 640), (b, 480, 640)
-        # protocols that feed the model alike share its maps: standard, standard-depthclip-crop
+        # protocols that feed the model alike share its maps: standard, standard-depthclip-crop (not the
+        # ceiling's, fitted to the pixels each crop scores)
         maps_by_input = {}
 
         def maps_for(protocol):
-            fed = (protocol.input_box, protocol.flip, protocol.resize)
+            fed = (protocol.input_box, protocol.flip, protocol.resize, args.ceiling and protocol.crop)
             if fed not in maps_by_input:
                 maps_by_input[fed] = maps_of(rgb, gt, protocol)  # {key: (b, 480, 640)}
             return maps_by_input[fed]

@@ -26,6 +26,7 @@ import data_nyu
 import evaluate
 import moa
 from evaluate import colorize
+from test_data_nyu import bts_metrics
 
 METRICS = set(data_nyu.KEYS)
 ROOT = Path(evaluate.__file__).resolve().parent
@@ -361,7 +362,7 @@ def test_protocols_fed_alike_share_one_prediction():
         depth = torch.full(gt.shape, 1.0 + len(fed))  # a new map each time: which call made it
         return {"depth": depth}
 
-    args = argparse.Namespace(batch_size=8, save_vis=None)
+    args = argparse.Namespace(batch_size=8, save_vis=None, ceiling=False)
     rows = evaluate.evaluate_frames(
         ds, list(range(8)), evaluate.PROTOCOLS, maps_of, torch.device("cpu"), args
     )
@@ -441,6 +442,32 @@ def test_depthclip_protocol_scores_only_where_the_pasted_map_lands():
     assert float(evaluate.score_per_image(maps, gt, protocol)["depth"]["d1"][0]) == 1
     gt[:, 56, 60] = 7.0  # the first pixel inside counts
     assert float(evaluate.score_per_image(maps, gt, protocol)["depth"]["d1"][0]) < 1
+
+
+def test_depthclip_metric_function_drops_predictions_at_or_below_1e_3():
+    """DepthCLIP's compute_errors_NYU, and the authors' first metric function (standard-depthclip-crop), a
+    copy of it: valid = (1e-3 < gt < 10) & (pred > 1e-3), the mask taken before the clamp. A non-constant
+    map with pixels at exactly 1e-3, below it, at 0, negative and NaN: standard-depthclip-crop scores as
+    if they were holes, standard clamps them to 1e-3 and keeps them, and 1.5e-3 counts in both."""
+    rng = np.random.default_rng(5)
+    gt = rng.uniform(0.5, 9.5, (2, 480, 640))
+    pred = gt * rng.uniform(0.8, 1.25, gt.shape)
+    low = rng.random(gt.shape) < 0.05
+    pred[low] = rng.choice([1e-3, 5e-4, 0.0, -1.0, np.nan], int(low.sum()))
+    pred[:, 100, 100:110] = 1.5e-3  # just above: scored, far off
+    maps = {"depth": torch.from_numpy(pred)}
+    for name, holed in (("standard-depthclip-crop", np.where(low, 0.0, gt)), ("standard", gt)):
+        protocol = evaluate.PROTOCOLS[name]
+        got = protocol.scorer(maps, torch.from_numpy(gt), protocol)["depth"]
+        expected = [bts_metrics(pred[b], holed[b], data_nyu.CROPS[protocol.crop]) for b in range(2)]
+        assert_scores(got, expected)
+    dropped = evaluate.score_per_image(
+        maps, torch.from_numpy(gt), evaluate.PROTOCOLS["standard-depthclip-crop"]
+    )
+    assert (
+        dropped["depth"]["d1"]
+        > evaluate.score_per_image(maps, torch.from_numpy(gt), evaluate.PROTOCOLS["standard"])["depth"]["d1"]
+    ).all()
 
 
 # -----------------------------------------------------------------------------
@@ -692,18 +719,17 @@ def test_failed_download_leaves_no_empty_folder(tmp_path, http_server):
 def oracle_scores(name, preds, gts, order=None):
     """numpy: what protocol `name` makes of maps preds (K, B, 480, 640) and ground truth gts
     (B, 480, 640), frames in the given order -> [[metrics per frame or group] per output]."""
-    from test_data_nyu import bts_metrics
-
     protocol = evaluate.PROTOCOLS[name]
     box = data_nyu.CROPS[protocol.crop]
     order = range(gts.shape[0]) if order is None else order
     scores = []
     for pred in preds:
         if name != "authors":
-            pasted = protocol.input_box != evaluate.FULL_FRAME  # DepthCLIP's mask: canvas > 1e-3
+            # DepthCLIP's compute_errors_NYU, and the authors' first function, a copy: valid = ... & (pred > 1e-3)
+            masked = name in ("depthclip", "standard-depthclip-crop")
             scores.append(
                 [
-                    bts_metrics(pred[i], np.where(pred[i] > 1e-3, gts[i], 0) if pasted else gts[i], box)
+                    bts_metrics(pred[i], np.where(pred[i] > 1e-3, gts[i], 0) if masked else gts[i], box)
                     for i in order
                 ]
             )
@@ -802,7 +828,9 @@ def test_every_output_is_scored_from_its_own_map_in_the_authors_list_order(tmp_p
         }
 
     model = FakeModel(forward, input_size=(64, 64))
-    args = argparse.Namespace(batch_size=3, save_vis=None, crop="eigen", flip=False, protocol="all")
+    args = argparse.Namespace(
+        batch_size=3, save_vis=None, crop="eigen", flip=False, protocol="all", ceiling=False
+    )
     maps_of = functools.partial(evaluate.protocol_maps, model=model, dtype=None)
     rows = evaluate.evaluate_frames(ds, order, evaluate.PROTOCOLS, maps_of, torch.device("cpu"), args)
     preds = np.stack(
@@ -855,36 +883,106 @@ def bilinear(a, size):
     return rows[:, :, c_lo] * (1 - c_t) + rows[:, :, c_hi] * c_t
 
 
-def ceiling_by_hand(gt, grid=(7, 7), input_size=(224, 224)):
-    """numpy: each cell's mean of the valid ground truth (the cells of adaptive average pooling:
-    rows floor(i H / 7) to ceil((i + 1) H / 7)), upsampled to the input size, then to gt's size."""
+@functools.lru_cache(maxsize=4)
+def unit_maps(grid, input_size, size):
+    """numpy: the map of each unit grid, upsampled to input_size, then to size: (cells, size[0] * size[1])."""
+    n = grid[0] * grid[1]
+    return bilinear(bilinear(np.eye(n).reshape(n, *grid), input_size), size).reshape(n, -1)
+
+
+def ceiling_grids(gt, grid=(7, 7), input_size=(224, 224)):
+    """numpy, from the ground truth gt (B, H, W) that counts (0 elsewhere): {"cell_mean": each cell's
+    mean of the valid ground truth (the cells of adaptive average pooling: rows floor(i H / 7) to
+    ceil((i + 1) H / 7); a cell without a valid pixel: the frame's valid mean), "ceiling": the grid
+    whose upsampled map (to the input size, then to gt's size) has the least squared error over the
+    valid pixels (np.linalg.lstsq, minimum norm)}: (B, *grid) each."""
     B, H, W = gt.shape
     valid = (gt > 1e-3) & (gt < 10)
-    cells = np.zeros((B, *grid))
+    means = np.zeros((B, *grid))
     for i in range(grid[0]):
         for j in range(grid[1]):
             rows = slice(i * H // grid[0], -(-(i + 1) * H // grid[0]))
             cols = slice(j * W // grid[1], -(-(j + 1) * W // grid[1]))
             for b in range(B):
                 g = gt[b, rows, cols][valid[b, rows, cols]]
-                cells[b, i, j] = g.mean() if g.size else gt[b][valid[b]].mean()
-    return np.clip(bilinear(bilinear(cells, input_size), (H, W)), 1e-3, 10)
+                means[b, i, j] = g.mean() if g.size else gt[b][valid[b]].mean()
+    basis = unit_maps(grid, input_size, (H, W))  # (cells, H * W)
+    best = [
+        np.linalg.lstsq(basis[:, v].T, g[v], rcond=None)[0]
+        for g, v in zip(gt.reshape(B, -1), valid.reshape(B, -1))
+    ]
+    return {"ceiling": np.reshape(best, (B, *grid)), "cell_mean": means}
+
+
+def ceiling_by_hand(gt, input_size=(224, 224)):
+    """ceiling_grids' grids upsampled to the input size, then to gt's size, and clamped: the maps."""
+    grids = ceiling_grids(gt, input_size=input_size)
+    return {k: np.clip(bilinear(bilinear(c, input_size), gt.shape[1:]), 1e-3, 10) for k, c in grids.items()}
+
+
+def scored_gt(gt, name):
+    """The ground truth that protocol `name` scores: inside its crop and, for depthclip, its input box."""
+    kept = np.zeros_like(gt)
+    r0, r1, c0, c1 = data_nyu.CROPS[evaluate.PROTOCOLS[name].crop]
+    kept[:, r0:r1, c0:c1] = gt[:, r0:r1, c0:c1]
+    r0, r1, c0, c1 = evaluate.PROTOCOLS[name].input_box
+    return kept[:, r0:r1, c0:c1]
 
 
 def check_ceiling(result, images_gt, tol=1e-6):
     """The JSON of evaluate.py --ceiling --protocol all against ceiling_by_hand, protocol by
-    protocol (the frames: one scene type, so the authors' order is frame order)."""
+    protocol, each fitted to the pixels it scores (the frames: one scene type, so the authors'
+    order is frame order). -> {protocol: {output: the oracle's mean metrics}}"""
     gt = images_gt.astype(np.float64)
-    whole = ceiling_by_hand(gt)[None]  # (1, B, 480, 640)
-    r0, r1, c0, c1 = evaluate.DEPTHCLIP_INPUT
-    pasted = np.zeros_like(whole)
-    pasted[0, :, r0:r1, c0:c1] = ceiling_by_hand(gt[:, r0:r1, c0:c1])
-    for name in evaluate.PROTOCOLS:
-        maps = pasted if name == "depthclip" else whole
-        expected = [e for e in oracle_scores(name, maps, gt)[0] if e is not None]
-        got = result["protocols"][name]["ceiling"]
-        for k in data_nyu.KEYS:
-            assert got[k] == pytest.approx(np.mean([e[k] for e in expected]), rel=tol, abs=tol), (name, k)
+    expected = {}
+    for name, protocol in evaluate.PROTOCOLS.items():
+        r0, r1, c0, c1 = protocol.input_box
+        maps = ceiling_by_hand(scored_gt(gt, name))
+        pasted = np.zeros((2, *gt.shape))
+        pasted[:, :, r0:r1, c0:c1] = [maps["ceiling"], maps["cell_mean"]]
+        expected[name] = {}
+        for output, scores in zip(("ceiling", "cell_mean"), oracle_scores(name, pasted, gt)):
+            scores = [e for e in scores if e is not None]
+            expected[name][output] = {k: np.mean([e[k] for e in scores]) for k in data_nyu.KEYS}
+            got = result["protocols"][name][output]
+            for k in data_nyu.KEYS:
+                want = expected[name][output][k]
+                assert got[k] == pytest.approx(want, rel=tol, abs=tol), (name, output, k)
+    return expected
+
+
+@pytest.mark.parametrize("name", ["standard", "depthclip"])
+def test_ceiling_is_the_least_rmse_any_grid_can_score(name):
+    """--ceiling's maps against other 7x7 grids under the same upsampling, scored by the protocol itself,
+    on rooms with holes, ground truth out of range and a whole row of cells without a valid pixel. The
+    ceiling's RMSE is numpy's least squares', frame by frame; the cell means, 20 random grids in the
+    model's range and 5 small steps off the least-squares grid all score a higher RMSE."""
+    rooms = data_nyu.SyntheticDepth(n=3, seed=11)
+    gt = np.stack([rooms[i][1] * (0.9 + 0.1 * np.sin(np.arange(640) / 7)) for i in range(3)])  # not flat
+    rng = np.random.default_rng(0)
+    gt[rng.random(gt.shape) < 0.1] = 0
+    gt[0, :150] = 0  # frame 0: no pixel of the top row of cells is valid
+    gt[1, 300:, 320:] = 12  # frame 1: out of range
+    protocol = evaluate.PROTOCOLS[name]
+    r0, r1, c0, c1 = protocol.input_box
+
+    def rmse(depth):  # a map (3, 480, 640) -> its RMSE per frame, as the protocol scores it
+        return protocol.scorer({"depth": depth}, torch.from_numpy(gt), protocol)["depth"]["rmse"].numpy()
+
+    def pasted(cells):  # (3, 7, 7) -> the map a model's grid gives, upsampled as predict_maps does
+        canvas = np.zeros(gt.shape)
+        canvas[:, r0:r1, c0:c1] = np.clip(bilinear(bilinear(cells, (224, 224)), (r1 - r0, c1 - c0)), 1e-3, 10)
+        return torch.from_numpy(canvas)
+
+    maps = evaluate.protocol_maps(None, torch.from_numpy(gt), protocol, ceiling=(224, 224))
+    ceiling = rmse(maps["ceiling"])
+    grids = ceiling_grids(scored_gt(gt, name))
+    np.testing.assert_allclose(ceiling, rmse(pasted(grids["ceiling"])), rtol=1e-9)
+    np.testing.assert_allclose(rmse(maps["cell_mean"]), rmse(pasted(grids["cell_mean"])), rtol=1e-9)
+    others = [grids["cell_mean"], *rng.uniform(1e-3, 10, (20, 3, 7, 7))]
+    others += [grids["ceiling"] + rng.normal(0, 0.02, (3, 7, 7)) for _ in range(5)]
+    for cells in others:
+        assert (rmse(pasted(cells)) > ceiling).all()
 
 
 def test_ceiling_on_synthetic_rooms(run_script):
