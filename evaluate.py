@@ -48,8 +48,6 @@ FRAME = (480, 640)
 FULL_FRAME = (0, 480, 0, 640)  # rows, cols: the whole frame
 # rows, cols of the RGB crop DepthCLIP's model sees
 DEPTHCLIP_INPUT = (56, 472, 60, 604)
-# KITTI's Garg crop, cut as the authors' script cuts it
-GARG_BOX = data_nyu.CROPS["garg"]
 # the authors' script scales and pools per batch of 8
 AUTHORS_BATCH = 8
 # ViT-B/32: one output cell per 32x32 input pixels
@@ -256,17 +254,6 @@ def read_photo(path):
 
 
 @torch.no_grad()
-def predict(model, rgb, dtype, out_size, flip=False, bicubic=False):
-    """uint8 (B, H, W, 3) array -> {output key: (B, *out_size) float32 array, metres, clamped to the
-    range}: predict_maps for arrays (your photos, the pictures)."""
-    device = next(model.parameters()).device
-    img = torch.from_numpy(rgb).to(device).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
-    resize = "pil-bicubic" if bicubic else "training"
-    maps = predict_maps(model, img, dtype, out_size, flip=flip, resize=resize)
-    return {key: depth.cpu().numpy() for key, depth in maps.items()}
-
-
-@torch.no_grad()
 def predict_maps(model, img, dtype, out_size, flip=False, resize="training"):
     """uint8 (B, 3, H, W) tensor -> {output key: (B, *out_size) float32 tensor, metres, clamped to
     the range}, on img's device. flip: the mean with the mirrored-back prediction of the mirrored
@@ -302,34 +289,35 @@ def ceiling_maps(gt, input_size, out_size):
     the least squared error over the valid pixels, a linear least-squares problem solved per frame on
     its normal equations; a ridge of CEILING_RIDGE towards the cell means settles the cells that no
     valid pixel depends on (they keep their cell mean). No grid's map has a lower RMSE before the
-    clamp, and the clamp only moves a pixel towards its valid ground truth."""
+    clamp, and the clamp only moves a pixel towards its valid ground truth. The maps are R^T g C, the
+    separable form of the model's two bilinear resizes (equal to them to float64 rounding)."""
     grid = (input_size[0] // PATCH, input_size[1] // PATCH)
-    cells = grid[0] * grid[1]
-
-    def upsample(x, *sizes):  # the model's path: to input_size (the forward), to out_size (predict_maps)
-        for size in sizes:
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        return x
-
     valid = ((gt > data_nyu.MIN_DEPTH) & (gt < data_nyu.MAX_DEPTH)).double()  # (B, H, W)
     depth = gt.double() * valid
     # each cell's sum / its pixels, holes as 0
-    depth_mean = F.adaptive_avg_pool2d(depth[:, None], grid)
+    depth_mean = F.adaptive_avg_pool2d(depth, grid)
     # each cell's valid share: same cells
-    valid_mean = F.adaptive_avg_pool2d(valid[:, None], grid)
+    valid_mean = F.adaptive_avg_pool2d(valid, grid)
     frame_mean = depth.sum((1, 2), keepdim=True) / valid.sum((1, 2), keepdim=True).clamp_min(1)
-    means = torch.where(valid_mean > 0, depth_mean / valid_mean.clamp_min(1e-12), frame_mean[:, None])
-    # bilinear resizing is separable: the map of a grid g is R^T g C, R and C the resized unit vectors
-    eye = partial(torch.eye, dtype=torch.float64, device=gt.device)
-    R = upsample(eye(grid[0])[:, None, :, None], (input_size[0], 1), (out_size[0], 1))[:, 0, :, 0]
-    C = upsample(eye(grid[1])[:, None, None], (1, input_size[1]), (1, out_size[1]))[:, 0, 0]
-    # the normal equations of min over g of sum_pq valid_pq ((R^T g C)_pq - gt_pq)^2
-    normal = torch.einsum("ip,kp,bpq,jq,lq->bijkl", R, R, valid, C, C).reshape(-1, cells, cells)
-    rhs = torch.einsum("ip,bpq,jq->bij", R, depth, C) + CEILING_RIDGE * means[:, 0]
-    best = torch.linalg.solve(normal + CEILING_RIDGE * eye(cells), rhs.flatten(1))  # (B, cells)
-    maps = {"ceiling": best.view(means.shape), "cell_mean": means}
+    means = torch.where(valid_mean > 0, depth_mean / valid_mean.clamp_min(1e-12), frame_mean)  # (B, gh, gw)
+
+    # bilinear resizing is separable: a grid g's map is R^T g C, R and C the unit vectors of each axis
+    # resized as the model resizes (to input_size in the forward, to out_size in predict_maps)
+    def weights(axis):  # (cells along the axis, out_size[axis])
+        x = torch.eye(grid[axis], dtype=torch.float64, device=gt.device)[:, None]
+        for size in (input_size[axis], out_size[axis]):
+            x = F.interpolate(x, size=size, mode="linear", align_corners=False)
+        return x[:, 0]
+
+    R, C = weights(0), weights(1)
+    # the normal equations of min over g of sum_pq valid_pq ((R^T g C)_pq - gt_pq)^2, one per frame
+    normal = torch.einsum("ip,kp,bpq,jq,lq->bijkl", R, R, valid, C, C).flatten(3).flatten(1, 2)
+    normal.diagonal(0, 1, 2).add_(CEILING_RIDGE)
+    rhs = torch.einsum("ip,bpq,jq->bij", R, depth, C) + CEILING_RIDGE * means
+    best = torch.linalg.solve(normal, rhs.flatten(1)).view(means.shape)
+    maps = {"ceiling": best, "cell_mean": means}
     return {
-        key: upsample(x, input_size, out_size)[:, 0].clamp(data_nyu.MIN_DEPTH, data_nyu.MAX_DEPTH)
+        key: torch.einsum("ip,bij,jq->bpq", R, x, C).clamp(data_nyu.MIN_DEPTH, data_nyu.MAX_DEPTH)
         for key, x in maps.items()
     }
 
@@ -567,7 +555,8 @@ def predict_photos(photos, model, dtype, out_dir=None):
     """Your photos [(path, rgb)]: <name>_depth.npy, float32 metres at the photo's resolution, and
     <name>_depth.png, a picture to look at, next to each photo or in out_dir."""
     for path, rgb in photos:
-        depth = predict(model, rgb[None], dtype, rgb.shape[:2])["depth"][0]  # (H, W) metres
+        img = torch.from_numpy(rgb).to(next(model.parameters()).device).permute(2, 0, 1)[None]  # (1, 3, H, W)
+        depth = predict_maps(model, img, dtype, rgb.shape[:2])["depth"][0].cpu().numpy()  # (H, W) metres
         stem = Path(out_dir or Path(path).parent) / f"{Path(path).stem}_depth"
         save_picture(f"{stem}.png", rgb, depth, title=Path(path).name)  # first: it makes out_dir
         clip_vit.atomic_write(f"{stem}.npy", lambda f: np.save(f, depth))

@@ -53,7 +53,7 @@ RECIPES = {
         "best_by": "loss",
         # they validated on the TEST split; here: held-out train scenes
         "val_frac": 0.05,
-        # their sync_depth_*.png: rawDepths, holes 0 (G12)
+        # their sync_depth_*.png: probably rawDepths, holes 0 (G12)
         "train_gt": "raw",
         # DepthCLIP's 7 prompts and bin depths
         "head": "similarity",
@@ -62,6 +62,10 @@ RECIPES = {
         "loss": "composite",
         # SSIM from zero-padded maps; SSIM and L1 over every pixel
         "composite": "authors",
+        # their fresh nn.Linear(768, 512), in no optimizer group: random and frozen (G23)
+        "sim_proj": "random",
+        # their adapters start from nn.Linear's init (G20)
+        "adapter_init": "default",
         # their MoA gate ends in a plain softmax
         "temperature": 1.0,
     },
@@ -137,8 +141,8 @@ def make_parser():
         "--train-gt",
         choices=("dense", "raw"),
         default="raw",
-        help="training depth: Kinect `rawDepths`, holes left out, as the authors' sync_depth files; or "
-        "the in-painted `depths` (GUESS G12)",
+        help="training depth: Kinect `rawDepths`, holes left out, as the authors' sync_depth files probably "
+        "were; or the in-painted `depths` (GUESS G12)",
     )
     add(
         "--val-frac",
@@ -159,7 +163,8 @@ def make_parser():
         default="paper",
         help="paper: §4.2's recipe, the flags' defaults. adadepthclip: Table 1 rows 2-4 as the authors' "
         "earlier code trained them (50 epochs, adapter lr 1e-4, weight decay 0.01, plateau schedule, "
-        "early stopping, their composite loss, similarity head, gate temperature 1); flags given win",
+        "early stopping, their composite loss, similarity head with a random frozen projection, adapters "
+        "from nn.Linear's init, gate temperature 1); flags given win",
     )
     add("--epochs", type=int, default=30, metavar="N", help="passes over the train frames")
     add("--batch-size", type=int, default=8, metavar="N", help="frames per optimizer step")
@@ -265,6 +270,19 @@ def make_parser():
         choices=moa.CHOICES["sim_bins"],
         default=7,
         help="bins of the similarity head: DepthCLIP's 7 or the paper's 10 (G24)",
+    )
+    add(
+        "--sim-proj",
+        choices=moa.CHOICES["sim_proj"],
+        default="clip",
+        help="the similarity head's 768 -> 512 map: CLIP's ln_post and proj, or random: the authors' fresh linear "
+        "layer, never trained (G23)",
+    )
+    add(
+        "--adapter-init",
+        choices=moa.CHOICES["adapter_init"],
+        default="zero",
+        help="the adapters' up-projections start at zero (identity) or at nn.Linear's init, as the authors' (G20)",
     )
     add("--num-bins", type=int, default=128, metavar="N", help="bins N of the dual head (Table 3)")
     add(
@@ -411,6 +429,8 @@ def model_config(args):
         use_context=bool(args.use_context),
         head=args.head,
         sim_bins=args.sim_bins,
+        sim_proj=args.sim_proj,
+        adapter_init=args.adapter_init,
         num_bins=args.num_bins,
         bin_spacing=args.bin_spacing,
         min_depth=args.min_depth,

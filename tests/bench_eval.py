@@ -81,7 +81,7 @@ def old_depthclip_scores(maps, gts):
 
 
 def old_authors_scores(group):
-    r0, r1, c0, c1 = evaluate.GARG_BOX
+    r0, r1, c0, c1 = data_nyu.CROPS["garg"]
     gt = np.stack([g for _, g in group])[:, r0:r1, c0:c1]
     valid = (gt > 1e-3) & (gt < 10)
     if not valid.any():

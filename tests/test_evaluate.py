@@ -267,7 +267,7 @@ def test_authors_protocol_crop_bounds():
     one pixel outside) scores perfectly."""
     H, W = 480, 640  # the fractions as the authors' script has them
     assert (
-        evaluate.GARG_BOX
+        data_nyu.CROPS["garg"]
         == (int(0.40810811 * H), int(0.99189189 * H), int(0.03594771 * W), int(0.96405229 * W))
         == (195, 476, 23, 616)
     )
