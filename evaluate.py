@@ -190,34 +190,35 @@ def ceiling_maps(gt, input_size, out_size):
     the least squared error over the valid pixels, a linear least-squares problem solved per frame on
     its normal equations; a ridge of CEILING_RIDGE towards the cell means settles the cells that no
     valid pixel depends on (they keep their cell mean). No grid's map has a lower RMSE before the
-    clamp, and the clamp only moves a pixel towards its valid ground truth."""
+    clamp, and the clamp only moves a pixel towards its valid ground truth. The maps are R^T g C, the
+    separable form of the model's two bilinear resizes (equal to them to float64 rounding)."""
     grid = (input_size[0] // PATCH, input_size[1] // PATCH)
-    cells = grid[0] * grid[1]
-
-    def upsample(x, *sizes):  # the model's path: to input_size (the forward), to out_size (predict_maps)
-        for size in sizes:
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        return x
-
     valid = data_nyu.valid_depth(gt).double()  # (B, H, W)
     depth = gt.double() * valid
-    # each cell's sum / its pixels, holes as 0; each cell's valid share
-    depth_mean = F.adaptive_avg_pool2d(depth[:, None], grid)
-    valid_mean = F.adaptive_avg_pool2d(valid[:, None], grid)
+    # each cell's sum / its pixels, holes as 0
+    depth_mean = F.adaptive_avg_pool2d(depth, grid)
+    # each cell's valid share: same cells
+    valid_mean = F.adaptive_avg_pool2d(valid, grid)
     frame_mean = depth.sum((1, 2), keepdim=True) / valid.sum((1, 2), keepdim=True).clamp_min(1)
-    means = torch.where(valid_mean > 0, depth_mean / valid_mean.clamp_min(1e-12), frame_mean[:, None])
-    # bilinear resizing is separable: the map of a grid g is R^T g C, R and C the resized unit vectors
-    eye = torch.eye(max(grid), dtype=torch.float64, device=gt.device)
-    R = upsample(eye[: grid[0], None, : grid[0], None], (input_size[0], 1), (out_size[0], 1))[:, 0, :, 0]
-    C = upsample(eye[: grid[1], None, None, : grid[1]], (1, input_size[1]), (1, out_size[1]))[:, 0, 0]
-    # the normal equations of min over g of sum_pq valid_pq ((R^T g C)_pq - gt_pq)^2
-    normal = torch.einsum("ip,kp,bpq,jq,lq->bijkl", R, R, valid, C, C).reshape(-1, cells, cells)
-    rhs = torch.einsum("ip,bpq,jq->bij", R, depth, C) + CEILING_RIDGE * means[:, 0]
-    ridge = CEILING_RIDGE * torch.eye(cells, dtype=torch.float64, device=gt.device)
-    best = torch.linalg.solve(normal + ridge, rhs.flatten(1))  # (B, cells)
-    maps = {"ceiling": best.view(means.shape), "cell_mean": means}
+    means = torch.where(valid_mean > 0, depth_mean / valid_mean.clamp_min(1e-12), frame_mean)  # (B, gh, gw)
+
+    # bilinear resizing is separable: a grid g's map is R^T g C, R and C the unit vectors of each axis
+    # resized as the model resizes (to input_size in the forward, to out_size in predict_maps)
+    def weights(axis):  # (cells along the axis, out_size[axis])
+        x = torch.eye(grid[axis], dtype=torch.float64, device=gt.device)[:, None]
+        for size in (input_size[axis], out_size[axis]):
+            x = F.interpolate(x, size=size, mode="linear", align_corners=False)
+        return x[:, 0]
+
+    R, C = weights(0), weights(1)
+    # the normal equations of min over g of sum_pq valid_pq ((R^T g C)_pq - gt_pq)^2, one per frame
+    normal = torch.einsum("ip,kp,bpq,jq,lq->bijkl", R, R, valid, C, C).flatten(3).flatten(1, 2)
+    normal.diagonal(0, 1, 2).add_(CEILING_RIDGE)
+    rhs = torch.einsum("ip,bpq,jq->bij", R, depth, C) + CEILING_RIDGE * means
+    best = torch.linalg.solve(normal, rhs.flatten(1)).view(means.shape)
+    maps = {"ceiling": best, "cell_mean": means}
     return {
-        key: upsample(x, input_size, out_size)[:, 0].clamp(data_nyu.MIN_DEPTH, data_nyu.MAX_DEPTH)
+        key: torch.einsum("ip,bij,jq->bpq", R, x, C).clamp(data_nyu.MIN_DEPTH, data_nyu.MAX_DEPTH)
         for key, x in maps.items()
     }
 

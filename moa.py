@@ -120,10 +120,20 @@ def note_fallback(reason):
 
 class MoA(nn.Module):
     """K bottleneck experts (D -> R -> D, GELU) mixed per token by a gate MLP (D -> H -> K, ReLU),
-    plus the residual. top_k = 0: all experts (the paper). gated=False: one plain adapter."""
+    plus the residual. top_k = 0: all experts (the paper). gated=False: one plain adapter.
+    zero_init=False: the up-projections start from nn.Linear's init, not at zero (G20)."""
 
     def __init__(
-        self, dim, num_experts, bottleneck, gate_hidden, top_k, temperature, gated=True, impl="auto"
+        self,
+        dim,
+        num_experts,
+        bottleneck,
+        gate_hidden,
+        top_k,
+        temperature,
+        gated=True,
+        impl="auto",
+        zero_init=True,
     ):
         super().__init__()
         if impl not in MOA_IMPLS:
@@ -143,7 +153,11 @@ class MoA(nn.Module):
         self.down_w, self.down_b = linear_init(E, R, D, fan_in=D), linear_init(E, R, fan_in=D)
         # up_w and up_b start at zero, so a fresh MoA is exactly the identity: the pretrained
         # features flow through unchanged at step 0 and the adapters grow from there (Houlsby)
-        self.up_w, self.up_b = nn.Parameter(torch.zeros(E, D, R)), nn.Parameter(torch.zeros(E, D))
+        if zero_init:
+            self.up_w, self.up_b = nn.Parameter(torch.zeros(E, D, R)), nn.Parameter(torch.zeros(E, D))
+        # the authors' adapters: nn.Linear's init, so a fresh adapter already moves the features
+        else:
+            self.up_w, self.up_b = linear_init(E, D, R, fan_in=R), linear_init(E, D, fan_in=R)
         # (B, L, E) of the last forward
         self.last_gates = None
 
@@ -227,6 +241,17 @@ class DepthConfig:
         "dual", "the paper's dual head, or DepthCLIP's similarity head", ("dual", "similarity")
     )
     sim_bins: int = option(7, "similarity-head bins: DepthCLIP's 7 or the paper's 10 (G24)", (7, 10))
+    sim_proj: str = option(
+        "clip",
+        "the similarity head's 768 -> 512 map: CLIP's ln_post + proj, or the authors' random frozen "
+        "nn.Linear (G23)",
+        ("clip", "random"),
+    )
+    adapter_init: str = option(
+        "zero",
+        "the adapters' up-projections: zero (identity at start) or nn.Linear's init, the authors' (G20)",
+        ("zero", "default"),
+    )
     num_bins: int = option(128, "bins N of the dual head (Table 3 ablates 40 ... 200)", low=2)
     bin_spacing: str = option("uniform", "the bin centres over the depth range (G3)", ("uniform", "log"))
     min_depth: float = option(1e-3, "smallest depth predicted", metavar="METRES")
@@ -346,6 +371,7 @@ class MoADepthCLIP(nn.Module):
                     cfg.temperature,
                     gated=cfg.use_moa,
                     impl=moa_impl,
+                    zero_init=cfg.adapter_init == "zero",
                 )
                 for _ in cfg.moa_layers
             ]
@@ -357,6 +383,9 @@ class MoADepthCLIP(nn.Module):
             depths = [depth for _, depth in DISTANCES[: cfg.sim_bins]]
             self.register_buffer("text", from_text["text"])  # (n_bins, 512)
             self.register_buffer("bins", torch.tensor(depths))
+            # the authors' fresh nn.Linear, in no optimizer group: frozen as drawn, saved with the checkpoints
+            if cfg.sim_proj == "random":
+                self.project = nn.Linear(width, self.text.shape[1]).requires_grad_(False)
         else:
             context = from_text["context"]
             self.register_buffer("context", context)  # (512,), or (0,) without
@@ -405,12 +434,17 @@ class MoADepthCLIP(nn.Module):
         }
 
     def similarity(self, f, out_size):
-        """DepthCLIP's head: tokens f (B, 768, gh, gw) -> ln_post, proj (G23) -> cosines -> bins."""
+        """DepthCLIP's head: tokens f (B, 768, gh, gw) -> ln_post, proj or a random linear layer (G23)
+        -> cosines -> bins."""
         B, _, gh, gw = f.shape
-        tokens = self.visual.ln_post(f.flatten(2).transpose(1, 2))  # (B, gh*gw, 768)
+        tokens = f.flatten(2).transpose(1, 2).float()  # (B, gh*gw, 768)
         # cosines x 1000: too coarse in bf16
         with torch.autocast(f.device.type, enabled=False):
-            emb = F.normalize(tokens.float() @ self.visual.proj.float(), dim=-1)  # (B, gh*gw, 512)
+            if self.cfg.sim_proj == "random":
+                emb = self.project(tokens)
+            else:
+                emb = self.visual.ln_post(tokens) @ self.visual.proj.float()
+            emb = F.normalize(emb, dim=-1)  # (B, gh*gw, 512)
             probs = (CLIP_SCALE * emb @ self.text.T / SIM_TEMPERATURE).softmax(-1)  # (B, gh*gw, n)
             # the expected depth in fp32 too: a bf16 matmul here is off by up to 1 cm
             depth = (probs @ self.bins.float()).view(B, 1, gh, gw)  # metres on the patch grid
@@ -646,9 +680,16 @@ def parameter_table(model):
     )
 
 
+def saved_parameters(model):
+    """{name: parameter} that a checkpoint holds: the trainable ones, and the similarity head's random
+    frozen projection (G23), which nothing else could restore."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad or n.startswith("project.")}
+
+
 def load_trainable_state_dict(model, sd, where="checkpoint"):
-    """Load exactly the trainable tensors, the frozen rest comes from CLIP; a misfit: UserError."""
-    own = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+    """Load exactly the saved tensors (saved_parameters), the frozen rest comes from CLIP; a misfit:
+    UserError."""
+    own = {n: p.shape for n, p in saved_parameters(model).items()}
     misfits = sorted(n for n in own.keys() | sd.keys() if n not in sd or sd[n].shape != own.get(n))
     # missing, unexpected or of another shape: made with other flags or code
     if misfits:
@@ -659,7 +700,7 @@ def load_trainable_state_dict(model, sd, where="checkpoint"):
 def save_checkpoint(path, model, **extra):
     """Atomically write the trainable parameters, the DepthConfig and `extra` (clip id, ...). Given
     the clip id, also what the text tower gave (text_features), keyed by the CLIP weights' SHA-256."""
-    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in saved_parameters(model).items()}
     ckpt = {"model": trainable, "model_config": asdict(model.cfg), **extra}
     if "clip" in extra:
         buffers = dict(model.named_buffers())

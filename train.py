@@ -64,7 +64,7 @@ class TrainConfig:
     )
     train_gt: str = option(
         "raw",
-        "training depth: Kinect rawDepths, holes left out, or in-painted depths (G12)",
+        "training depth: Kinect rawDepths, holes left out (probably what the authors used), or in-painted (G12)",
         ("dense", "raw"),
     )
     augment: bool = option(False, "flips, brightness and contrast")
@@ -567,6 +567,10 @@ RECIPES = {
         "loss": "composite",
         # SSIM from zero-padded maps; SSIM and L1 over every pixel
         "composite": "authors",
+        # their fresh nn.Linear(768, 512), in no optimizer group: random and frozen (G23)
+        "sim_proj": "random",
+        # their adapters start from nn.Linear's init (G20)
+        "adapter_init": "default",
         # their MoA gate ends in a plain softmax
         "temperature": 1.0,
     },

@@ -325,6 +325,59 @@ def test_ablation_switches_change_the_model():
     assert k8.moa[0].down_w.shape[0] == 8 and k8.moa[0].top_k == 2 and k8.cls_head.in_channels == 96
 
 
+def test_the_authors_similarity_head_setup(tmp_path, monkeypatch):
+    """sim_proj="random" and adapter_init="default" (G23, G20), as --recipe adadepthclip sets them: the
+    head maps the tokens with a fresh nn.Linear(768 -> 512) that is frozen, drawn from the seed, the one
+    the head uses instead of ln_post and proj, and saved with the checkpoint so that from_checkpoint
+    (which draws nothing) restores it; each adapter's up-projection starts from nn.Linear's init, so a
+    fresh adapter is no longer the identity."""
+    monkeypatch.setattr(clip_vit, "tokenize", fake_tokenize)
+    clip_file = str(tmp_path / "clip.pt")
+    torch.save(tiny_clip().state_dict(), clip_file)
+    cfg = small_cfg(
+        head="similarity", use_context=False, use_moa=False, sim_proj="random", adapter_init="default"
+    )
+
+    def build(seed):
+        torch.manual_seed(seed)
+        return moa.MoADepthCLIP(clip_vit.load(clip_file), cfg).eval()
+
+    model = build(0)
+    weight = model.project.weight
+    assert weight.shape == (32, 64) and not weight.requires_grad and not model.project.bias.requires_grad
+    assert (
+        weight.abs().max() <= 64**-0.5 and weight.std() > 0.5 * 64**-0.5 / 3**0.5
+    )  # nn.Linear's U(+-1/sqrt(768))
+    assert torch.equal(build(0).project.weight, weight) and not torch.equal(build(1).project.weight, weight)
+    up = model.moa[0].up_w
+    assert up.abs().max() <= 8**-0.5 and (up != 0).float().mean() > 0.99  # U(+-1/sqrt(bottleneck))
+    x = torch.randn(1, 5, 64)
+    assert not torch.allclose(model.moa[0](x), x)  # no identity at insertion
+    assert moa.MoADepthCLIP(tiny_clip(), small_cfg()).moa[0].up_w.abs().max() == 0  # the default: zero
+    image = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = model(image)["depth"]
+        model.visual.proj.mul_(3)  # CLIP's own projection plays no part
+        torch.testing.assert_close(model(image)["depth"], want, rtol=0, atol=0)
+        tokens = model.features(image).flatten(2).transpose(1, 2)
+        emb = F.normalize(tokens @ weight.T + model.project.bias, dim=-1)
+        probs = (100 * emb @ model.text.T / 0.1).softmax(-1)
+        grid = (probs @ model.bins).view(2, 1, 2, 2)
+        torch.testing.assert_close(
+            want, F.interpolate(grid, size=(64, 64), mode="bilinear"), rtol=1e-5, atol=1e-5
+        )
+        model.visual.proj.div_(3)
+    moa.save_checkpoint(
+        tmp_path / "ckpt.pt", model, clip={"name": clip_file, "sha256": clip_vit.weights_sha256(clip_file)}
+    )
+    ckpt = moa.load_checkpoint(tmp_path / "ckpt.pt")
+    assert {"project.weight", "project.bias"} <= set(ckpt["model"])
+    restored = moa.from_checkpoint(ckpt)
+    assert torch.equal(restored.project.weight, weight) and not restored.project.weight.requires_grad
+    with torch.no_grad():
+        assert torch.equal(restored(image)["depth"], want)
+
+
 # -----------------------------------------------------------------------------
 # the losses
 

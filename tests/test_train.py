@@ -182,6 +182,34 @@ def test_training_moves_exactly_what_it_should(small_clip, tmp_path, monkeypatch
     assert sorted(in_optimizer) == sorted(id(p) for n, p in params.items() if should_train(n))
 
 
+def test_the_random_projection_is_in_no_optimizer_group_and_never_moves(small_clip, tmp_path, monkeypatch):
+    """train.main in this process, --recipe adadepthclip's head (similarity, a random frozen projection,
+    adapters from nn.Linear's init), three steps: the projection is in no optimizer group, is exactly as it
+    was drawn after training, and model.pt carries it; the adapters started away from zero and moved."""
+    start = []
+
+    class Recorded(moa.MoADepthCLIP):  # remembers the parameters as train.py built them
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            start.append({n: p.detach().clone() for n, p in self.named_parameters()})
+
+    monkeypatch.setattr(moa, "MoADepthCLIP", Recorded)
+    flags = "--head similarity --use-context 0 --sim-proj random --adapter-init default --max-steps 3"
+    run = tmp_path / "run"
+    args = train.parse_args(
+        ["--data", "synthetic", "--clip", str(small_clip), "--out", str(run), *SMALL, *flags.split()]
+    )
+    model, optimizer = train.main(args)
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for name in ("project.weight", "project.bias"):
+        p = dict(model.named_parameters())[name]
+        assert id(p) not in in_optimizer and not p.requires_grad
+        assert torch.equal(p, start[0][name])
+        assert torch.equal(torch.load(run / "model.pt", weights_only=True)["model"][name], p)
+    assert start[0]["moa.0.up_w"].abs().min() > 0  # nn.Linear's init: no zero
+    assert not torch.equal(model.moa[0].up_w, start[0]["moa.0.up_w"])  # and they train
+
+
 def test_each_parameter_group_trains_at_its_own_rate(small_clip):
     """--lr for CLIP's tuned blocks, --adapter-lr for the MoA modules, --head-lr for the fresh heads, all
     different here, so a rate given to the wrong group fails; 0 means --lr."""
@@ -239,6 +267,8 @@ def test_adadepthclip_recipe_sets_what_it_names_and_given_flags_win(small_clip):
         "loss": "composite",
         "composite": "authors",
         "temperature": 1.0,
+        "sim_proj": "random",
+        "adapter_init": "default",
     }
     args = train.parse_args(["--recipe", "adadepthclip", "--clip", "random"])
     assert {name: getattr(args, name) for name in authors} == authors
@@ -251,6 +281,7 @@ def test_adadepthclip_recipe_sets_what_it_names_and_given_flags_win(small_clip):
         "similarity",
         False,
     )
+    assert (cfg.sim_proj, cfg.adapter_init) == ("random", "default")
     model = moa.MoADepthCLIP(
         clip_vit.load(small_clip),
         cli.config_of(
