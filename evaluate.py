@@ -216,10 +216,9 @@ def ceiling_maps(gt, input_size, out_size):
     normal.diagonal(0, 1, 2).add_(CEILING_RIDGE)
     rhs = torch.einsum("ip,bpq,jq->bij", R, depth, C) + CEILING_RIDGE * means
     best = torch.linalg.solve(normal, rhs.flatten(1)).view(means.shape)
-    maps = {"ceiling": best, "cell_mean": means}
     return {
         key: torch.einsum("ip,bij,jq->bpq", R, x, C).clamp(data_nyu.MIN_DEPTH, data_nyu.MAX_DEPTH)
-        for key, x in maps.items()
+        for key, x in {"ceiling": best, "cell_mean": means}.items()
     }
 
 

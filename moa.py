@@ -445,9 +445,8 @@ class MoADepthCLIP(nn.Module):
             else:
                 emb = self.visual.ln_post(tokens) @ self.visual.proj.float()
             emb = F.normalize(emb, dim=-1)  # (B, gh*gw, 512)
-            probs = (CLIP_SCALE * emb @ self.text.T / SIM_TEMPERATURE).softmax(-1)  # (B, gh*gw, n)
             # the expected depth in fp32 too: a bf16 matmul here is off by up to 1 cm
-            depth = (probs @ self.bins.float()).view(B, 1, gh, gw)  # metres on the patch grid
+            depth = expected_depth(emb, self.text, self.bins.float()).view(B, 1, gh, gw)  # metres on the grid
             depth = F.interpolate(depth, size=out_size, mode="bilinear", align_corners=False)
         return {"depth": depth}
 
@@ -456,6 +455,12 @@ class MoADepthCLIP(nn.Module):
         if not self.cfg.use_moa:
             return 0.0
         return torch.stack([torch.special.entr(m.last_gates).sum(-1).mean() for m in self.moa]).mean().item()
+
+
+# DepthCLIP's depth from unit features emb (..., 512): 100 x their cosine with each prompt's
+# embedding (text, (n, 512)) / 0.1, a softmax over the prompts, the mean of the bins under it
+def expected_depth(emb, text, bins):
+    return (CLIP_SCALE * emb @ text.T / SIM_TEMPERATURE).softmax(-1) @ bins
 
 
 # zero-shot DepthCLIP on a CLIP ResNet (RN50), as DepthCLIP's own code computes it
@@ -507,8 +512,7 @@ class DepthCLIPZeroShot(nn.Module):
             B, C, h, w = f.shape
             f = F.normalize(f.flatten(2).transpose(1, 2), dim=-1)  # (B, h*w, 2048)
             f = f[..., ::2]  # (B, h*w, 1024)
-            logits = CLIP_SCALE * f @ self.text.T / SIM_TEMPERATURE  # (B, h*w, 7)
-            depth = (logits.softmax(-1) @ self.bins).view(B, 1, h, w)  # metres on the grid
+            depth = expected_depth(f, self.text, self.bins).view(B, 1, h, w)  # metres on the grid
             up = F.interpolate(depth, size=image.shape[-2:], mode="bilinear", align_corners=True)
         return {"depth": up}  # (B, 1, H, W)
 
