@@ -119,11 +119,15 @@ def runtime(device="auto"):
     sm = f"sm_{major}{minor}"
     if major >= 8:
         return Runtime(torch.device(device), torch.bfloat16, False, f"bf16 autocast ({sm})")
+    # kernels/ decides where --moa-impl auto runs the kernel
+    from kernels import fused_moa as fm
+
+    moa_impl = "" if 10 * major + minor >= fm.AUTO_MIN_ARCH else "; --moa-impl auto: the MoA in PyTorch"
     return Runtime(
         torch.device(device),
         torch.float16,
         True,
-        f"fp16 autocast with a GradScaler ({sm} has no bf16 tensor cores)",
+        f"fp16 autocast with a GradScaler ({sm} has no bf16 tensor cores){moa_impl}",
     )
 
 
@@ -227,6 +231,8 @@ class MoA(nn.Module):
 
         # the fp32 stream and fp32 weights as they are: the kernel casts for its matmuls
         try:
+            if self.impl == "auto":
+                fm.check_auto(x)
             return fm.fused_moa(x, *weights, top_k, self.temperature)
         except fm.CANNOT_RUN as e:
             reason = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"

@@ -1,9 +1,9 @@
 """
 The GPU check in one command, for any machine with CUDA, the lent one included (torch 2.11, triton 3.6, no
 package index, no ftfy: the tokenizer takes this project's ASCII prompts without it). At most --budget
-seconds, 380 by default, so that one 10-minute command holds it with room to spare:
+seconds, 330 by default, so that one 10-minute command holds it with room to spare:
 
-    timeout 450 python tests/gpu_check.py [--report gpu_check.md] [--budget 380]
+    timeout 400 python tests/gpu_check.py [--report gpu_check.md] [--budget 330]
 
 1. kernel tests, compiled: pytest tests/test_fused_moa.py (TestCUDA; the compile-report tests, CPU work that
    CI runs, are left out)
@@ -34,13 +34,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LOSS_RTOL = 0.02  # bf16 autocast in both paths, different summation orders: 50 steps stay within 2 % per step
 # seconds per section, before the --budget cut; the H200 of 2026-11-26 took about 60 s for one evaluation
-SECTIONS = {"tests": 100, "bench": 80, "train": 100, "eval": 100}
+SECTIONS = {"tests": 90, "bench": 70, "train": 80, "eval": 90}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     p.add_argument("--report", default="gpu_check.md", help="markdown report to write")
-    p.add_argument("--budget", type=float, default=380.0, help="seconds for the whole check")
+    p.add_argument("--budget", type=float, default=330.0, help="seconds for the whole check")
     args = p.parse_args(argv)
     if args.budget <= 0:
         p.error("--budget must be > 0")
