@@ -708,9 +708,18 @@ class SimpleTokenizer:
         return self.cache[token]
 
     def encode(self, text):
-        import ftfy
+        try:
+            import ftfy
 
-        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+            text = ftfy.fix_text(text)
+        except ModuleNotFoundError:
+            # no ftfy (a GPU image may lack it): only text ftfy leaves as it is, printable ASCII with tabs or
+            # line breaks and no "&" (this project's prompts), whose ids are then OpenAI's
+            if "&" in text or not all(" " <= c <= "~" or c in "\t\n\r" for c in text):
+                raise UserError(
+                    f"{text[:40]!r}: text beyond plain ASCII needs ftfy (pip install ftfy)"
+                ) from None
+        text = html.unescape(html.unescape(text)).strip()
         # runs of whitespace -> one space
         text = " ".join(text.split()).lower()
         ids = []

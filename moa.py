@@ -105,23 +105,11 @@ def linear_init(*shape, fan_in):
     return nn.Parameter(torch.empty(shape).uniform_(-(fan_in**-0.5), fan_in**-0.5))
 
 
-# the reasons --moa-impl auto fell back for; the first is printed, once per process
-FALLBACK_NOTED = []
-
-
-def note_fallback(reason):
-    if not FALLBACK_NOTED:
-        print(
-            f"note: --moa-impl auto: the PyTorch MoA runs instead of the Triton kernel ({reason})",
-            file=sys.stderr,
-        )
-    FALLBACK_NOTED.append(reason)
-
-
 class MoA(nn.Module):
     """K bottleneck experts (D -> R -> D, GELU) mixed per token by a gate MLP (D -> H -> K, ReLU),
     plus the residual. top_k = 0: all experts (the paper). gated=False: one plain adapter.
-    zero_init=False: the up-projections start from nn.Linear's init, not at zero (G20)."""
+    zero_init=False: the up-projections start from nn.Linear's init, not at zero (G20). notes: a list the
+    layers of one model share, so that --moa-impl auto says once why it runs PyTorch."""
 
     def __init__(
         self,
@@ -134,6 +122,7 @@ class MoA(nn.Module):
         gated=True,
         impl="auto",
         zero_init=True,
+        notes=None,
     ):
         super().__init__()
         if impl not in MOA_IMPLS:
@@ -142,6 +131,7 @@ class MoA(nn.Module):
         self.impl = impl
         # auto: why the kernel cannot run here, once it has said so
         self.kernel_off = None
+        self.notes = [] if notes is None else notes
         E, R, H, D = num_experts, bottleneck, gate_hidden, dim
         self.top_k = top_k
         self.temperature = temperature
@@ -189,12 +179,14 @@ class MoA(nn.Module):
 
     def fused(self, x, weights, top_k):
         """The Triton kernel. Where it cannot run here (GPU, shape, shared memory), auto runs the PyTorch MoA
-        from then on and says why in one line per process; triton stops with one error line."""
+        from then on and says why in one line per model (notes); triton stops with one error line."""
         # imported on first use: importing triton takes seconds
         from kernels import fused_moa as fm
 
         # the fp32 stream and fp32 weights as they are: the kernel casts for its matmuls
         try:
+            if self.impl == "auto":
+                fm.check_auto(x)
             return fm.fused_moa(x, *weights, top_k, self.temperature)
         except fm.CANNOT_RUN as e:
             reason = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
@@ -204,7 +196,12 @@ class MoA(nn.Module):
                     "use --moa-impl auto or torch"
                 ) from e
             self.kernel_off = reason
-            note_fallback(reason)
+            if not self.notes:
+                print(
+                    f"note: --moa-impl auto: the PyTorch MoA runs instead of the Triton kernel ({reason})",
+                    file=sys.stderr,
+                )
+            self.notes.append(reason)
             return moa_reference(x, *weights, top_k, self.temperature)
         # a bad argument or a failure of the kernel itself: the way out
         except Exception as e:
@@ -360,6 +357,8 @@ class MoADepthCLIP(nn.Module):
         self.visual = clip.visual
         width = self.visual.conv1.out_channels
         experts = cfg.num_experts if cfg.use_moa else 1
+        # why auto runs PyTorch, said once for all the layers
+        notes = []
         self.moa = nn.ModuleList(
             [
                 MoA(
@@ -372,6 +371,7 @@ class MoADepthCLIP(nn.Module):
                     gated=cfg.use_moa,
                     impl=moa_impl,
                     zero_init=cfg.adapter_init == "zero",
+                    notes=notes,
                 )
                 for _ in cfg.moa_layers
             ]
@@ -658,11 +658,15 @@ def runtime(device="auto"):
     sm = f"sm_{major}{minor}"
     if major >= 8:
         return Runtime(torch.device(device), torch.bfloat16, False, f"bf16 autocast ({sm})")
+    # kernels/ decides where --moa-impl auto runs the kernel
+    from kernels import fused_moa as fm
+
+    moa_impl = "" if 10 * major + minor >= fm.AUTO_MIN_ARCH else "; --moa-impl auto: the MoA in PyTorch"
     return Runtime(
         torch.device(device),
         torch.float16,
         True,
-        f"fp16 autocast with a GradScaler ({sm} has no bf16 tensor cores)",
+        f"fp16 autocast with a GradScaler ({sm} has no bf16 tensor cores){moa_impl}",
     )
 
 

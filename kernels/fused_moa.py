@@ -33,9 +33,22 @@ TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.b
 GRID_Y_MAX = 65535
 # bytes: every pointer a kernel gets is 16-byte aligned, as the compile report assumes
 ALIGN = 16
-# opt-in shared memory per block (bytes) of the GPU classes the compile report checks, largest first:
-# H100/H200/B200; A100; RTX 30/40/50, A6000, L4, L40; T4. A GPU gets the tiles of the largest class that fits.
-SMEM_CLASSES = (232448, 166912, 101376, 65536)
+# opt-in shared memory per block (bytes) of the GPU classes the compile report checks. A GPU gets the tiles of
+# the largest class that fits.
+SMEM_H100 = 232448  # H100, H200, B200
+SMEM_A100 = 166912
+SMEM_RTX = 101376  # RTX 30/40/50, A6000, L4, L40
+SMEM_T4 = 65536
+SMEM_CLASSES = (SMEM_H100, SMEM_A100, SMEM_RTX, SMEM_T4)
+# the gate's hidden width H and the experts' rank R the kernel takes
+WIDTHS = (16, 32, 64, 128)
+# a GPU launches what the compile report compiles: every R of WIDTHS, E in GPU_EXPERTS, H = GPU_GATE_HIDDEN.
+# Other shapes are NotSupported on a GPU; the interpreter, with no registers to spill, takes them all.
+GPU_EXPERTS = (1, 2, 4, 8, 16)
+GPU_GATE_HIDDEN = 128
+# --moa-impl auto runs the kernel from sm_80 on. On sm_75 triton lowers tl.dot to FMA instructions where
+# PyTorch's fp16 matmuls use tensor cores, and no measurement shows the kernel faster there.
+AUTO_MIN_ARCH = 80
 
 
 class NotSupported(ValueError):
@@ -49,7 +62,8 @@ CANNOT_RUN = (NotSupported, TritonError)
 
 
 # -----------------------------------------------------------------------------
-# The kernels: a matmul helper, the forward, the backward over token tiles, the backward over weight tiles
+# The kernels: a matmul helper, the forward, the backward over token tiles, the backward over weight tiles.
+# In the @triton.jit helpers, UPPER_CASE arguments are the kernels' compile-time constants, passed on.
 @triton.jit
 def _rows_times_weights(
     # A = src[rows, :K], rows src_stride apart
@@ -63,16 +77,15 @@ def _rows_times_weights(
     w_col_offsets,
     w_col_mask,
     w_k_stride,
-    # A is (BM, K), B is (K, NC); BK columns of K a step
-    BM: tl.constexpr,
-    NC: tl.constexpr,
-    BK: tl.constexpr,
+    # BK columns of K a step
+    BK,
     # the matmul dtype and tl.dot's input precision
-    DOT: tl.constexpr,
-    PREC: tl.constexpr,
+    DOT,
+    PREC,
 ):
-    """(BM, NC) fp32 = A @ B. The strides let one helper read W1, Wd and Wu (E, D, R) transposed in place."""
-    acc = tl.zeros((BM, NC), tl.float32)
+    """(BM, NC) fp32 = A @ B, A (BM, K) and B (K, NC) with BM rows and NC column offsets. The strides let one
+    helper read W1, Wd and Wu (E, D, R) transposed in place."""
+    acc = tl.zeros((rows.shape[0], w_col_offsets.shape[0]), tl.float32)
     for k0 in range(0, K, BK):
         offs_k = k0 + tl.arange(0, BK)
         k_mask = offs_k < K
@@ -90,8 +103,10 @@ def _rows_times_weights(
     return acc
 
 
-# N % 16 unspecialised, as the report compiles it
-@triton.jit(do_not_specialize=["N"])
+# -----------------------------------------------------------------------------
+# The forward
+# N % 16 unspecialised, as the report compiles it; top_k a runtime loop: one binary serves every top_k
+@triton.jit(do_not_specialize=["N", "top_k"])
 def _moa_fwd_kernel(
     # x (N, D); the gate W1 (H, D), b1 (H,), W2 (E, H), b2 (E,)
     x_ptr,
@@ -110,12 +125,12 @@ def _moa_fwd_kernel(
     N,
     D,
     temperature,
+    top_k,
     # shapes; EX is E rounded up to a power of 2
     H: tl.constexpr,
     E: tl.constexpr,
     R: tl.constexpr,
     EX: tl.constexpr,
-    TOP_K: tl.constexpr,
     # tiles: BM tokens per program, BK columns of D per step, BN output columns per step
     BM: tl.constexpr,
     BK: tl.constexpr,
@@ -138,20 +153,7 @@ def _moa_fwd_kernel(
 
     # 1. the gate MLP: u = x W1^T + b1, v = relu(u), logits = (v W2^T + b2) / temperature
     u = _rows_times_weights(
-        src_ptr=x_ptr,
-        src_stride=D,
-        rows=rows,
-        row_mask=row_mask,
-        K=D,
-        w_ptr=w1_ptr,
-        w_col_offsets=offs_h * D,
-        w_col_mask=offs_h < H,
-        w_k_stride=1,
-        BM=BM,
-        NC=H,
-        BK=BK,
-        DOT=DOT,
-        PREC=GATE_PREC,
+        x_ptr, D, rows, row_mask, D, w1_ptr, offs_h * D, offs_h < H, 1, BK, DOT, GATE_PREC
     )
     v = tl.maximum(u + tl.load(b1_ptr + offs_h).to(tl.float32)[None, :], 0.0)  # (BM, H)
     w2 = tl.load(w2_ptr + experts[None, :] * H + offs_h[:, None], mask=expert_mask[None, :], other=0.0)
@@ -159,16 +161,14 @@ def _moa_fwd_kernel(
     b2 = tl.load(b2_ptr + experts, mask=expert_mask, other=0.0).to(tl.float32)
     logits = (z + b2[None, :]) / temperature
 
-    # 2. top-k: TOP_K rounds of "row max, lowest column holding it" (ties go to the lower expert); softmax
-    keep = expert_mask[None, :]
-    if TOP_K < E:
-        remaining = tl.where(keep, logits, float("-inf"))
-        keep = experts[None, :] < 0
-        for _ in tl.static_range(TOP_K):
-            at_max = tl.where(remaining == tl.max(remaining, axis=1)[:, None], experts[None, :], 16)
-            chosen = experts[None, :] == tl.min(at_max, axis=1)[:, None]
-            keep = keep | chosen
-            remaining = tl.where(chosen, float("-inf"), remaining)
+    # 2. top-k: top_k rounds of "row max, lowest column holding it" (ties go to the lower expert); softmax
+    remaining = tl.where(expert_mask[None, :], logits, float("-inf"))
+    keep = tl.zeros((BM, 16), tl.int1)
+    for _ in range(top_k):
+        at_max = tl.where(remaining == tl.max(remaining, axis=1)[:, None], experts[None, :], 16)
+        chosen = experts[None, :] == tl.min(at_max, axis=1)[:, None]
+        keep = keep | chosen
+        remaining = tl.where(chosen, float("-inf"), remaining)
     kept = tl.where(keep, logits, float("-inf"))
     p = tl.exp(kept - tl.max(kept, axis=1)[:, None])  # 0 where dropped
     gates = tl.where(row_mask[:, None], p / tl.sum(p, axis=1)[:, None], 0.0)  # (BM, 16)
@@ -177,22 +177,7 @@ def _moa_fwd_kernel(
     )
 
     # 3. every expert's down-projection in one product (Wd is one (E*R, D) matrix), exact GELU, gate scaling
-    a = _rows_times_weights(
-        src_ptr=x_ptr,
-        src_stride=D,
-        rows=rows,
-        row_mask=row_mask,
-        K=D,
-        w_ptr=wd_ptr,
-        w_col_offsets=offs_c * D,
-        w_col_mask=col_mask,
-        w_k_stride=1,
-        BM=BM,
-        NC=EXPERT_COLS,
-        BK=BK,
-        DOT=DOT,
-        PREC=PREC,
-    )
+    a = _rows_times_weights(x_ptr, D, rows, row_mask, D, wd_ptr, offs_c * D, col_mask, 1, BK, DOT, PREC)
     a += tl.load(bd_ptr + offs_c, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     hidden = 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))  # (BM, EX*R)
     # each expert's gate on its R columns; static selects, since a reshape to (BM, E, R) spills registers
@@ -224,16 +209,20 @@ def _moa_fwd_kernel(
         tl.store(y_ptr + rows[:, None] * D + offs_n[None, :], x_tile.to(tl.float32) + acc, mask=y_mask)
 
 
-@triton.jit(do_not_specialize=["N"])
+# -----------------------------------------------------------------------------
+# Backward 1: dx and the per-token factors of the weight gradients, over token tiles
+@triton.jit(do_not_specialize=["N", "has_dgates"])
 def _moa_bwd_tokens(
     # x, dy (N, D); the gates and their gradient (N, E) fp32
     x_ptr,
     dy_ptr,
     gates_ptr,
     dgates_ptr,
+    # the 8 weights (b2 unused)
     w1_ptr,
     b1_ptr,
     w2_ptr,
+    b2_ptr,
     wd_ptr,
     bd_ptr,
     wu_ptr,
@@ -245,6 +234,8 @@ def _moa_bwd_tokens(
     N,
     D,
     temperature,
+    # 1 if the gates were used (dgates_ptr holds their gradient), else 0: a runtime flag, one binary for both
+    has_dgates,
     H: tl.constexpr,
     E: tl.constexpr,
     R: tl.constexpr,
@@ -254,7 +245,6 @@ def _moa_bwd_tokens(
     BK: tl.constexpr,
     KC: tl.constexpr,
     NS: tl.constexpr,
-    HAS_DG: tl.constexpr,
     DOT: tl.constexpr,
     PREC: tl.constexpr,
     GATE_PREC: tl.constexpr,
@@ -286,41 +276,13 @@ def _moa_bwd_tokens(
         offs_c = split * SPLIT_COLS + tl.arange(0, SPLIT_COLS)
         col_mask = offs_c < EXPERT_COLS
         col_expert = offs_c // R
-        a = _rows_times_weights(
-            src_ptr=x_ptr,
-            src_stride=D,
-            rows=rows,
-            row_mask=row_mask,
-            K=D,
-            w_ptr=wd_ptr,
-            w_col_offsets=offs_c * D,
-            w_col_mask=col_mask,
-            w_k_stride=1,
-            BM=BM,
-            NC=SPLIT_COLS,
-            BK=BK,
-            DOT=DOT,
-            PREC=PREC,
-        )
+        a = _rows_times_weights(x_ptr, D, rows, row_mask, D, wd_ptr, offs_c * D, col_mask, 1, BK, DOT, PREC)
         a += tl.load(bd_ptr + offs_c, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         cdf = 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476))
         hidden = a * cdf  # GELU
         gelu_slope = cdf + a * tl.exp(-0.5 * a * a) * 0.3989422804014327
         T = _rows_times_weights(
-            src_ptr=dy_ptr,
-            src_stride=D,
-            rows=rows,
-            row_mask=row_mask,
-            K=D,
-            w_ptr=wu_ptr,
-            w_col_offsets=col_expert * D * R + offs_c % R,
-            w_col_mask=col_mask,
-            w_k_stride=R,
-            BM=BM,
-            NC=SPLIT_COLS,
-            BK=BK,
-            DOT=DOT,
-            PREC=PREC,
+            dy_ptr, D, rows, row_mask, D, wu_ptr, col_expert * D * R + offs_c % R, col_mask, R, BK, DOT, PREC
         )
         T_times_hidden = T * hidden
         gate_on_col = tl.zeros((BM, SPLIT_COLS), tl.float32)
@@ -337,41 +299,15 @@ def _moa_bwd_tokens(
     # 3. dgate_e += <dy, bu_e>; the gates' own gradient; the softmax backward over the kept experts
     #    (dz = 0 off the top-k) and the temperature
     dgates += _rows_times_weights(
-        src_ptr=dy_ptr,
-        src_stride=D,
-        rows=rows,
-        row_mask=row_mask,
-        K=D,
-        w_ptr=bu_ptr,
-        w_col_offsets=experts * D,
-        w_col_mask=experts < E,
-        w_k_stride=1,
-        BM=BM,
-        NC=16,
-        BK=BK,
-        DOT=DOT,
-        PREC=PREC,
+        dy_ptr, D, rows, row_mask, D, bu_ptr, experts * D, experts < E, 1, BK, DOT, PREC
     )
-    if HAS_DG:
+    if has_dgates:
         dgates += tl.load(dgates_ptr + rows[:, None] * E + experts[None, :], mask=gate_mask, other=0.0)
     dz = gates * (dgates - tl.sum(gates * dgates, axis=1)[:, None]) / temperature  # (BM, 16)
 
     # 4. the gate MLP backward: u recomputed, dv = dz W2, du = dv where u > 0; P1 gets du, v and dz
     u = _rows_times_weights(
-        src_ptr=x_ptr,
-        src_stride=D,
-        rows=rows,
-        row_mask=row_mask,
-        K=D,
-        w_ptr=w1_ptr,
-        w_col_offsets=offs_h * D,
-        w_col_mask=offs_h < H,
-        w_k_stride=1,
-        BM=BM,
-        NC=H,
-        BK=BK,
-        DOT=DOT,
-        PREC=GATE_PREC,
+        x_ptr, D, rows, row_mask, D, w1_ptr, offs_h * D, offs_h < H, 1, BK, DOT, GATE_PREC
     )
     u += tl.load(b1_ptr + offs_h).to(tl.float32)[None, :]
     w2 = tl.load(w2_ptr + experts[:, None] * H + offs_h[None, :], mask=(experts < E)[:, None], other=0.0)
@@ -387,66 +323,41 @@ def _moa_bwd_tokens(
         offs_k = k0 + tl.arange(0, BK)
         k_mask = offs_k < D
         dx = _rows_times_weights(
-            src_ptr=p1_ptr,
-            src_stride=P1_WIDTH,
-            rows=rows,
-            row_mask=row_mask,
-            K=EXPERT_COLS,
-            w_ptr=wd_ptr,
-            w_col_offsets=offs_k,
-            w_col_mask=k_mask,
-            w_k_stride=D,
-            BM=BM,
-            NC=BK,
-            BK=KC,
-            DOT=DOT,
-            PREC=PREC,
+            p1_ptr, P1_WIDTH, rows, row_mask, EXPERT_COLS, wd_ptr, offs_k, k_mask, D, KC, DOT, PREC
         )
         dx += _rows_times_weights(
-            src_ptr=p1_ptr + EXPERT_COLS,
-            src_stride=P1_WIDTH,
-            rows=rows,
-            row_mask=row_mask,
-            K=H,
-            w_ptr=w1_ptr,
-            w_col_offsets=offs_k,
-            w_col_mask=k_mask,
-            w_k_stride=D,
-            BM=BM,
-            NC=BK,
-            BK=KC,
-            DOT=DOT,
-            PREC=PREC,
+            p1_ptr + EXPERT_COLS, P1_WIDTH, rows, row_mask, H, w1_ptr, offs_k, k_mask, D, KC, DOT, PREC
         )
         dx_mask = row_mask[:, None] & k_mask[None, :]
         dy_tile = tl.load(dy_ptr + rows[:, None] * D + offs_k[None, :], mask=dx_mask, other=0.0)
         tl.store(dx_ptr + rows[:, None] * D + offs_k[None, :], dy_tile.to(tl.float32) + dx, mask=dx_mask)
 
 
+# -----------------------------------------------------------------------------
+# Backward 2: the weight gradients. One token sum, and a helper per kind of gradient tile (as Triton tutorial
+# 06 splits its backward into _attn_bwd_dkdv and _attn_bwd_dq)
 @triton.jit
 def _sum_over_tokens(
+    # A[:, a_cols] (BT, BW) a tile: rows a_stride apart, a_width valid columns
     a_ptr,
     a_stride,
     a_cols,
-    # A[:, a_cols] (BT, BW) a tile, a_width valid columns
     a_width,
+    # B[:, b_cols] (BT, BD) a tile
     b_ptr,
     b_stride,
     b_cols,
-    # B[:, b_cols] (BT, BD) a tile
     b_width,
-    t_lo,
     # the tokens summed, the last tile first
+    t_lo,
     t_hi,
-    BW: tl.constexpr,
-    BD: tl.constexpr,
-    BT: tl.constexpr,
-    DOT: tl.constexpr,
-    PREC: tl.constexpr,
+    BT,
+    DOT,
+    PREC,
 ):
     """A[t_lo:t_hi, a_cols]^T B[t_lo:t_hi, b_cols] (BW, BD) and A's column sums over those tokens."""
-    acc = tl.zeros((BW, BD), tl.float32)
-    col_sums = tl.zeros((BW,), tl.float32)
+    acc = tl.zeros((a_cols.shape[0], b_cols.shape[0]), tl.float32)
+    col_sums = tl.zeros((a_cols.shape[0],), tl.float32)
     num_tiles = tl.cdiv(t_hi - t_lo, BT)
     for i in range(0, num_tiles):
         tokens = (t_lo + (num_tiles - 1 - i) * BT + tl.arange(0, BT)).to(tl.int64)
@@ -464,6 +375,113 @@ def _sum_over_tokens(
         acc = tl.dot(tl.trans(a.to(DOT)), b.to(DOT), acc, input_precision=PREC)
         col_sums += tl.sum(a.to(tl.float32), axis=0)
     return acc, col_sums
+
+
+@triton.jit
+def _bwd_down_tile(
+    tile,
+    x_ptr,
+    p1_ptr,
+    # this chunk's copies of dWd, dbd, dW1, db1
+    gwd_ptr,
+    gbd_ptr,
+    gw1_ptr,
+    gb1_ptr,
+    D,
+    t_lo,
+    t_hi,
+    H,
+    E,
+    R,
+    BW,
+    BD,
+    BT,
+    DOT,
+    PREC,
+):
+    """[dWd; dW1] (E*R + H, D) = [da | du]^T x, P1's first E*R + H columns against x; dbd, db1: the column
+    sums of da, du. Rows c = e * R + r of Wd, then the rows of W1."""
+    EXPERT_COLS: tl.constexpr = E * R
+    col_tiles = tl.cdiv(D, BD)
+    rows = tile // col_tiles * BW + tl.arange(0, BW)
+    cols = tile % col_tiles * BD + tl.arange(0, BD)
+    acc, col_sums = _sum_over_tokens(
+        p1_ptr, EXPERT_COLS + 2 * H + 16, rows, EXPERT_COLS + H, x_ptr, D, cols, D, t_lo, t_hi, BT, DOT, PREC
+    )
+    is_expert = rows < EXPERT_COLS
+    out = tl.where(is_expert, gwd_ptr + rows * D, gw1_ptr + (rows - EXPERT_COLS) * D)
+    out_mask = rows < EXPERT_COLS + H
+    tl.store(out[:, None] + cols[None, :], acc, mask=out_mask[:, None] & (cols < D)[None, :])
+    # the first column tile also stores the biases' gradients
+    if tile % col_tiles == 0:
+        tl.store(tl.where(is_expert, gbd_ptr + rows, gb1_ptr + rows - EXPERT_COLS), col_sums, mask=out_mask)
+
+
+@triton.jit
+def _bwd_up_tile(
+    tile,
+    dy_ptr,
+    p2_ptr,
+    # this chunk's copies of dWu, dbu
+    gwu_ptr,
+    gbu_ptr,
+    D,
+    t_lo,
+    t_hi,
+    E,
+    R,
+    BW,
+    BD,
+    BT,
+    DOT,
+    PREC,
+):
+    """[dWu; dbu] (E*R + E, D) = [g h | g]^T dy, all of P2 against dy. Rows c = e * R + r of Wu, then the rows
+    of bu; Wu is (E, D, R): its d runs with stride R."""
+    EXPERT_COLS: tl.constexpr = E * R
+    col_tiles = tl.cdiv(D, BD)
+    rows = tile // col_tiles * BW + tl.arange(0, BW)
+    cols = tile % col_tiles * BD + tl.arange(0, BD)
+    acc, _ = _sum_over_tokens(
+        p2_ptr, EXPERT_COLS + 16, rows, EXPERT_COLS + E, dy_ptr, D, cols, D, t_lo, t_hi, BT, DOT, PREC
+    )
+    is_expert = rows < EXPERT_COLS
+    out = tl.where(is_expert, gwu_ptr + rows // R * D * R + rows % R, gbu_ptr + (rows - EXPERT_COLS) * D)
+    col_step = tl.where(is_expert, R, 1)
+    out_mask = (rows < EXPERT_COLS + E)[:, None] & (cols < D)[None, :]
+    tl.store(out[:, None] + cols[None, :] * col_step[:, None], acc, mask=out_mask)
+
+
+@triton.jit
+def _bwd_w2_tile(
+    tile,
+    p1_ptr,
+    # this chunk's copies of dW2, db2
+    gw2_ptr,
+    gb2_ptr,
+    t_lo,
+    t_hi,
+    H,
+    E,
+    R,
+    BW,
+    BD,
+    BT,
+    DOT,
+    PREC,
+):
+    """dW2 (E, H) = dz^T v, P1's dz columns against its v columns; db2: the column sums of dz. E <= 16 <= BW:
+    one row block."""
+    P1_WIDTH: tl.constexpr = E * R + 2 * H + 16
+    rows = tl.arange(0, BW)
+    cols = tile * BD + tl.arange(0, BD)
+    dz_ptr = p1_ptr + E * R + 2 * H
+    acc, col_sums = _sum_over_tokens(
+        dz_ptr, P1_WIDTH, rows, E, p1_ptr + E * R + H, P1_WIDTH, cols, H, t_lo, t_hi, BT, DOT, PREC
+    )
+    tl.store(gw2_ptr + rows[:, None] * H + cols[None, :], acc, mask=(rows < E)[:, None] & (cols < H)[None, :])
+    if tile == 0:
+        tl.store(gb2_ptr + rows, col_sums, mask=rows < E)
 
 
 @triton.jit(do_not_specialize=["N", "num_down_tiles", "num_up_tiles", "copy_stride"])
@@ -501,105 +519,70 @@ def _moa_bwd_weights(
     GATE_PREC: tl.constexpr,
 ):
     """Backward 2: the weight gradients, one program per (gradient tile, chunk of CHUNK tokens). Programs
-    [0, num_down_tiles) do [dWd; dW1] = [da | du]^T x, the next num_up_tiles [dWu; dbu] = [g h | g]^T dy,
-    the rest dW2 = dz^T v. Each sums its chunk in one fixed order: bitwise reproducible, no atomics."""
-    EXPERT_COLS: tl.constexpr = E * R
-    P1_WIDTH: tl.constexpr = E * R + 2 * H + 16
-    P2_WIDTH: tl.constexpr = E * R + 16
+    [0, num_down_tiles) do [dWd; dW1], the next num_up_tiles [dWu; dbu], the rest dW2. Each sums its chunk in
+    one fixed order: bitwise reproducible, no atomics."""
     pid = tl.program_id(0)
-    col_tiles = tl.cdiv(D, BD)
     # the chunks run last first: the token kernel ended on the last tokens (still in L2)
     t_lo = (tl.num_programs(1) - 1 - tl.program_id(1)) * CHUNK
     t_hi = tl.minimum(N, t_lo + CHUNK)
     # where this chunk's copy of the gradients starts
     copy = tl.program_id(1).to(tl.int64) * copy_stride
-
     if pid < num_down_tiles:
-        # 1. [dWd; dW1] (E*R + H, D) = [da | du]^T x; dbd, db1: the column sums of da, du
-        rows = pid // col_tiles * BW + tl.arange(0, BW)
-        cols = pid % col_tiles * BD + tl.arange(0, BD)
-        acc, col_sums = _sum_over_tokens(
-            a_ptr=p1_ptr,
-            a_stride=P1_WIDTH,
-            a_cols=rows,
-            a_width=EXPERT_COLS + H,
-            b_ptr=x_ptr,
-            b_stride=D,
-            b_cols=cols,
-            b_width=D,
-            t_lo=t_lo,
-            t_hi=t_hi,
-            BW=BW,
-            BD=BD,
-            BT=BT,
-            DOT=DOT,
-            PREC=PREC,
+        _bwd_down_tile(
+            pid,
+            x_ptr,
+            p1_ptr,
+            gwd_ptr + copy,
+            gbd_ptr + copy,
+            gw1_ptr + copy,
+            gb1_ptr + copy,
+            D,
+            t_lo,
+            t_hi,
+            H,
+            E,
+            R,
+            BW,
+            BD,
+            BT,
+            DOT,
+            PREC,
         )
-        # rows c = e * R + r of Wd, then the rows of W1
-        is_expert = rows < EXPERT_COLS
-        out = tl.where(is_expert, gwd_ptr + rows * D, gw1_ptr + (rows - EXPERT_COLS) * D)
-        out_mask = rows < EXPERT_COLS + H
-        tl.store((out + copy)[:, None] + cols[None, :], acc, mask=out_mask[:, None] & (cols < D)[None, :])
-        # the first column tile also stores the biases' gradients
-        if pid % col_tiles == 0:
-            bias = tl.where(is_expert, gbd_ptr + rows, gb1_ptr + rows - EXPERT_COLS)
-            tl.store(bias + copy, col_sums, mask=out_mask)
     elif pid < num_down_tiles + num_up_tiles:
-        # 2. [dWu; dbu] (E*R + E, D) = [g h | g]^T dy; Wu is (E, D, R): its d runs with stride R
-        tile = pid - num_down_tiles
-        rows = tile // col_tiles * BW + tl.arange(0, BW)
-        cols = tile % col_tiles * BD + tl.arange(0, BD)
-        acc, col_sums = _sum_over_tokens(
-            a_ptr=p2_ptr,
-            a_stride=P2_WIDTH,
-            a_cols=rows,
-            a_width=EXPERT_COLS + E,
-            b_ptr=dy_ptr,
-            b_stride=D,
-            b_cols=cols,
-            b_width=D,
-            t_lo=t_lo,
-            t_hi=t_hi,
-            BW=BW,
-            BD=BD,
-            BT=BT,
-            DOT=DOT,
-            PREC=PREC,
+        _bwd_up_tile(
+            pid - num_down_tiles,
+            dy_ptr,
+            p2_ptr,
+            gwu_ptr + copy,
+            gbu_ptr + copy,
+            D,
+            t_lo,
+            t_hi,
+            E,
+            R,
+            BW,
+            BD,
+            BT,
+            DOT,
+            PREC,
         )
-        # rows c = e * R + r of Wu, then the rows of bu
-        is_expert = rows < EXPERT_COLS
-        out = tl.where(is_expert, gwu_ptr + rows // R * D * R + rows % R, gbu_ptr + (rows - EXPERT_COLS) * D)
-        col_step = tl.where(is_expert, R, 1)
-        out_mask = (rows < EXPERT_COLS + E)[:, None] & (cols < D)[None, :]
-        tl.store((out + copy)[:, None] + cols[None, :] * col_step[:, None], acc, mask=out_mask)
     else:
-        # 3. dW2 (E, H) = dz^T v, db2 = the column sums of dz; E <= 16 <= BW: one row block
-        rows = tl.arange(0, BW)
-        cols = (pid - num_down_tiles - num_up_tiles) * BD + tl.arange(0, BD)
-        acc, col_sums = _sum_over_tokens(
-            a_ptr=p1_ptr + EXPERT_COLS + 2 * H,
-            a_stride=P1_WIDTH,
-            a_cols=rows,
-            a_width=E,
-            b_ptr=p1_ptr + EXPERT_COLS + H,
-            b_stride=P1_WIDTH,
-            b_cols=cols,
-            b_width=H,
-            t_lo=t_lo,
-            t_hi=t_hi,
-            BW=BW,
-            BD=BD,
-            BT=BT,
-            DOT=DOT,
-            PREC=PREC,
+        _bwd_w2_tile(
+            pid - num_down_tiles - num_up_tiles,
+            p1_ptr,
+            gw2_ptr + copy,
+            gb2_ptr + copy,
+            t_lo,
+            t_hi,
+            H,
+            E,
+            R,
+            BW,
+            BD,
+            BT,
+            DOT,
+            PREC,
         )
-        tl.store(
-            gw2_ptr + copy + rows[:, None] * H + cols[None, :],
-            acc,
-            mask=(rows < E)[:, None] & (cols < H)[None, :],
-        )
-        if pid == num_down_tiles + num_up_tiles:  # the first column tile
-            tl.store(gb2_ptr + copy + rows, col_sums, mask=rows < E)
 
 
 # -----------------------------------------------------------------------------
@@ -626,14 +609,13 @@ def smem_class(arch, smem):
 
 # called on every forward: pure, so computed once per shape and GPU
 @functools.lru_cache(maxsize=None)
-def launch_params(arch, smem, dot, xdt, wdt, D, H, E, R):
+def launch_params(arch, smem, dot, D, H, E, R):
     """{kernel: (constexprs, num_warps, num_stages)} for a GPU of compute capability `arch` (86 for
     sm_86) with `smem` bytes of opt-in shared memory per block; arch None is the interpreter. dot: the matmul
-    dtype; xdt, wdt: x's and the weights'. NotSupported when nothing fits. Tiles: docs/kernel.md."""
+    dtype (x and the weights are fp32). NotSupported when nothing fits. Tiles: docs/kernel.md."""
     EX = triton.next_power_of_2(E)
     expert_cols = EX * R
     half = dot != torch.float32
-    wide = max(torch.finfo(xdt).bits, torch.finfo(wdt).bits) // 8  # bytes per loaded element
     # the interpreter: no warps, stages or shared memory; the largest class's tiles
     if arch is None:
         limit = SMEM_CLASSES[0]
@@ -652,7 +634,7 @@ def launch_params(arch, smem, dot, xdt, wdt, D, H, E, R):
         PREC=precision,
         GATE_PREC="tf32x3" if precision == "tf32" else precision,
     )
-    fwd = _forward_tiles(limit, half, wide, expert_cols)
+    fwd = _forward_tiles(limit, half, expert_cols)
     if fwd is None:
         raise NotSupported(
             f"no forward tiles fit {smem:,} bytes of shared memory at E = {E}, R = {R} "
@@ -660,55 +642,59 @@ def launch_params(arch, smem, dot, xdt, wdt, D, H, E, R):
         )
     tiles, warps, stages = fwd
     forward = (dict(common, **tiles), warps, stages)
-    # Turing: tl.dot runs on the FMA units there (no mma), narrow steps and 8 warps
-    if limit == 65536:
-        token_tiles = dict(common, BM=16, BK=32, KC=32, NS=triton.cdiv(expert_cols, 64))
-        weight_tiles = dict(common, BW=64, BD=64, BT=32, CHUNK=4096)
-        # (at E R = 128, 8 warps spilled 4-8 bytes in the token kernel: ptxas capped them at 64 registers)
-        token_warps = 4 if expert_cols == 128 else 8
-        return {
-            "fwd": forward,
-            "bwd_tokens": (token_tiles, token_warps, 1),
-            "bwd_weights": (weight_tiles, 8, 2),
-        }
-    # 16-bit, E R <= 256: 4 warps, expert splits of 64 columns (or one expert)
-    few = half and expert_cols <= 256
-    split_cols = max(R, 64) if few else 256
-    # BK 32 for wide loads, and for fp32 matmuls at E R = 128 (BK 64: 255 registers, 20 B spilled on sm_120)
-    narrow = expert_cols * wide > 1024 or (not half and expert_cols == 128)
-    token_tiles = dict(common, BM=16, BK=32 if narrow else 64, KC=64, NS=triton.cdiv(expert_cols, split_cols))
-    weight_tiles = dict(common, BW=64, BD=64, BT=64 if wide == 2 or half else 32, CHUNK=4096)
-    # the weight kernel on sm_80: 4 stages (3 spilled 4 B in 16-bit), 8 warps for fp32 (4 spilled 24 B)
-    weight_warps = 8 if limit == 166912 and not half else 4
-    return {
-        "fwd": forward,
-        "bwd_tokens": (token_tiles, 4 if few else 8, 2),
-        "bwd_weights": (weight_tiles, weight_warps, 4 if limit >= 166912 else 3),
-    }
+    # Turing: tl.dot runs on the FMA units there (no mma), narrow steps and 8 warps (4 at E R = 128)
+    if limit == SMEM_T4:
+        # expert splits of 64 columns, or one expert
+        token_tiles = dict(common, BM=16, BK=32, KC=32, NS=triton.cdiv(expert_cols, max(R, 64)))
+        tokens = (token_tiles, 4 if expert_cols == 128 else 8, 1)
+        weights = (dict(common, BW=64, BD=64, BT=32, CHUNK=4096), 8, 2)
+    else:
+        # 16-bit, E R <= 256: expert splits of 64 columns (or one expert), 4 warps up to E = 8; else 8 warps,
+        # splits of 256
+        few = half and expert_cols <= 256
+        # BK 32 above E R = 256, and for fp32 matmuls at E R = 128 (BK 64 spills there)
+        narrow = expert_cols > 256 or (not half and expert_cols == 128)
+        split_cols = max(R, 64) if few else 256
+        # .maxnreg 255 where ptxas would otherwise cap a 4-warp backward kernel at 128 or 168 registers and spill
+        free = {"maxnreg": 255}
+        token_tiles = dict(
+            common, BM=16, BK=32 if narrow else 64, KC=64, NS=triton.cdiv(expert_cols, split_cols)
+        )
+        tokens = (dict(token_tiles, **free), 4, 2) if few and EX <= 8 else (token_tiles, 8, 2)
+        # the weight kernel: 8 warps for fp32 on the A100 and 99 KB classes, else 4 (free on the 99 KB class)
+        weight_tiles = dict(common, BW=64, BD=64, BT=64 if half else 32, CHUNK=4096)
+        weights = (
+            dict(weight_tiles, **free) if limit == SMEM_RTX and half else weight_tiles,
+            8 if limit in (SMEM_A100, SMEM_RTX) and not half else 4,
+            4 if limit >= SMEM_A100 else 3,
+        )
+    # each split of the expert columns holds whole experts: the token kernel's per-split expert loop needs it
+    assert EX % token_tiles["NS"] == 0, f"{token_tiles['NS']} splits of {EX} experts"
+    return {"fwd": forward, "bwd_tokens": tokens, "bwd_weights": weights}
 
 
-def _forward_tiles(limit, half, wide, expert_cols):
+def _forward_tiles(limit, half, expert_cols):
     """(tiles, warps, stages) of the forward for a shared-memory class; None if none fits. The forward
     holds a (BK, E*R) slice of Wd, then an (E*R, BN) slice of Wu, per pipeline stage (the compile report
     measures what it needs)."""
     # Turing (FMA matmuls): one stage, the smallest tiles; fp32 at E R = 128: 4 warps
-    if limit == 65536:
+    if limit == SMEM_T4:
         warps = 4 if expert_cols == 128 and not half else 8
         return None if expert_cols > 256 else (dict(BM=16, BK=16, BN=16), warps, 1)
     if expert_cols <= 256 and half:
-        stages = 3 if limit == 232448 else 2
-        return dict(BM=64, BK=64, BN=64 if expert_cols * wide <= 512 else 32), 8, stages
-    if expert_cols <= 512 and limit >= 166912:
-        stages = 3 if limit == 232448 and half else 2
-        return dict(BM=32, BK=64 if wide == 2 or expert_cols <= 256 else 32, BN=32), 8, stages
+        stages = 3 if limit == SMEM_H100 else 2
+        return dict(BM=64, BK=64, BN=64 if expert_cols <= 128 else 32), 8, stages
+    if expert_cols <= 512 and limit >= SMEM_A100:
+        stages = 3 if limit == SMEM_H100 and half else 2
+        return dict(BM=32, BK=64 if expert_cols <= 256 else 32, BN=32), 8, stages
     # fp32, E R <= 256, 99 KB class
     if expert_cols <= 256:
         return dict(BM=32, BK=64, BN=32), 8, 2
     # E R = 512, 99 KB class: narrower up-projection steps
     if expert_cols <= 512:
         return dict(BM=32 if half else 16, BK=32, BN=16), 8, 2
-    # E R = 1024 (BK 32 spilled 24 bytes on sm_80 under triton 3.8)
-    if half or limit >= 166912:
+    # E R = 1024: the narrowest tiles (wider ones spill)
+    if half or limit >= SMEM_A100:
         return dict(BM=16, BK=16, BN=16), 8, 2
     # fp32 at E R = 1024 holds two (16, 1024) fp32 tiles: more than 99 KB
     return None
@@ -742,26 +728,36 @@ def device_guard(t):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def params_for(x, w_dtype, D, H, E, R):
-    """(the matmul dtype, launch_params) of a call on x's device, autocast included."""
+def params_for(x, D, H, E, R):
+    """(the matmul dtype, launch_params) of a call on x's device, autocast included. On a GPU, NotSupported for a
+    shape the compile report does not compile."""
     dot = x.dtype if x.is_cuda else torch.float32  # the interpreter computes in fp32
     if x.is_cuda and x.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
         dot = torch.get_autocast_dtype("cuda")
     if not x.is_cuda:
-        return dot, launch_params(None, None, dot, x.dtype, w_dtype, D, H, E, R)
+        return dot, launch_params(None, None, dot, D, H, E, R)
+    if E not in GPU_EXPERTS or H != GPU_GATE_HIDDEN:
+        raise NotSupported(
+            f"E = {E}, H = {H}: on a GPU the kernel runs what its compile report checks, "
+            f"E in {GPU_EXPERTS} and H = {GPU_GATE_HIDDEN}"
+        )
     arch, smem = device_limits(x.device.index)
-    return dot, launch_params(arch, smem, dot, x.dtype, w_dtype, D, H, E, R)
+    return dot, launch_params(arch, smem, dot, D, H, E, R)
+
+
+# the calls, by (device, dtypes, D, H, E, R), whose backward kernels are compiled and loaded
+BACKWARD_LOADED = set()
 
 
 class FusedMoA(torch.autograd.Function):
     """Saves x, the gates and the weights; the backward recomputes the rest."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, wd, bd, wu, bu, top_k, temperature, dot, params):
-        weights = [_aligned(t) for t in (w1, b1, w2, b2, wd, bd, wu, bu)]
+    def forward(ctx, x, top_k, temperature, dot, params, *weights):
+        weights = [_aligned(t) for t in weights]
         x2 = _aligned(x.reshape(-1, x.shape[-1]))  # (N, D)
         N, D = x2.shape
-        E = w2.shape[0]
+        E = len(weights[3])  # b2
         y = _new((N, D), x2)
         gates = _new((N, E), x2, torch.float32)
         meta, warps, stages = params["fwd"]
@@ -774,7 +770,7 @@ class FusedMoA(torch.autograd.Function):
                 N,
                 D,
                 temperature,
-                TOP_K=top_k,
+                top_k,
                 num_warps=warps,
                 num_stages=stages,
                 **meta,
@@ -793,10 +789,9 @@ class FusedMoA(torch.autograd.Function):
     # dgates is None unless the gates were used
     def backward(ctx, dy, dgates):
         x, gates, *weights = ctx.saved_tensors
-        w1, b1, w2, _, wd, bd, wu, bu = weights  # (the token kernel has no use for b2)
         N, D = x.shape
-        E, H = w2.shape
-        R = wd.shape[1]
+        E, R = weights[5].shape  # bd
+        H = len(weights[1])
         dx = _new((N, D), x)
         dy = torch.zeros_like(x) if dy is None else _aligned(dy.reshape(N, D))
         # [da | du | v | dz] in the matmul dtype
@@ -818,20 +813,14 @@ class FusedMoA(torch.autograd.Function):
                 dy,
                 gates,
                 dgates_in,
-                w1,
-                b1,
-                w2,
-                wd,
-                bd,
-                wu,
-                bu,
+                *weights,
                 dx,
                 p1,
                 p2,
                 N,
                 D,
                 ctx.temperature,
-                HAS_DG=dgates is not None,
+                int(dgates is not None),
                 num_warps=tok_warps,
                 num_stages=tok_stages,
                 **tok_meta,
@@ -854,9 +843,8 @@ class FusedMoA(torch.autograd.Function):
         # the chunks' copies summed in a fixed order (no atomics): reproducible; one chunk: nothing to sum
         if chunks > 1:
             flat = flat.sum(0, keepdim=True)
-        flat = flat.to(w1.dtype)  # fp32 weights: no op
         grads = [v[:n].view(t.shape) for v, n, t in zip(flat[0].split(padded), sizes, weights)]
-        return dx.reshape(ctx.x_shape), *grads, None, None, None, None
+        return dx.reshape(ctx.x_shape), None, None, None, None, *grads
 
 
 def _check_shapes(x, gate_w1, gate_w2, down_w, weights):
@@ -869,7 +857,7 @@ def _check_shapes(x, gate_w1, gate_w2, down_w, weights):
     if (
         D == 0
         or D % 16
-        or not {H, R} <= {16, 32, 64, 128}
+        or not {H, R} <= set(WIDTHS)
         or not 1 <= E <= 16
         or triton.next_power_of_2(E) * R > 1024
     ):
@@ -883,6 +871,9 @@ def _check_shapes(x, gate_w1, gate_w2, down_w, weights):
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
         if t.dtype != gate_w1.dtype or t.dtype not in (x.dtype, torch.float32):
             raise ValueError(f"{name}.dtype is {t.dtype}: the weights need one dtype, x's or fp32")
+        # the kernels would read it with x's GPU's pointers
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}: the weights must be on x's device")
     return D, H, E, R
 
 
@@ -902,6 +893,15 @@ def check_temperature(temperature):
     return float(temperature)
 
 
+def check_auto(x):
+    """NotSupported where --moa-impl auto prefers the PyTorch MoA though the kernel runs: below AUTO_MIN_ARCH."""
+    if x.is_cuda and device_limits(x.device.index)[0] < AUTO_MIN_ARCH:
+        raise NotSupported(
+            f"below sm_{AUTO_MIN_ARCH} tl.dot runs on the FMA units, unmeasured against PyTorch's tensor cores; "
+            "--moa-impl triton runs it"
+        )
+
+
 def fused_moa(x, gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b, top_k, temperature):
     """moa.moa_reference's signature and semantics, differentiable in x and the 8 weights: returns
     (y like x, gates (..., E) fp32). A ValueError names the first bad argument; NotSupported (a ValueError)
@@ -915,7 +915,7 @@ def fused_moa(x, gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b,
     temperature = check_temperature(temperature)
     if not x.is_cuda and not INTERPRET:
         raise ValueError("CPU tensors need TRITON_INTERPRET=1 set before importing kernels/")
-    dot, params = params_for(x, gate_w1.dtype, D, H, E, R)
+    dot, params = params_for(x, D, H, E, R)
     N = x.numel() // D
     chunk = params["bwd_weights"][0]["CHUNK"]
     if math.ceil(N / chunk) > GRID_Y_MAX:
@@ -924,19 +924,17 @@ def fused_moa(x, gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b,
             f"{math.ceil(N / chunk):,} chunks of {chunk}, more than CUDA's {GRID_Y_MAX:,} "
             f"(at most {GRID_Y_MAX * chunk:,} tokens)"
         )
-    return FusedMoA.apply(x, *weights, top_k, temperature, dot, params)
-
-
-# the old spelling, `python -m kernels.fused_moa --compile-report ...`: an alias
-if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1:2] != ["--compile-report"]:
-        print(
-            "usage: python -m kernels.fused_moa --compile-report [the flags of python -m kernels.report]\n"
-            "error: need --compile-report",
-            file=sys.stderr,
-        )
-        sys.exit(2)
-    # a new process runs the report, so this module never imports it (report.py imports this one)
-    os.execv(sys.executable, [sys.executable, "-m", "kernels.report", *sys.argv[2:]])
+    # the kernels read x and the weights in fp32, as moa.MoA passes them (its fp32 stream and master weights):
+    # half ones are cast (the matmuls stay in the dot dtype), and autograd casts their gradients back
+    x_in = x.float()
+    weights = [t.float() for t in weights]
+    key = (x.device, dot, D, H, E, R)
+    if key not in BACKWARD_LOADED and torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights)):
+        # the first call that may need a backward runs one on no tokens first: triton compiles and loads a
+        # kernel at its first launch, even one of no programs or tokens, so a compiler, ptxas or shared-memory
+        # failure of the backward raises here, where --moa-impl auto still falls back, not in loss.backward()
+        x0 = x_in.reshape(-1, D)[:0].detach().requires_grad_()
+        torch.autograd.grad(FusedMoA.apply(x0, top_k, temperature, dot, params, *weights)[0].sum(), x0)
+        BACKWARD_LOADED.add(key)
+    y, gates = FusedMoA.apply(x_in, top_k, temperature, dot, params, *weights)
+    return y.to(x.dtype), gates

@@ -2,22 +2,24 @@
 The compile report: proof without a GPU that the kernels fit each GPU class they launch on. Run
 
     python -m kernels.report [--arch 75,80,86,89,90,120] [--dtype bf16,fp16,fp32] [--experts 1,2,4,8,16]
+                             [--bottleneck 16,32,64,128] [--jobs 2]
 
-with TRITON_INTERPRET unset (the full matrix: about 10 minutes on 2 cores). For each compute capability it
-takes that GPU class's shared memory per block (SMEM_LIMIT), asks fused_moa.launch_params for the tiles the
-wrapper would launch there, compiles each kernel with triton for that target, and prints `ptxas -v`'s
+with TRITON_INTERPRET unset (the full matrix: about 50 minutes on 2 busy cores with --jobs 4). For each
+compute capability it takes that GPU class's shared memory per block (SMEM_LIMIT), asks
+fused_moa.launch_params for the tiles the wrapper would launch there, compiles each kernel with triton for that target, and prints `ptxas -v`'s
 registers, spill bytes and the shared memory, one JSON line per kernel (or the reason the wrapper refuses:
 "unsupported"). Then a summary per architecture and the modelled HBM traffic against the floor.
+The full matrix is everything the wrapper launches on a GPU: every E in fm.GPU_EXPERTS, every R it accepts,
+H = fm.GPU_GATE_HIDDEN, each matmul dtype; x and the weights are fp32 in every launch (the wrapper casts half
+ones); D, N, top_k and whether the gates have a gradient are runtime arguments of one binary.
 It compiles what launches: every pointer 16-byte aligned and D a multiple of 16 (the wrapper guarantees both),
-N and the grid sizes unspecialised (the kernels say do_not_specialize), HAS_DG False (moa.MoA detaches the
-gates); x and the weights fp32 as moa.MoA passes them (--x matmul: in the matmul dtype, as a direct caller
-may).
+N, top_k, the flags and the grid sizes unspecialised (the kernels say do_not_specialize).
 """
 
 import argparse
-import functools
 import itertools
 import json
+import multiprocessing
 import pathlib
 import re
 import subprocess
@@ -32,13 +34,27 @@ from kernels import fused_moa as fm
 
 # opt-in shared memory per block of each GPU class the report covers: T4; A100; RTX 30xx, A6000 (sm_86);
 # RTX 40xx, L4, L40 (sm_89); H100/H200; RTX 50xx (sm_120)
-SMEM_LIMIT = {75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448, 120: 101376}
+SMEM_LIMIT = {
+    75: fm.SMEM_T4,
+    80: fm.SMEM_A100,
+    86: fm.SMEM_RTX,
+    89: fm.SMEM_RTX,
+    90: fm.SMEM_H100,
+    120: fm.SMEM_RTX,
+}
 BIN = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"  # ptxas, cuobjdump
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KERNELS = {"fwd": fm._moa_fwd_kernel, "bwd_tokens": fm._moa_bwd_tokens, "bwd_weights": fm._moa_bwd_weights}
 # the launch parameters in the JSON lines
-TILES = ("BM", "BK", "BN", "KC", "NS", "BW", "BD", "BT")
-D, R, H = 768, 64, 128
+TILES = ("BM", "BK", "BN", "KC", "NS", "BW", "BD", "BT", "maxnreg")
+# the flags: the values each may take (all of them by default), and its help
+CHOICES = {
+    "arch": (tuple(SMEM_LIMIT), "compute capabilities: 75 T4, 80 A100, 86/89 RTX 30/40, 90 H100, 120 RTX 50"),
+    "dtype": (tuple(DTYPES), "matmul dtypes"),
+    "experts": (fm.GPU_EXPERTS, "expert counts E"),
+    "bottleneck": (fm.WIDTHS, "expert ranks R"),
+}
+D, H = 768, fm.GPU_GATE_HIDDEN
 
 
 def ptxas_for(arch):
@@ -73,7 +89,7 @@ def ptxas_v(ptx, cubin, arch):
     raise RuntimeError(f"ptxas -v and triton {triton.__version__}'s sm_{arch} binary disagree: {usage}")
 
 
-def signature(fn, consts, dot, xw):
+def signature(fn, consts, dot):
     """triton.compile's signature, constants and attributes for the kernel as the wrapper launches it."""
     sig = {}
     constexprs = {}
@@ -83,14 +99,8 @@ def signature(fn, consts, dot, xw):
             sig[name] = "constexpr"
             constexprs[(i,)] = consts[name]
         elif name.endswith("_ptr"):  # 16-byte aligned as launched
-            if name.startswith("p"):  # P1, P2: the matmul dtype
-                dtype = dot
-            # the gates, their gradient, the weight gradients: fp32
-            elif name.startswith(("g", "dg")):
-                dtype = torch.float32
-            else:
-                dtype = xw
-            sig[name] = f"*{fm.TL[dtype]}"
+            # P1, P2 in the matmul dtype; x, dy, dx, the weights, the gates and every gradient fp32
+            sig[name] = f"*{fm.TL[dot if name.startswith('p') else torch.float32]}"
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name == "temperature":
             sig[name] = "fp32"
@@ -101,28 +111,31 @@ def signature(fn, consts, dot, xw):
     return sig, constexprs, attrs
 
 
-# the backward does not depend on top_k: compiled once per E
-@functools.lru_cache(maxsize=None)
-def compile_one(kernel, arch, dot, E, top_k, xw=torch.float32):
-    """A kernel compiled for sm_<arch> at its launch parameters there: registers, spills, smem, tiles; or
-    {"unsupported": why} where the wrapper would refuse the call (moa.MoA's auto then runs PyTorch)."""
+def compile_one(config):
+    """The JSON row of a kernel at config = (arch, dtype, E, R, kernel), compiled for sm_<arch> at its launch
+    parameters there: registers, spills, smem, tiles; or "unsupported" with the reason the wrapper would refuse
+    the call (moa.MoA's auto then runs PyTorch)."""
+    arch, dtype, E, R, kernel = config
+    row = dict(kernel=kernel, arch=arch, dtype=dtype, E=E, R=R, smem_limit=SMEM_LIMIT[arch])
+    dot = DTYPES[dtype]
     try:
-        params = fm.launch_params(arch, SMEM_LIMIT[arch], dot, xw, xw, D, H, E, R)
+        params = fm.launch_params(arch, SMEM_LIMIT[arch], dot, D, H, E, R)
     except fm.NotSupported as e:
-        return {"unsupported": str(e)}
+        return dict(row, unsupported=str(e))
     meta, warps, stages = params[kernel]
     fn = KERNELS[kernel]
-    sig, constexprs, attrs = signature(fn, dict(meta, TOP_K=top_k, HAS_DG=False), dot, xw)
+    sig, constexprs, attrs = signature(fn, meta, dot)
     binary = triton.compile(
         ASTSource(fn, sig, constexprs, attrs),
         target=GPUTarget("cuda", arch, 32),
-        options=dict(num_warps=warps, num_stages=stages),
+        options=dict(num_warps=warps, num_stages=stages, maxnreg=meta.get("maxnreg")),
     )
     regs, spill = ptxas_v(binary.asm["ptx"], binary.asm["cubin"], arch)
     tiles = {k: v for k, v in meta.items() if k in TILES}
     # mma.sync or wgmma; Turing's tl.dot runs on the FMA units
     tensor_cores = "mma" in binary.asm["ptx"]
     return dict(
+        row,
         regs=regs,
         spill_bytes=spill,
         smem_bytes=binary.metadata.shared,
@@ -133,8 +146,8 @@ def compile_one(kernel, arch, dot, E, top_k, xw=torch.float32):
     )
 
 
-def weight_bytes(E, bytes_per_weight=4):
-    """All 8 weights of one MoA layer (D = 768, R = 64, H = 128)."""
+def weight_bytes(E, bytes_per_weight=4, R=64):
+    """All 8 weights of one MoA layer (D = 768, H = 128, the paper's R = 64)."""
     return (H * D + H + E * H + E + 2 * E * R * D + E * R + E * D) * bytes_per_weight
 
 
@@ -147,10 +160,10 @@ def hbm_floor(A, W, G):
     return 2 * A + W + G, 5 * A + 3 * W + 2 * G
 
 
-def print_traffic(E=4, sw=4, sd=2):
+def print_traffic(E=4, sw=4, sd=2, R=64):
     """HBM MB if each kernel moves each of its tensors once; sw, sd: bytes per weight, scratch."""
-    W = weight_bytes(E, sw)
-    params = fm.launch_params(90, SMEM_LIMIT[90], torch.bfloat16, torch.float32, torch.float32, D, H, E, R)
+    W = weight_bytes(E, sw, R)
+    params = fm.launch_params(90, SMEM_LIMIT[90], torch.bfloat16, D, H, E, R)
     chunk = params["bwd_weights"][0]["CHUNK"]
     # bf16 activations; the fp32 stream that moa.MoA passes under autocast
     for sx in (2, 4):
@@ -201,48 +214,35 @@ def print_summary(rows):
 
 
 def parse_args(argv=None):
+    """{flag: the values picked, in CHOICES' order}, and the number of compiles run at once."""
     p = argparse.ArgumentParser("python -m kernels.report", description=__doc__.split("\n")[1])
-    p.add_argument(
-        "--arch",
-        default="75,80,86,89,90,120",
-        help="compute capabilities: 75 T4, 80 A100, 86/89 RTX 30/40, 90 H100, 120 RTX 50",
-    )
-    p.add_argument("--dtype", default="bf16,fp16,fp32", help="matmul dtypes")
-    p.add_argument("--x", choices=("fp32", "matmul"), default="fp32", help="x, weights: fp32 or matmul dtype")
-    p.add_argument("--experts", default="1,2,4,8,16", help="expert counts E; top_k is 1 and E")
+    for flag, (choices, what) in CHOICES.items():
+        p.add_argument(f"--{flag}", default=",".join(map(str, choices)), help=what)
+    p.add_argument("--jobs", type=int, default=2, help="compiles at once (processes)")
     args = p.parse_args(argv)
-    archs = args.arch.split(",")
-    dtypes = args.dtype.split(",")
-    experts = args.experts.split(",")
-    if set(archs) - set(map(str, SMEM_LIMIT)):
-        p.error(f"--arch {args.arch}: from {','.join(map(str, SMEM_LIMIT))} (comma-separated)")
-    if set(dtypes) - set(DTYPES):
-        p.error(f"--dtype {args.dtype}: from bf16,fp16,fp32 (comma-separated)")
-    if set(experts) - set(map(str, range(1, 17))):
-        p.error(f"--experts {args.experts}: from 1..16 (comma-separated)")
+    picked = {}
+    for flag, (choices, _) in CHOICES.items():
+        given = getattr(args, flag).split(",")
+        picked[flag] = [c for c in choices if str(c) in given]
+        if len(picked[flag]) != len(set(given)):
+            p.error(f"--{flag} {getattr(args, flag)}: from {','.join(map(str, choices))} (comma-separated)")
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: at least 1")
     if fm.INTERPRET:
         p.error("TRITON_INTERPRET=1: the report compiles GPU code; unset it")
-    return [int(a) for a in archs], dtypes, [int(e) for e in experts], args.x
+    return picked, args.jobs
 
 
 def main(argv=None):
-    archs, dtypes, experts, x_mode = parse_args(argv)
-    print(f"# triton {triton.__version__}, torch {torch.__version__}, D = {D}, R = {R}, H = {H}")
+    picked, jobs = parse_args(argv)
+    print(f"# triton {triton.__version__}, torch {torch.__version__}, D = {D}, H = {H}")
+    # what fused_moa accepts: E R <= 1024
+    configs = itertools.product(*picked.values(), KERNELS)
+    configs = [c for c in configs if triton.next_power_of_2(c[2]) * c[3] <= 1024]
     rows = []
-    for arch, dtype, E in itertools.product(archs, dtypes, experts):
-        xw = DTYPES[dtype if x_mode == "matmul" else "fp32"]
-        for top_k, kernel in itertools.product(sorted({1, E}), KERNELS):
-            compiled = compile_one(kernel, arch, DTYPES[dtype], E, top_k if kernel == "fwd" else E, xw)
-            row = dict(
-                kernel=kernel,
-                arch=arch,
-                dtype=dtype,
-                x=x_mode,
-                E=E,
-                top_k=top_k,
-                **compiled,
-                smem_limit=SMEM_LIMIT[arch],
-            )
+    # in order, each row printed as soon as it and those before it are compiled
+    with multiprocessing.Pool(jobs) as pool:
+        for row in pool.imap(compile_one, configs):
             rows.append(row)
             print(json.dumps(row), flush=True)
     print_summary(rows)

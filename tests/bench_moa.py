@@ -216,7 +216,7 @@ def sweep(sizes, budget, D=768, limit=None):
     dot = amp_dtype() if on_gpu else torch.float32
     print(
         f"{torch.cuda.get_device_name() if on_gpu else 'CPU (interpreter)'}, triton {triton.__version__}; "
-        f"launch_params today: {base(arch, smem, dot, torch.float32, torch.float32, D, H, E, R)}"
+        f"launch_params today: {base(arch, smem, dot, D, H, E, R)}"
     )
     for kernel, candidates in SWEEP.items():
         mode = "fwd" if kernel == "fwd" else "fwd+bwd"

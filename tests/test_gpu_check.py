@@ -1,7 +1,7 @@
 """
 CPU tests of tests/gpu_check.py's machinery (the GPU sections themselves run only on a GPU): flag parsing, the
-incrementally written report (and its copy into $OUT), the section guard, the time budget, subprocess timeouts and
-the loss-curve comparison.
+incrementally written report (and its copy into $OUT), the section guard, the time budget and its sections,
+subprocess timeouts, the loss-curve comparison, and the tokenizer without ftfy (the lent GPU machine has none).
 Run: python -m pytest -q tests/test_gpu_check.py
 """
 
@@ -20,7 +20,7 @@ import gpu_check  # noqa: E402
 
 def test_flags():
     args = gpu_check.parse_args([])
-    assert args.report == "gpu_check.md" and args.budget == 340
+    assert args.report == "gpu_check.md" and args.budget == 330
     assert gpu_check.parse_args(["--report", "x/r.md", "--budget", "10"]).report == "x/r.md"
     for bad in (["--budget", "0"], ["--budget", "soon"], ["--nope"]):
         with pytest.raises(SystemExit) as exc:
@@ -89,6 +89,39 @@ def test_commands_time_out_and_the_budget_cuts_timeouts():
     assert 4 < deadline.cut(100) <= 5 and deadline.cut(1) == 1
     deadline.end = time.perf_counter() - 1
     assert deadline.cut(100) == 0
+
+
+def test_the_sections_fit_the_budget_in_order():
+    """The sections' shares add up to the default budget (one 10-minute command holds the check with room for
+    start-up), the benchmark runs before training, and a section gets its share or what is left."""
+    assert sum(gpu_check.SECTIONS.values()) <= gpu_check.parse_args([]).budget <= 400
+    assert list(gpu_check.SECTIONS) == ["tests", "bench", "train", "eval"]
+    assert gpu_check.SECTIONS["eval"] >= 80  # one evaluation took 59 s on an H200, start-up included
+    source = Path(gpu_check.__file__).read_text()
+    assert source.index("check_bench(deadline") < source.index("check_training(deadline")
+    deadline = gpu_check.Deadline(150)
+    assert 89 < deadline.section("tests").cut(1000) <= 90
+    deadline.end = time.perf_counter() + 30
+    assert deadline.section("eval").cut(1000) <= 30
+
+
+def test_the_tokenizer_runs_without_ftfy(monkeypatch):
+    """Without ftfy (as on the lent GPU machine) plain ASCII prompts, this project's, get the same ids as with it
+    (OpenAI's); other text stops with one line naming ftfy."""
+    import clip_vit
+    import moa
+
+    pytest.importorskip("ftfy")  # the comparison needs both
+    # the prompts moa.py builds (scene context, the similarity head, DepthCLIP), and harder ASCII
+    texts = [f"a photo of a {s}." for s in moa.SCENES] + [f"This object is {w}" for w, _ in moa.DISTANCES]
+    texts += ["it's  2 m\taway\r\n", "<a> b's (c) x-y, 3.5!? ~`#$%^*_+=[]{}|\\;:\"/@", "a diagram"]
+    tok = clip_vit._tokenizer()
+    with_ftfy = [tok.encode(t) for t in texts]
+    monkeypatch.setitem(sys.modules, "ftfy", None)  # import ftfy now raises ModuleNotFoundError
+    assert [tok.encode(t) for t in texts] == with_ftfy
+    for text in ("caf\u00e9", "fish &amp; chips", "a\x0bb"):
+        with pytest.raises(clip_vit.UserError, match="text beyond plain ASCII needs ftfy"):
+            tok.encode(text)
 
 
 def test_without_cuda_it_stops_with_one_error_line(tmp_path):
