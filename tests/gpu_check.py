@@ -7,7 +7,7 @@ seconds, 330 by default, so that one 10-minute command holds it with room to spa
 
 1. kernel tests, compiled: pytest tests/test_fused_moa.py (TestCUDA; the compile-report tests, CPU work that
    CI runs, are left out)
-2. kernel benchmark: tests/bench_moa.py (fused vs eager loop, dense reference, torch.compile), bf16 autocast
+2. kernel benchmark: bench/bench_moa.py (fused vs eager loop, dense reference, torch.compile), bf16 autocast
 3. training, 50 steps on synthetic data with --moa-impl triton and with --moa-impl torch (same seed, same
    batches): images/s of each, and the two loss curves, which must agree within LOSS_RTOL at every step
 4. evaluation of the 654-frame synthetic test set, --protocol all, with --moa-impl triton, timed (and torch,
@@ -151,7 +151,7 @@ def check_tests(section):
 def check_bench(section):
     cmd = [
         sys.executable,
-        "tests/bench_moa.py",
+        "bench/bench_moa.py",
         "--sizes",
         "400,3200,25600",
         "--dtypes",

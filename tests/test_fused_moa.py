@@ -431,7 +431,7 @@ def test_moa_impl_is_a_constructor_argument_passed_down():
 def test_benchmark_smoke_prints_ratios():
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(
-        [sys.executable, "tests/bench_moa.py", "--smoke", "--json"],
+        [sys.executable, "bench/bench_moa.py", "--smoke", "--json"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -471,7 +471,7 @@ def test_ncu_summary_counts_bytes_and_kernels(tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
-            "tests/bench_moa.py",
+            "bench/bench_moa.py",
             "--ncu-csv",
             str(tmp_path / "ncu.csv"),
             "--sizes",
@@ -490,7 +490,7 @@ def test_ncu_summary_counts_bytes_and_kernels(tmp_path):
     assert fields[8:] == ["3", "5.0", "10.0"], proc.stdout  # launches, forward us, backward us
     (tmp_path / "log.txt").write_text("==PROF== Connected to process 1\n")  # ncu run without --csv
     proc = subprocess.run(
-        [sys.executable, "tests/bench_moa.py", "--ncu-csv", str(tmp_path / "log.txt")],
+        [sys.executable, "bench/bench_moa.py", "--ncu-csv", str(tmp_path / "log.txt")],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -104,7 +104,7 @@ def test_import_graph_is_the_architecture():
 SHADOWED_ON_PURPOSE = {
     # Hugging Face's `kernels`, pulled in by transformers >= 5 (test-only): the Hugging Face parity test runs
     # transformers in its own process (`python -I`, outside the repository), where ours is not on sys.path;
-    # tests/bench_clip.py appends the repository to sys.path, so site-packages' `kernels` comes first
+    # bench/bench_clip.py appends the repository to sys.path, so site-packages' `kernels` comes first
     "kernels": {"kernels"},
 }
 

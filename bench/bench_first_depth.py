@@ -3,11 +3,11 @@ Time to first depth: `python evaluate.py ckpt.pt --image photo.jpg` against a ba
 both as fresh subprocesses, alternated run by run so that machine drift hits them alike (a benchmark, not a
 test: pytest does not collect it). The CLIP weights are a ViT-B/32-sized random archive in OpenAI's layout
 (fp16/fp32 mix, TorchScript zip, 354 MB) read from a local file, and the photo a 640x480 JPEG, both made once
-and kept in the temp folder; the checkpoint, an untrained model's, is written by moa.save_checkpoint at
+and removed at the end unless --keep; the checkpoint, an untrained model's, is written by moa.save_checkpoint at
 every start. --baseline REV times the same command with the code of a git revision as well (git archive
 unpacks it beside the files; its own code writes its checkpoint).
 
-    python tests/bench_first_depth.py [--reps 7] [--threads 2] [--baseline REV] [--profile]
+    python bench/bench_first_depth.py [--reps 7] [--threads 2] [--baseline REV] [--profile]
 """
 
 import argparse
@@ -17,6 +17,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import shutil
 import tarfile
 import tempfile
 import time
@@ -55,7 +56,7 @@ WRITE_CHECKPOINT = """
 import sys, clip_vit, moa
 archive, ckpt = sys.argv[1:]
 model = moa.MoADepthCLIP(clip_vit.load(archive), moa.DepthConfig())
-moa.save_checkpoint(ckpt, model, clip={"name": archive, "sha256": clip_vit.weights_sha256(archive)})
+moa.save_checkpoint(ckpt, model, clip={"name": archive, "sha256": getattr(clip_vit, "weights_sha256", getattr(moa, "clip_sha256", None))(archive)})
 """
 
 
@@ -101,6 +102,9 @@ if __name__ == "__main__":
     p.add_argument("--threads", type=int, default=2, help="OMP/MKL threads of the runs (default: 2)")
     p.add_argument("--profile", action="store_true", help="then one cProfile of evaluate.py, top 40")
     p.add_argument("--baseline", metavar="REV", help="also time evaluate.py as of git revision REV")
+    p.add_argument(
+        "--keep", action="store_true", help=f"keep the ~600 MB of inputs in {CACHE} for the next run"
+    )
     args = p.parse_args()
     archive, photo = make_inputs(CACHE)
     env = {
@@ -158,3 +162,5 @@ if __name__ == "__main__":
         profile = [sys.executable, "-m", "cProfile", "-s", "cumulative", *commands["evaluate.py --image"][1:]]
         out = subprocess.run(profile, cwd=ROOT, env=env, capture_output=True, text=True).stdout
         print("\n".join(out.splitlines()[:40]))
+    if not args.keep:
+        shutil.rmtree(CACHE, ignore_errors=True)

@@ -6,7 +6,7 @@ the MoA layer's default implementation: the Triton kernel on CUDA, the PyTorch r
 torch), and with --profile the torch profiler's top GPU and CPU ops of each. A benchmark, not a test: pytest does not
 collect it.
 
-    python tests/bench_train.py [--steps 10] [--device auto] [--batch-size 8] [--profile]
+    python bench/bench_train.py [--steps 10] [--device auto] [--batch-size 8] [--profile]
 """
 
 import argparse
@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test fixtures
 import clip_vit  # noqa: E402
 import data_nyu  # noqa: E402
 import moa  # noqa: E402

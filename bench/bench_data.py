@@ -3,7 +3,7 @@ data_nyu.py speed: random access of one frame from a v7.3 file at official frame
 batches at 224 from PreloadedBatches against a per-sample DataLoader, measured in the same run (best of 3 epochs
 each). A benchmark, not a test: pytest does not collect it.
 
-    python tests/bench_data.py [cpu|cuda]
+    python bench/bench_data.py [cpu|cuda]
 """
 
 import os
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test fixtures
 from data_nyu import NYUDepthV2, PreloadedBatches, SyntheticDepth  # noqa: E402
 from nyu_fixtures import NYUTorchDataset, write_v73  # noqa: E402
 

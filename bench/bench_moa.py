@@ -8,10 +8,10 @@ dtype "autocast": fp32 x and fp32 weights under moa.runtime's autocast (bf16; fp
 way train.py runs the layer.
 A benchmark, not a test (pytest does not collect it); GPU timings use triton.testing.do_bench (median).
 
-    python tests/bench_moa.py [--sizes 400,3200,25600] [--dtypes autocast,bf16,fp32] [--top-k 4,1] [--no-compile]
-    python tests/bench_moa.py --sweep [--budget 150]   # GPU: launch-parameter candidates, checked and timed
-    ncu --profile-from-start off ... python tests/bench_moa.py --profile   # GPU: DRAM bytes (docs/kernel-log.md)
-    TRITON_INTERPRET=1 python tests/bench_moa.py --smoke      # tiny CPU run through the interpreter (< 1 min)
+    python bench/bench_moa.py [--sizes 400,3200,25600] [--dtypes autocast,bf16,fp32] [--top-k 4,1] [--no-compile]
+    python bench/bench_moa.py --sweep [--budget 150]   # GPU: launch-parameter candidates, checked and timed
+    ncu --profile-from-start off ... python bench/bench_moa.py --profile   # GPU: DRAM bytes (docs/kernel-log.md)
+    TRITON_INTERPRET=1 python bench/bench_moa.py --smoke      # tiny CPU run through the interpreter (< 1 min)
 """
 
 import argparse
@@ -345,7 +345,7 @@ if __name__ == "__main__":
     if args.ncu_csv:
         summarize_ncu(args.ncu_csv, sizes, dtypes)
     elif not torch.cuda.is_available() and not args.smoke:
-        p.error("no GPU: run TRITON_INTERPRET=1 python tests/bench_moa.py --smoke")
+        p.error("no GPU: run TRITON_INTERPRET=1 python bench/bench_moa.py --smoke")
     elif args.sweep and args.smoke:
         torch.set_num_threads(1)
         sweep([64], args.budget, D=64, limit=2)

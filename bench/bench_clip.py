@@ -2,7 +2,7 @@
 CPU timing of clip_vit's encode_image against Hugging Face transformers' CLIPVisionModelWithProjection, both with
 random ViT-B/32 weights, batch 32, measured in the same run (a benchmark, not a test: pytest does not collect it).
 
-    python tests/bench_clip.py [--batch 32] [--reps 5]
+    python bench/bench_clip.py [--batch 32] [--reps 5]
 """
 
 import argparse
