@@ -31,6 +31,9 @@ import pytest
 import clip_vit
 
 ROOT = Path(__file__).resolve().parents[1]
+# seconds after which a subprocess has hung: a guard against hangs, never a speed test (a busy 2-core machine
+# runs the suite several times slower than an idle one)
+HANG = 1800
 SHARED = ROOT.parent / "shared"  # real files for tests; may be absent
 SHARED_DATA = SHARED / "data"
 REAL_CLIP_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clip"
@@ -137,7 +140,7 @@ SMALL = (
 ).split()
 
 
-def _run(script, *args, ok=True, timeout=300):
+def _run(script, *args, ok=True, timeout=HANG):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, str(ROOT / script), *map(str, args)]
     proc = subprocess.Popen(
@@ -162,7 +165,7 @@ def _run(script, *args, ok=True, timeout=300):
 
 @pytest.fixture(scope="session")
 def run_script():
-    """run_script("train.py", *args, ok=True, timeout=300) -> CompletedProcess; asserts exit 0 when ok."""
+    """run_script("train.py", *args, ok=True, timeout=HANG) -> CompletedProcess; asserts exit 0 when ok."""
     return _run
 
 

@@ -27,6 +27,7 @@ import evaluate
 import moa
 import pictures
 from test_data_nyu import bts_metrics
+from conftest import HANG
 
 METRICS = set(data_nyu.KEYS)
 ROOT = Path(evaluate.__file__).resolve().parent
@@ -465,7 +466,7 @@ def interrupt(args, after):
             if line.startswith(after):
                 break
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=HANG)
     finally:
         proc.kill()
         proc.wait()

@@ -32,6 +32,7 @@ from kernels import fused_moa as fm
 from kernels import report as rp
 from kernels.fused_moa import fused_moa
 from moa import moa_reference
+from conftest import HANG
 
 ROOT = Path(__file__).resolve().parents[1]
 cpu_only = pytest.mark.skipif(not fm.INTERPRET, reason="needs TRITON_INTERPRET=1 for CPU tensors")
@@ -436,7 +437,7 @@ def test_benchmark_smoke_prints_ratios():
         env=env,
         capture_output=True,
         text=True,
-        timeout=170,
+        timeout=HANG,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -482,7 +483,7 @@ def test_ncu_summary_counts_bytes_and_kernels(tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     fields = proc.stdout.splitlines()[-1].split()
@@ -494,7 +495,7 @@ def test_ncu_summary_counts_bytes_and_kernels(tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG,
     )
     assert proc.returncode == 1 and proc.stderr.strip().endswith("run ncu with --csv --print-units base"), (
         proc.stderr
@@ -507,7 +508,7 @@ def compiling(*args):  # python *args with triton compiling GPU code, not interp
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG,
         env=dict(os.environ, TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES=""),
     )
 
@@ -679,7 +680,7 @@ def test_compile_report_refuses_the_interpreter_and_bad_flags():
             text=True,
             env=dict(os.environ, TRITON_INTERPRET=interpret),
             capture_output=True,
-            timeout=60,
+            timeout=HANG,
         )
         assert proc.returncode == 2 and "error:" in proc.stderr and "Traceback" not in proc.stderr, flags
 
