@@ -198,10 +198,15 @@ def test_tf32_from_sm_80_on():
     from the A100 (sm_80) on, in every kernel; 16-bit matmuls take their own dtype's precision."""
     from kernels import fused_moa as fm
 
-    gpus = {75: 65536, 80: 166912, 86: 101376, 90: 232448}  # arch: opt-in shared memory per block
+    gpus = {
+        75: fm.SMEM_T4,
+        80: fm.SMEM_A100,
+        86: fm.SMEM_RTX,
+        90: fm.SMEM_H100,
+    }  # arch: shared memory per block
     for arch, smem in gpus.items():
-        params = fm.launch_params(arch, smem, torch.float32, torch.float32, torch.float32, 768, 128, 4, 64)
+        params = fm.launch_params(arch, smem, torch.float32, 768, 128, 4, 64)
         want = "tf32" if arch >= 80 else "ieee"
         assert {meta["PREC"] for meta, _, _ in params.values()} == {want}, arch
-        half = fm.launch_params(arch, smem, torch.float16, torch.float16, torch.float32, 768, 128, 4, 64)
+        half = fm.launch_params(arch, smem, torch.float16, 768, 128, 4, 64)
         assert {meta["PREC"] for meta, _, _ in half.values()} == {"ieee"}, arch
