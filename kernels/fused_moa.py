@@ -587,44 +587,73 @@ def _moa_bwd_weights(
 
 # -----------------------------------------------------------------------------
 # Launch parameters from the GPU's limits
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def device_limits(index):
     """(compute capability as 10 major + minor, opt-in shared memory per block in bytes) of GPU `index`."""
     props = torch.cuda.get_device_properties(index)
     return props.major * 10 + props.minor, props.shared_memory_per_block_optin
 
 
-def smem_class(arch, smem):
-    """The largest of SMEM_CLASSES within this GPU's shared memory per block; NotSupported if there is none
-    or the GPU is older than Turing (sm_75). The choice reads the limit, not the architecture's number."""
-    if arch < 75:
-        raise NotSupported(f"sm_{arch}: the kernel needs sm_75 (Turing) or newer")
-    fitting = [size for size in SMEM_CLASSES if size <= smem]
-    if not fitting:
-        raise NotSupported(
-            f"sm_{arch} has {smem:,} bytes of shared memory per block; the kernel needs 65,536"
-        )
-    return fitting[0]
-
-
 # called on every forward: pure, so computed once per shape and GPU
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def launch_params(arch, smem, dot, D, H, E, R):
     """{kernel: (constexprs, num_warps, num_stages)} for a GPU of compute capability `arch` (86 for
     sm_86) with `smem` bytes of opt-in shared memory per block; arch None is the interpreter. dot: the matmul
-    dtype (x and the weights are fp32). NotSupported when nothing fits. Tiles: docs/kernel.md."""
+    dtype (x and the weights are fp32). NotSupported when nothing fits. Tiles: docs/kernel.md.
+
+    A GPU gets the tiles of the largest of SMEM_CLASSES within its shared memory per block (the choice reads
+    the limit, not the architecture's number); NotSupported if there is none or the GPU is older than Turing."""
     EX = triton.next_power_of_2(E)
     expert_cols = EX * R
     half = dot != torch.float32
     # the interpreter: no warps, stages or shared memory; the largest class's tiles
-    if arch is None:
-        limit = SMEM_CLASSES[0]
-        precision = "ieee"
-    else:
-        limit = smem_class(arch, smem)
+    limit = SMEM_CLASSES[0]
+    precision = "ieee"
+    if arch is not None:
+        if arch < 75:
+            raise NotSupported(f"sm_{arch}: the kernel needs sm_75 (Turing) or newer")
+        fitting = [size for size in SMEM_CLASSES if size <= smem]
+        if not fitting:
+            raise NotSupported(
+                f"sm_{arch} has {smem:,} bytes of shared memory per block; the kernel needs 65,536"
+            )
+        limit = fitting[0]
         if dot == torch.bfloat16 and arch < 80:
             raise NotSupported(f"sm_{arch} has no bf16 tensor cores (moa.runtime picks fp16 there)")
-        precision = "tf32" if arch >= 80 and not half else "ieee"  # TF32 came with sm_80
+        if arch >= 80 and not half:
+            precision = "tf32"  # TF32 came with sm_80
+    forward = _forward_tiles(limit, half, expert_cols)
+    if forward is None:
+        raise NotSupported(
+            f"no forward tiles fit {smem:,} bytes of shared memory at E = {E}, R = {R} "
+            f"with {str(dot)[6:]} matmuls"
+        )
+    # Turing: tl.dot runs on the FMA units there (no mma), narrow steps and 8 warps (4 at E R = 128)
+    if limit == SMEM_T4:
+        # expert splits of 64 columns, or one expert
+        token_tiles = dict(BM=16, BK=32, KC=32, NS=triton.cdiv(expert_cols, max(R, 64)))
+        tokens = (token_tiles, 4 if expert_cols == 128 else 8, 1)
+        weights = (dict(BW=64, BD=64, BT=32, CHUNK=4096), 8, 2)
+    else:
+        # 16-bit, E R <= 256: expert splits of 64 columns (or one expert), 4 warps up to E = 8; else 8 warps,
+        # splits of 256
+        few = half and expert_cols <= 256
+        # BK 32 above E R = 256, and for fp32 matmuls at E R = 128 (BK 64 spills there)
+        narrow = expert_cols > 256 or (not half and expert_cols == 128)
+        token_tiles = dict(
+            BM=16, BK=32 if narrow else 64, KC=64, NS=triton.cdiv(expert_cols, max(R, 64) if few else 256)
+        )
+        # .maxnreg 255 where ptxas would otherwise cap a 4-warp backward kernel at 128 or 168 registers and spill
+        tokens = (dict(token_tiles, maxnreg=255), 4, 2) if few and EX <= 8 else (token_tiles, 8, 2)
+        # the weight kernel: 8 warps for fp32 on the A100 and 99 KB classes, else 4 (free on the 99 KB class)
+        weight_tiles = dict(BW=64, BD=64, BT=64 if half else 32, CHUNK=4096)
+        weights = (
+            dict(weight_tiles, maxnreg=255) if limit == SMEM_RTX and half else weight_tiles,
+            8 if limit in (SMEM_A100, SMEM_RTX) and not half else 4,
+            4 if limit >= SMEM_A100 else 3,
+        )
+    # each split of the expert columns holds whole experts: the token kernel's per-split expert loop needs it
+    assert EX % token_tiles["NS"] == 0, f"{token_tiles['NS']} splits of {EX} experts"
     common = dict(
         H=H,
         E=E,
@@ -634,43 +663,8 @@ def launch_params(arch, smem, dot, D, H, E, R):
         PREC=precision,
         GATE_PREC="tf32x3" if precision == "tf32" else precision,
     )
-    fwd = _forward_tiles(limit, half, expert_cols)
-    if fwd is None:
-        raise NotSupported(
-            f"no forward tiles fit {smem:,} bytes of shared memory at E = {E}, R = {R} "
-            f"with {str(dot)[6:]} matmuls"
-        )
-    tiles, warps, stages = fwd
-    forward = (dict(common, **tiles), warps, stages)
-    # Turing: tl.dot runs on the FMA units there (no mma), narrow steps and 8 warps (4 at E R = 128)
-    if limit == SMEM_T4:
-        # expert splits of 64 columns, or one expert
-        token_tiles = dict(common, BM=16, BK=32, KC=32, NS=triton.cdiv(expert_cols, max(R, 64)))
-        tokens = (token_tiles, 4 if expert_cols == 128 else 8, 1)
-        weights = (dict(common, BW=64, BD=64, BT=32, CHUNK=4096), 8, 2)
-    else:
-        # 16-bit, E R <= 256: expert splits of 64 columns (or one expert), 4 warps up to E = 8; else 8 warps,
-        # splits of 256
-        few = half and expert_cols <= 256
-        # BK 32 above E R = 256, and for fp32 matmuls at E R = 128 (BK 64 spills there)
-        narrow = expert_cols > 256 or (not half and expert_cols == 128)
-        split_cols = max(R, 64) if few else 256
-        # .maxnreg 255 where ptxas would otherwise cap a 4-warp backward kernel at 128 or 168 registers and spill
-        free = {"maxnreg": 255}
-        token_tiles = dict(
-            common, BM=16, BK=32 if narrow else 64, KC=64, NS=triton.cdiv(expert_cols, split_cols)
-        )
-        tokens = (dict(token_tiles, **free), 4, 2) if few and EX <= 8 else (token_tiles, 8, 2)
-        # the weight kernel: 8 warps for fp32 on the A100 and 99 KB classes, else 4 (free on the 99 KB class)
-        weight_tiles = dict(common, BW=64, BD=64, BT=64 if half else 32, CHUNK=4096)
-        weights = (
-            dict(weight_tiles, **free) if limit == SMEM_RTX and half else weight_tiles,
-            8 if limit in (SMEM_A100, SMEM_RTX) and not half else 4,
-            4 if limit >= SMEM_A100 else 3,
-        )
-    # each split of the expert columns holds whole experts: the token kernel's per-split expert loop needs it
-    assert EX % token_tiles["NS"] == 0, f"{token_tiles['NS']} splits of {EX} experts"
-    return {"fwd": forward, "bwd_tokens": tokens, "bwd_weights": weights}
+    kernels = {"fwd": forward, "bwd_tokens": tokens, "bwd_weights": weights}
+    return {name: (dict(common, **tiles), warps, stages) for name, (tiles, warps, stages) in kernels.items()}
 
 
 def _forward_tiles(limit, half, expert_cols):
@@ -679,14 +673,17 @@ def _forward_tiles(limit, half, expert_cols):
     measures what it needs)."""
     # Turing (FMA matmuls): one stage, the smallest tiles; fp32 at E R = 128: 4 warps
     if limit == SMEM_T4:
-        warps = 4 if expert_cols == 128 and not half else 8
-        return None if expert_cols > 256 else (dict(BM=16, BK=16, BN=16), warps, 1)
+        if expert_cols > 256:
+            return None
+        return dict(BM=16, BK=16, BN=16), 4 if expert_cols == 128 and not half else 8, 1
     if expert_cols <= 256 and half:
-        stages = 3 if limit == SMEM_H100 else 2
-        return dict(BM=64, BK=64, BN=64 if expert_cols <= 128 else 32), 8, stages
+        return dict(BM=64, BK=64, BN=64 if expert_cols <= 128 else 32), 8, 3 if limit == SMEM_H100 else 2
     if expert_cols <= 512 and limit >= SMEM_A100:
-        stages = 3 if limit == SMEM_H100 and half else 2
-        return dict(BM=32, BK=64 if expert_cols <= 256 else 32, BN=32), 8, stages
+        return (
+            dict(BM=32, BK=64 if expert_cols <= 256 else 32, BN=32),
+            8,
+            3 if limit == SMEM_H100 and half else 2,
+        )
     # fp32, E R <= 256, 99 KB class
     if expert_cols <= 256:
         return dict(BM=32, BK=64, BN=32), 8, 2
@@ -698,14 +695,6 @@ def _forward_tiles(limit, half, expert_cols):
         return dict(BM=16, BK=16, BN=16), 8, 2
     # fp32 at E R = 1024 holds two (16, 1024) fp32 tiles: more than 99 KB
     return None
-
-
-def weight_grid(meta, D, H, E, R):
-    """Programs of _moa_bwd_weights: [dWd; dW1] tiles, [dWu; dbu] tiles, dW2 tiles."""
-    col_tiles = math.ceil(D / meta["BD"])
-    num_down_tiles = math.ceil((E * R + H) / meta["BW"]) * col_tiles
-    num_up_tiles = math.ceil((E * R + E) / meta["BW"]) * col_tiles
-    return num_down_tiles, num_up_tiles, math.ceil(H / meta["BD"])
 
 
 # -----------------------------------------------------------------------------
@@ -720,7 +709,7 @@ def _aligned(t):
     """t contiguous and 16-byte aligned (a copy only for a view that starts mid-vector): the kernels are
     compiled, and checked by the compile report, for aligned pointers."""
     t = t.contiguous()
-    return t if t.data_ptr() % ALIGN == 0 else t.clone()
+    return t.clone() if t.data_ptr() % ALIGN else t
 
 
 def device_guard(t):
@@ -731,18 +720,17 @@ def device_guard(t):
 def params_for(x, D, H, E, R):
     """(the matmul dtype, launch_params) of a call on x's device, autocast included. On a GPU, NotSupported for a
     shape the compile report does not compile."""
-    dot = x.dtype if x.is_cuda else torch.float32  # the interpreter computes in fp32
-    if x.is_cuda and x.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
+    if not x.is_cuda:  # the interpreter computes in fp32
+        return torch.float32, launch_params(None, None, torch.float32, D, H, E, R)
+    dot = x.dtype
+    if dot == torch.float32 and torch.is_autocast_enabled("cuda"):
         dot = torch.get_autocast_dtype("cuda")
-    if not x.is_cuda:
-        return dot, launch_params(None, None, dot, D, H, E, R)
     if E not in GPU_EXPERTS or H != GPU_GATE_HIDDEN:
         raise NotSupported(
             f"E = {E}, H = {H}: on a GPU the kernel runs what its compile report checks, "
             f"E in {GPU_EXPERTS} and H = {GPU_GATE_HIDDEN}"
         )
-    arch, smem = device_limits(x.device.index)
-    return dot, launch_params(arch, smem, dot, D, H, E, R)
+    return dot, launch_params(*device_limits(x.device.index), dot, D, H, E, R)
 
 
 # the calls, by (device, dtypes, D, H, E, R), whose backward kernels are compiled and loaded
@@ -750,20 +738,20 @@ BACKWARD_LOADED = set()
 
 
 class FusedMoA(torch.autograd.Function):
-    """Saves x, the gates and the weights; the backward recomputes the rest."""
+    """x (N, D) to y (N, D) and the gates (N, E). Saves x, the gates and the weights; the backward recomputes
+    the rest."""
 
     @staticmethod
     def forward(ctx, x, top_k, temperature, dot, params, *weights):
         weights = [_aligned(t) for t in weights]
-        x2 = _aligned(x.reshape(-1, x.shape[-1]))  # (N, D)
-        N, D = x2.shape
-        E = len(weights[3])  # b2
-        y = _new((N, D), x2)
-        gates = _new((N, E), x2, torch.float32)
+        x = _aligned(x)
+        N, D = x.shape
+        y = _new(x.shape, x)
+        gates = _new((N, len(weights[3])), x, torch.float32)  # b2: E
         meta, warps, stages = params["fwd"]
-        with device_guard(x2):
+        with device_guard(x):
             _moa_fwd_kernel[(math.ceil(N / meta["BM"]),)](  # (a grid of 0 programs launches nothing)
-                x2,
+                x,
                 *weights,
                 y,
                 gates,
@@ -775,15 +763,14 @@ class FusedMoA(torch.autograd.Function):
                 num_stages=stages,
                 **meta,
             )
-        ctx.save_for_backward(x2, gates, *weights)
+        ctx.save_for_backward(x, gates, *weights)
         ctx.temperature = temperature
-        ctx.x_shape = x.shape
         # autocast is off in the backward: keep the forward's matmul dtype
         ctx.dot = dot
         ctx.params = params
         # an unused output's gradient is None: no zeros launch
         ctx.set_materialize_grads(False)
-        return y.reshape(x.shape), gates.reshape(*x.shape[:-1], E)
+        return y, gates
 
     @staticmethod
     # dgates is None unless the gates were used
@@ -792,21 +779,22 @@ class FusedMoA(torch.autograd.Function):
         N, D = x.shape
         E, R = weights[5].shape  # bd
         H = len(weights[1])
-        dx = _new((N, D), x)
-        dy = torch.zeros_like(x) if dy is None else _aligned(dy.reshape(N, D))
+        dx = _new(x.shape, x)
+        dy = torch.zeros_like(x) if dy is None else _aligned(dy)
         # [da | du | v | dz] in the matmul dtype
         p1 = _new((N, E * R + 2 * H + 16), x, ctx.dot)
         p2 = _new((N, E * R + 16), x, ctx.dot)  # [g h | g]
-        dgates_in = gates if dgates is None else _aligned(dgates.reshape(N, E))  # a dummy when unused
+        dgates_in = gates if dgates is None else _aligned(dgates)  # a dummy when unused
         # the 8 fp32 gradients in one buffer, each view starting 16-byte aligned; one copy per token chunk
-        sizes = [t.numel() for t in weights]
-        padded = [math.ceil(n / 4) * 4 for n in sizes]
+        padded = [math.ceil(t.numel() / 4) * 4 for t in weights]
         tok_meta, tok_warps, tok_stages = ctx.params["bwd_tokens"]
         wt_meta, wt_warps, wt_stages = ctx.params["bwd_weights"]
         chunks = max(1, math.ceil(N / wt_meta["CHUNK"]))
         flat = _new((chunks, sum(padded)), x, torch.float32)
-        grad_views = [v[:n] for v, n in zip(flat[0].split(padded), sizes)]
-        num_down_tiles, num_up_tiles, num_w2_tiles = weight_grid(wt_meta, D, H, E, R)
+        # the weight kernel's programs: [dWd; dW1] tiles, [dWu; dbu] tiles, dW2 tiles
+        col_tiles = math.ceil(D / wt_meta["BD"])
+        num_down_tiles = math.ceil((E * R + H) / wt_meta["BW"]) * col_tiles
+        num_up_tiles = math.ceil((E * R + E) / wt_meta["BW"]) * col_tiles
         with device_guard(x):
             _moa_bwd_tokens[(math.ceil(N / tok_meta["BM"]),)](
                 x,
@@ -825,12 +813,12 @@ class FusedMoA(torch.autograd.Function):
                 num_stages=tok_stages,
                 **tok_meta,
             )
-            _moa_bwd_weights[(num_down_tiles + num_up_tiles + num_w2_tiles, chunks)](
+            _moa_bwd_weights[(num_down_tiles + num_up_tiles + math.ceil(H / wt_meta["BD"]), chunks)](
                 x,
                 dy,
                 p1,
                 p2,
-                *grad_views,
+                *flat[0].split(padded),
                 N,
                 D,
                 num_down_tiles,
@@ -843,38 +831,8 @@ class FusedMoA(torch.autograd.Function):
         # the chunks' copies summed in a fixed order (no atomics): reproducible; one chunk: nothing to sum
         if chunks > 1:
             flat = flat.sum(0, keepdim=True)
-        grads = [v[:n].view(t.shape) for v, n, t in zip(flat[0].split(padded), sizes, weights)]
-        return dx.reshape(ctx.x_shape), None, None, None, None, *grads
-
-
-def _check_shapes(x, gate_w1, gate_w2, down_w, weights):
-    """D, H, E, R of a call, or a ValueError (NotSupported for a shape outside the kernel's range)."""
-    D = x.shape[-1]
-    H = len(gate_w1)
-    E = len(gate_w2)
-    R = down_w.shape[1] if down_w.dim() == 3 else 0
-    # beyond E R = 1024 the forward's up-projection tile outgrows shared memory
-    if (
-        D == 0
-        or D % 16
-        or not {H, R} <= set(WIDTHS)
-        or not 1 <= E <= 16
-        or triton.next_power_of_2(E) * R > 1024
-    ):
-        raise NotSupported(
-            "need D a multiple of 16, H and R in (16, 32, 64, 128), 1 <= E <= 16, "
-            f"E R <= 1024; got D={D}, H={H}, R={R}, E={E}"
-        )
-    shapes = ((H, D), (H,), (E, H), (E,), (E, R, D), (E, R), (E, D, R), (E, D))
-    for name, t, shape in zip(NAMES[1:], weights, shapes):
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-        if t.dtype != gate_w1.dtype or t.dtype not in (x.dtype, torch.float32):
-            raise ValueError(f"{name}.dtype is {t.dtype}: the weights need one dtype, x's or fp32")
-        # the kernels would read it with x's GPU's pointers
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device}, x on {x.device}: the weights must be on x's device")
-    return D, H, E, R
+        grads = [v[: t.numel()].view_as(t) for v, t in zip(flat[0].split(padded), weights)]
+        return dx, None, None, None, None, *grads
 
 
 def check_temperature(temperature):
@@ -905,11 +863,35 @@ def check_auto(x):
 def fused_moa(x, gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b, top_k, temperature):
     """moa.moa_reference's signature and semantics, differentiable in x and the 8 weights: returns
     (y like x, gates (..., E) fp32). A ValueError names the first bad argument; NotSupported (a ValueError)
-    says why the kernel cannot run this call on this device."""
+    says why the kernel cannot run this call on this device: a shape outside the kernel's range included."""
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.dtype not in TL:
         raise ValueError(f"x must be a float32/float16/bfloat16 tensor (..., D), got {x!r:.60}")
+    D = x.shape[-1]
+    H = len(gate_w1)
+    E = len(gate_w2)
+    R = down_w.shape[1] if down_w.dim() == 3 else 0
+    # beyond E R = 1024 the forward's up-projection tile outgrows shared memory
+    if (
+        D == 0
+        or D % 16
+        or not {H, R} <= set(WIDTHS)
+        or not 1 <= E <= 16
+        or triton.next_power_of_2(E) * R > 1024
+    ):
+        raise NotSupported(
+            "need D a multiple of 16, H and R in (16, 32, 64, 128), 1 <= E <= 16, "
+            f"E R <= 1024; got D={D}, H={H}, R={R}, E={E}"
+        )
     weights = (gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b)
-    D, H, E, R = _check_shapes(x, gate_w1, gate_w2, down_w, weights)
+    shapes = ((H, D), (H,), (E, H), (E,), (E, R, D), (E, R), (E, D, R), (E, D))
+    for name, t, shape in zip(NAMES[1:], weights, shapes):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        if t.dtype != gate_w1.dtype or t.dtype not in (x.dtype, torch.float32):
+            raise ValueError(f"{name}.dtype is {t.dtype}: the weights need one dtype, x's or fp32")
+        # the kernels would read it with x's GPU's pointers
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}: the weights must be on x's device")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
         raise ValueError(f"top_k must be an int in [1, E={E}], got {top_k!r}")
     temperature = check_temperature(temperature)
@@ -918,23 +900,23 @@ def fused_moa(x, gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b,
     dot, params = params_for(x, D, H, E, R)
     N = x.numel() // D
     chunk = params["bwd_weights"][0]["CHUNK"]
-    if math.ceil(N / chunk) > GRID_Y_MAX:
+    chunks = math.ceil(N / chunk)
+    if chunks > GRID_Y_MAX:
         raise NotSupported(
-            f"{N:,} tokens in one call: the weight-gradient grid would need "
-            f"{math.ceil(N / chunk):,} chunks of {chunk}, more than CUDA's {GRID_Y_MAX:,} "
-            f"(at most {GRID_Y_MAX * chunk:,} tokens)"
+            f"{N:,} tokens in one call: the weight-gradient grid would need {chunks:,} chunks of {chunk}, "
+            f"more than CUDA's {GRID_Y_MAX:,} (at most {GRID_Y_MAX * chunk:,} tokens)"
         )
     # the kernels read x and the weights in fp32, as moa.MoA passes them (its fp32 stream and master weights):
     # half ones are cast (the matmuls stay in the dot dtype), and autograd casts their gradients back
-    x_in = x.float()
-    weights = [t.float() for t in weights]
+    x_in = x.float().reshape(-1, D)
+    args = (top_k, temperature, dot, params, *[t.float() for t in weights])
     key = (x.device, dot, D, H, E, R)
     if key not in BACKWARD_LOADED and torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights)):
         # the first call that may need a backward runs one on no tokens first: triton compiles and loads a
         # kernel at its first launch, even one of no programs or tokens, so a compiler, ptxas or shared-memory
         # failure of the backward raises here, where --moa-impl auto still falls back, not in loss.backward()
-        x0 = x_in.reshape(-1, D)[:0].detach().requires_grad_()
-        torch.autograd.grad(FusedMoA.apply(x0, top_k, temperature, dot, params, *weights)[0].sum(), x0)
+        x0 = x_in[:0].detach().requires_grad_()
+        torch.autograd.grad(FusedMoA.apply(x0, *args)[0].sum(), x0)
         BACKWARD_LOADED.add(key)
-    y, gates = FusedMoA.apply(x_in, top_k, temperature, dot, params, *weights)
-    return y.to(x.dtype), gates
+    y, gates = FusedMoA.apply(x_in, *args)
+    return y.reshape(x.shape).to(x.dtype), gates.reshape(*x.shape[:-1], E)

@@ -57,21 +57,16 @@ CHOICES = {
 D, H = 768, fm.GPU_GATE_HIDDEN
 
 
-def ptxas_for(arch):
-    """The ptxas triton uses for sm_<arch> (the wheel's ptxas-blackwell from sm_100 on), the target name."""
-    tool = BIN / ("ptxas-blackwell" if arch >= 100 else "ptxas")
-    if not tool.exists():  # older wheels ship one ptxas
-        tool = BIN / "ptxas"
-    # triton compiles for the arch-specific sm_90a, sm_120a
-    suffix = "a" if arch >= 90 else ""
-    return tool, f"sm_{arch}{suffix}"
-
-
 def ptxas_v(ptx, cubin, arch):
     """(registers, spill bytes): `ptxas -v` on triton's PTX as triton runs it, checked against the registers
     and stack frame that cuobjdump reads from triton's own binary (the triton wheel ships both tools). Some
     triton versions add --regAllocOptLevel=2: the log that matches the binary is the one reported."""
-    tool, target = ptxas_for(arch)
+    # the wheel's ptxas-blackwell from sm_100 on; older wheels ship one ptxas
+    tool = BIN / ("ptxas-blackwell" if arch >= 100 else "ptxas")
+    if not tool.exists():
+        tool = BIN / "ptxas"
+    # triton compiles for the arch-specific sm_90a, sm_120a
+    target = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as tmp:
         src = pathlib.Path(tmp, "kernel.ptx")
         binary = pathlib.Path(tmp, "triton.cubin")
@@ -89,8 +84,9 @@ def ptxas_v(ptx, cubin, arch):
     raise RuntimeError(f"ptxas -v and triton {triton.__version__}'s sm_{arch} binary disagree: {usage}")
 
 
-def signature(fn, consts, dot):
-    """triton.compile's signature, constants and attributes for the kernel as the wrapper launches it."""
+def source(fn, consts, dot):
+    """What triton.compile compiles: the kernel with the signature, constants and attributes it is launched
+    with."""
     sig = {}
     constexprs = {}
     attrs = {}
@@ -108,7 +104,7 @@ def signature(fn, consts, dot):
         else:
             sig[name] = "i32"
             attrs[(i,)] = [["tt.divisibility", 16]] if name == "D" else []
-    return sig, constexprs, attrs
+    return ASTSource(fn, sig, constexprs, attrs)
 
 
 def compile_one(config):
@@ -119,21 +115,15 @@ def compile_one(config):
     row = dict(kernel=kernel, arch=arch, dtype=dtype, E=E, R=R, smem_limit=SMEM_LIMIT[arch])
     dot = DTYPES[dtype]
     try:
-        params = fm.launch_params(arch, SMEM_LIMIT[arch], dot, D, H, E, R)
+        meta, warps, stages = fm.launch_params(arch, SMEM_LIMIT[arch], dot, D, H, E, R)[kernel]
     except fm.NotSupported as e:
         return dict(row, unsupported=str(e))
-    meta, warps, stages = params[kernel]
-    fn = KERNELS[kernel]
-    sig, constexprs, attrs = signature(fn, meta, dot)
     binary = triton.compile(
-        ASTSource(fn, sig, constexprs, attrs),
+        source(KERNELS[kernel], meta, dot),
         target=GPUTarget("cuda", arch, 32),
         options=dict(num_warps=warps, num_stages=stages, maxnreg=meta.get("maxnreg")),
     )
     regs, spill = ptxas_v(binary.asm["ptx"], binary.asm["cubin"], arch)
-    tiles = {k: v for k, v in meta.items() if k in TILES}
-    # mma.sync or wgmma; Turing's tl.dot runs on the FMA units
-    tensor_cores = "mma" in binary.asm["ptx"]
     return dict(
         row,
         regs=regs,
@@ -141,14 +131,10 @@ def compile_one(config):
         smem_bytes=binary.metadata.shared,
         warps=warps,
         stages=stages,
-        tensor_cores=tensor_cores,
-        **tiles,
+        # mma.sync or wgmma; Turing's tl.dot runs on the FMA units
+        tensor_cores="mma" in binary.asm["ptx"],
+        **{k: v for k, v in meta.items() if k in TILES},
     )
-
-
-def weight_bytes(E, bytes_per_weight=4, R=64):
-    """All 8 weights of one MoA layer (D = 768, H = 128, the paper's R = 64)."""
-    return (H * D + H + E * H + E + 2 * E * R * D + E * R + E * D) * bytes_per_weight
 
 
 def hbm_floor(A, W, G):
@@ -160,11 +146,13 @@ def hbm_floor(A, W, G):
     return 2 * A + W + G, 5 * A + 3 * W + 2 * G
 
 
-def print_traffic(E=4, sw=4, sd=2, R=64):
-    """HBM MB if each kernel moves each of its tensors once; sw, sd: bytes per weight, scratch."""
-    W = weight_bytes(E, sw, R)
-    params = fm.launch_params(90, SMEM_LIMIT[90], torch.bfloat16, D, H, E, R)
-    chunk = params["bwd_weights"][0]["CHUNK"]
+def print_traffic():
+    """HBM MB if each kernel moves each of its tensors once, for one MoA layer of the paper (E = 4, R = 64)."""
+    E = 4
+    R = 64
+    # all 8 fp32 weights
+    W = (H * D + H + E * H + E + 2 * E * R * D + E * R + E * D) * 4
+    chunk = fm.launch_params(90, SMEM_LIMIT[90], torch.bfloat16, D, H, E, R)["bwd_weights"][0]["CHUNK"]
     # bf16 activations; the fp32 stream that moa.MoA passes under autocast
     for sx in (2, 4):
         print(
@@ -177,7 +165,7 @@ def print_traffic(E=4, sw=4, sd=2, R=64):
         for N in (400, 3200, 25600):
             act = N * D * sx
             gates = N * E * 4
-            scratch = N * (2 * E * R + 2 * H + 32) * sd
+            scratch = N * (2 * E * R + 2 * H + 32) * 2  # bf16 P1, P2
             copies = triton.cdiv(N, chunk)
             # read x, weights; write y, gates
             fwd = 2 * act + W + gates
@@ -209,8 +197,8 @@ def print_summary(rows):
             f"# sm_{arch:<4} {SMEM_LIMIT[arch]:8,} {len(built):5} {len(mine) - len(built):5} {max_spill:6} "
             f"{max_smem:9,} ({share:.0f} %)"
         )
-    for reason in sorted({(r["arch"], r["unsupported"]) for r in rows if "unsupported" in r}):
-        print(f"# unsupported on sm_{reason[0]}: {reason[1]}")
+    for arch, reason in sorted({(r["arch"], r["unsupported"]) for r in rows if "unsupported" in r}):
+        print(f"# unsupported on sm_{arch}: {reason}")
 
 
 def parse_args(argv=None):
@@ -237,8 +225,9 @@ def main(argv=None):
     picked, jobs = parse_args(argv)
     print(f"# triton {triton.__version__}, torch {torch.__version__}, D = {D}, H = {H}")
     # what fused_moa accepts: E R <= 1024
-    configs = itertools.product(*picked.values(), KERNELS)
-    configs = [c for c in configs if triton.next_power_of_2(c[2]) * c[3] <= 1024]
+    configs = [
+        c for c in itertools.product(*picked.values(), KERNELS) if triton.next_power_of_2(c[2]) * c[3] <= 1024
+    ]
     rows = []
     # in order, each row printed as soon as it and those before it are compiled
     with multiprocessing.Pool(jobs) as pool:
