@@ -612,12 +612,11 @@ def launch_params(arch, smem, dot, D, H, E, R):
     if arch is not None:
         if arch < 75:
             raise NotSupported(f"sm_{arch}: the kernel needs sm_75 (Turing) or newer")
-        fitting = [size for size in SMEM_CLASSES if size <= smem]
-        if not fitting:
+        if smem < SMEM_T4:
             raise NotSupported(
                 f"sm_{arch} has {smem:,} bytes of shared memory per block; the kernel needs 65,536"
             )
-        limit = fitting[0]
+        limit = next(size for size in SMEM_CLASSES if size <= smem)
         if dot == torch.bfloat16 and arch < 80:
             raise NotSupported(f"sm_{arch} has no bf16 tensor cores (moa.runtime picks fp16 there)")
         if arch >= 80 and not half:
@@ -628,25 +627,28 @@ def launch_params(arch, smem, dot, D, H, E, R):
             f"no forward tiles fit {smem:,} bytes of shared memory at E = {E}, R = {R} "
             f"with {str(dot)[6:]} matmuls"
         )
+    # the weight kernel's tiles: BT 32 for fp32 matmuls and on Turing
+    weight_tiles = dict(BW=64, BD=64, BT=64 if half and limit != SMEM_T4 else 32, CHUNK=4096)
     # Turing: tl.dot runs on the FMA units there (no mma), narrow steps and 8 warps (4 at E R = 128)
     if limit == SMEM_T4:
         # expert splits of 64 columns, or one expert
         token_tiles = dict(BM=16, BK=32, KC=32, NS=triton.cdiv(expert_cols, max(R, 64)))
         tokens = (token_tiles, 4 if expert_cols == 128 else 8, 1)
-        weights = (dict(BW=64, BD=64, BT=32, CHUNK=4096), 8, 2)
+        weights = (weight_tiles, 8, 2)
     else:
         # 16-bit, E R <= 256: expert splits of 64 columns (or one expert), 4 warps up to E = 8; else 8 warps,
         # splits of 256
         few = half and expert_cols <= 256
-        # BK 32 above E R = 256, and for fp32 matmuls at E R = 128 (BK 64 spills there)
-        narrow = expert_cols > 256 or (not half and expert_cols == 128)
         token_tiles = dict(
-            BM=16, BK=32 if narrow else 64, KC=64, NS=triton.cdiv(expert_cols, max(R, 64) if few else 256)
+            BM=16,
+            # BK 32 above E R = 256, and for fp32 matmuls at E R = 128 (BK 64 spills there)
+            BK=32 if expert_cols > 256 or (not half and expert_cols == 128) else 64,
+            KC=64,
+            NS=triton.cdiv(expert_cols, max(R, 64) if few else 256),
         )
         # .maxnreg 255 where ptxas would otherwise cap a 4-warp backward kernel at 128 or 168 registers and spill
         tokens = (dict(token_tiles, maxnreg=255), 4, 2) if few and EX <= 8 else (token_tiles, 8, 2)
         # the weight kernel: 8 warps for fp32 on the A100 and 99 KB classes, else 4 (free on the 99 KB class)
-        weight_tiles = dict(BW=64, BD=64, BT=64 if half else 32, CHUNK=4096)
         weights = (
             dict(weight_tiles, maxnreg=255) if limit == SMEM_RTX and half else weight_tiles,
             8 if limit in (SMEM_A100, SMEM_RTX) and not half else 4,
@@ -701,7 +703,7 @@ def _forward_tiles(limit, half, expert_cols):
 # Autograd and the wrapper
 # an output buffer, NaN when the tests set POISON
 def _new(shape, like, dtype=None):
-    out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+    out = like.new_empty(shape, dtype=dtype)  # like's dtype by default, like's device
     return out.fill_(float("nan")) if POISON else out
 
 
@@ -738,13 +740,11 @@ BACKWARD_LOADED = set()
 
 
 class FusedMoA(torch.autograd.Function):
-    """x (N, D) to y (N, D) and the gates (N, E). Saves x, the gates and the weights; the backward recomputes
-    the rest."""
+    """x (N, D) to y (N, D) and the gates (N, E), x and the weights fp32, contiguous and aligned. Saves x, the
+    gates and the weights; the backward recomputes the rest."""
 
     @staticmethod
     def forward(ctx, x, top_k, temperature, dot, params, *weights):
-        weights = [_aligned(t) for t in weights]
-        x = _aligned(x)
         N, D = x.shape
         y = _new(x.shape, x)
         gates = _new((N, len(weights[3])), x, torch.float32)  # b2: E
@@ -829,26 +829,9 @@ class FusedMoA(torch.autograd.Function):
                 **wt_meta,
             )
         # the chunks' copies summed in a fixed order (no atomics): reproducible; one chunk: nothing to sum
-        if chunks > 1:
-            flat = flat.sum(0, keepdim=True)
-        grads = [v[: t.numel()].view_as(t) for v, t in zip(flat[0].split(padded), weights)]
+        sums = flat.sum(0) if chunks > 1 else flat[0]
+        grads = [v[: t.numel()].view_as(t) for v, t in zip(sums.split(padded), weights)]
         return dx, None, None, None, None, *grads
-
-
-def check_temperature(temperature):
-    """The temperature as the kernel uses it, an fp32 number: one that rounds to 0, a subnormal or inf is
-    refused (the logits would be inf or NaN)."""
-    fp32 = torch.finfo(torch.float32)
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not fp32.tiny <= temperature <= fp32.max
-    ):
-        raise ValueError(
-            f"temperature must be a number in [{fp32.tiny:.3g}, {fp32.max:.3g}] (a normal "
-            f"positive fp32 value), got {temperature!r}"
-        )
-    return float(temperature)
 
 
 def check_auto(x):
@@ -894,7 +877,19 @@ def fused_moa(x, gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b,
             raise ValueError(f"{name} is on {t.device}, x on {x.device}: the weights must be on x's device")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
         raise ValueError(f"top_k must be an int in [1, E={E}], got {top_k!r}")
-    temperature = check_temperature(temperature)
+    # the temperature as the kernel uses it, an fp32 number: one that rounds to 0, a subnormal or inf is
+    # refused (the logits would be inf or NaN)
+    fp32 = torch.finfo(torch.float32)
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not fp32.tiny <= temperature <= fp32.max
+    ):
+        raise ValueError(
+            f"temperature must be a number in [{fp32.tiny:.3g}, {fp32.max:.3g}] (a normal "
+            f"positive fp32 value), got {temperature!r}"
+        )
+    temperature = float(temperature)
     if not x.is_cuda and not INTERPRET:
         raise ValueError("CPU tensors need TRITON_INTERPRET=1 set before importing kernels/")
     dot, params = params_for(x, D, H, E, R)
@@ -908,8 +903,8 @@ def fused_moa(x, gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b,
         )
     # the kernels read x and the weights in fp32, as moa.MoA passes them (its fp32 stream and master weights):
     # half ones are cast (the matmuls stay in the dot dtype), and autograd casts their gradients back
-    x_in = x.float().reshape(-1, D)
-    args = (top_k, temperature, dot, params, *[t.float() for t in weights])
+    x_in = _aligned(x.float().reshape(-1, D))
+    args = (top_k, temperature, dot, params, *[_aligned(t.float()) for t in weights])
     key = (x.device, dot, D, H, E, R)
     if key not in BACKWARD_LOADED and torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights)):
         # the first call that may need a backward runs one on no tokens first: triton compiles and loads a

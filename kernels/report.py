@@ -42,7 +42,7 @@ SMEM_LIMIT = {
     90: fm.SMEM_H100,
     120: fm.SMEM_RTX,
 }
-BIN = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"  # ptxas, cuobjdump
+BIN = pathlib.Path(triton.__file__).parent / "backends/nvidia/bin"  # ptxas, cuobjdump
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KERNELS = {"fwd": fm._moa_fwd_kernel, "bwd_tokens": fm._moa_bwd_tokens, "bwd_weights": fm._moa_bwd_weights}
 # the launch parameters in the JSON lines
@@ -65,20 +65,25 @@ def ptxas_v(ptx, cubin, arch):
     tool = BIN / ("ptxas-blackwell" if arch >= 100 else "ptxas")
     if not tool.exists():
         tool = BIN / "ptxas"
-    # triton compiles for the arch-specific sm_90a, sm_120a
-    target = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as tmp:
         src = pathlib.Path(tmp, "kernel.ptx")
         binary = pathlib.Path(tmp, "triton.cubin")
         src.write_text(ptx)
         binary.write_bytes(cubin)
         usage = subprocess.check_output([BIN / "cuobjdump", "-res-usage", binary], text=True)
+        # triton compiles for the arch-specific sm_90a, sm_120a
+        target = f"--gpu-name=sm_{arch}a" if arch >= 90 else f"--gpu-name=sm_{arch}"
         for extra in ([], ["--regAllocOptLevel=2"]):
-            command = [tool, "-lineinfo", "-v", *extra, f"--gpu-name={target}", src, "-o", f"{src}.o"]
-            log = subprocess.run(command, capture_output=True, text=True, check=True).stderr
-            regs = int(re.search(r"(\d+) registers", log).group(1))
-            stack = int(re.search(r"(\d+) bytes stack frame", log).group(1))
-            spill = int(re.search(r"(\d+) bytes spill stores", log).group(1))
+            log = subprocess.run(
+                [tool, "-lineinfo", "-v", *extra, target, src, "-o", f"{src}.o"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stderr
+            regs, stack, spill = (
+                int(re.search(rf"(\d+) {what}", log).group(1))
+                for what in ("registers", "bytes stack frame", "bytes spill stores")
+            )
             if f"REG:{regs} STACK:{stack} " in usage:
                 return regs, spill
     raise RuntimeError(f"ptxas -v and triton {triton.__version__}'s sm_{arch} binary disagree: {usage}")
@@ -169,11 +174,9 @@ def print_traffic():
             copies = triton.cdiv(N, chunk)
             # read x, weights; write y, gates
             fwd = 2 * act + W + gates
-            # read x, dy, weights, gates; write dx, P1, P2
-            tokens = 3 * act + W + gates + scratch
-            # read x, dy, P1, P2; write the gradient copies
-            weights = 2 * act + scratch + copies * W
-            total = fwd + tokens + weights
+            # then the token kernel reads x, dy, weights, gates and writes dx, P1, P2 (3A + W + G + P1, P2); the
+            # weight kernel reads x, dy, P1, P2 and writes the gradient copies (2A + P1, P2 + copies W)
+            total = fwd + 5 * act + W + gates + 2 * scratch + copies * W
             # the sum of the copies: read them, write one
             if copies > 1:
                 total += copies * W + W
@@ -201,13 +204,13 @@ def print_summary(rows):
         print(f"# unsupported on sm_{arch}: {reason}")
 
 
-def parse_args(argv=None):
+def parse_args():
     """{flag: the values picked, in CHOICES' order}, and the number of compiles run at once."""
     p = argparse.ArgumentParser("python -m kernels.report", description=__doc__.split("\n")[1])
     for flag, (choices, what) in CHOICES.items():
         p.add_argument(f"--{flag}", default=",".join(map(str, choices)), help=what)
     p.add_argument("--jobs", type=int, default=2, help="compiles at once (processes)")
-    args = p.parse_args(argv)
+    args = p.parse_args()
     picked = {}
     for flag, (choices, _) in CHOICES.items():
         given = getattr(args, flag).split(",")
@@ -221,8 +224,8 @@ def parse_args(argv=None):
     return picked, args.jobs
 
 
-def main(argv=None):
-    picked, jobs = parse_args(argv)
+def main():
+    picked, jobs = parse_args()
     print(f"# triton {triton.__version__}, torch {torch.__version__}, D = {D}, H = {H}")
     # what fused_moa accepts: E R <= 1024
     configs = [
