@@ -42,7 +42,7 @@ def add_options(parser, config):
     for f in fields(config):
         kind = type(f.default)
         parser.add_argument(
-            "--" + f.name.replace("_", "-"),
+            moa.flag(f.name),
             type={bool: zero_one, tuple: int_list}.get(kind, kind),
             default=f.default,
             choices=f.metadata["choices"],

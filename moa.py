@@ -298,16 +298,21 @@ def check_options(config):
     """Each field of a config dataclass among its choices and not below its low; else a UserError."""
     for f in fields(config):
         value, choices, low = getattr(config, f.name), f.metadata["choices"], f.metadata["low"]
-        flag = f"--{f.name.replace('_', '-')} {typed(value)}"
-        require(not choices or value in choices, f"{flag}: not one of {', '.join(map(str, choices or ()))}")
+        given = f"{flag(f.name)} {typed(value)}"
+        require(not choices or value in choices, f"{given}: not one of {', '.join(map(str, choices or ()))}")
         # "not >=": NaN fails too
-        require(low is None or value >= low, f"{flag}: not >= {low}")
+        require(low is None or value >= low, f"{given}: not >= {low}")
 
 
 # a config's rule: a broken one stops the run in one line
 def require(holds, message):
     if not holds:
         raise UserError(message)
+
+
+# a field's flag: num_experts -> --num-experts
+def flag(name):
+    return "--" + name.replace("_", "-")
 
 
 # a value as a user types it: (2, 5, 8, 11) -> "2,5,8,11", True -> 1

@@ -16,6 +16,7 @@ Logs go to stdout and --out/log.jsonl. A bad flag stops with one `error:` line b
 """
 
 import argparse
+import contextlib
 import fcntl
 import json
 import math
@@ -89,11 +90,12 @@ class TrainConfig:
 def main(args):
     """One training run. Returns the model and its optimizer (None when a resumed run had nothing left)."""
     cfg, tc = cli.config_of(moa.DepthConfig, args), cli.config_of(TrainConfig, args)
+    out_dir = Path(args.out)
     rt = moa.runtime(args.device)
     record = run_record(args, tc)
     ckpt = check_run_folder(args, cfg, record)
     if ckpt is not None and (why := nothing_left(ckpt, tc)):
-        print(f"nothing to do: {Path(args.out) / 'ckpt.pt'}: {why}")
+        print(f"nothing to do: {out_dir / 'ckpt.pt'}: {why}")
         return None
     torch.manual_seed(tc.seed)
 
@@ -127,7 +129,7 @@ def main(args):
     if args.recipe != "paper":
         print(
             f"recipe {args.recipe}: "
-            + " ".join(f"--{k.replace('_', '-')} {moa.typed(getattr(args, k))}" for k in RECIPES[args.recipe])
+            + " ".join(f"{moa.flag(k)} {moa.typed(getattr(args, k))}" for k in RECIPES[args.recipe])
         )
     total = min(tc.epochs * len(train_batches), tc.max_steps or math.inf)
     print(
@@ -166,9 +168,9 @@ def main(args):
         # a Ctrl-C from here waits for the files to be whole
         with cli.sigint_held():
             if row.pop("improved", False):
-                save_checkpoint(Path(args.out) / "best.pt", model, record, progress)
-            save_checkpoint(Path(args.out) / "model.pt", model, record, progress)
-            save_checkpoint(Path(args.out) / "ckpt.pt", model, record, progress, optimizer, scheduler, scaler)
+                save_checkpoint(out_dir / "best.pt", model, record, progress)
+            save_checkpoint(out_dir / "model.pt", model, record, progress)
+            save_checkpoint(out_dir / "ckpt.pt", model, record, progress, optimizer, scheduler, scaler)
             print(json.dumps(row), file=log_file)
         if progress.step >= total:
             break
@@ -177,7 +179,6 @@ def main(args):
                 f"early stop after epoch {epoch}: {progress.bad_epochs} epochs without a lower validation loss"
             )
             break
-    out_dir = Path(args.out)
     print(
         f"done: {progress.step} steps in {clock.minutes():.1f} min; checkpoint {out_dir / 'ckpt.pt'}, weights {out_dir / 'model.pt'}"
     )
@@ -210,12 +211,11 @@ def hold_out_scenes(frame_scenes, val_frac, seed):
 def make_optimizer(model, tc):
     """AdamW over the trainable parameters in three named groups, each at its own rate: CLIP's tuned blocks
     (--lr), the MoA modules or adapters (--adapter-lr), the fresh heads (--head-lr); 0 means --lr."""
-    params = {"backbone": [], "adapters": [], "heads": []}
+    groups = [{"name": name, "params": [], "lr": rate} for name, rate in group_rates(tc).items()]
     for name, p in model.named_parameters():
         if p.requires_grad:
-            group = {"visual": "backbone", "moa": "adapters"}.get(name.split(".")[0], "heads")
-            params[group].append(p)
-    groups = [{"name": name, "params": params[name], "lr": rate} for name, rate in group_rates(tc).items()]
+            part = {"visual": 0, "moa": 1}.get(name.split(".")[0], 2)  # backbone, adapters, heads
+            groups[part]["params"].append(p)
     return torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
 
 
@@ -337,7 +337,7 @@ def save_checkpoint(path, model, record, progress, optimizer=None, scheduler=Non
     extra = {**record, **asdict(progress)}
     if optimizer is not None:
         extra["optimizer"] = optimizer.state_dict()
-        extra["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+        extra["scheduler"] = scheduler.state_dict() if scheduler else None
         extra["grad_scaler"] = scaler.state_dict()
         extra["rng"] = torch.get_rng_state()
     moa.save_checkpoint(path, model, **extra)
@@ -363,11 +363,7 @@ def check_run_folder(args, cfg, record):
     """Before any work: --out is not in use, holds no earlier run unless --resume or --overwrite says what to
     do with it, and with --resume its ckpt.pt fits these flags. -> that checkpoint, or None."""
     out_dir = Path(args.out)
-    holder = lock_holder(out_dir)
-    require(
-        holder is None,
-        f"{out_dir}: in use by a running train.py (PID {holder}); wait for it to end, or pick another --out",
-    )
+    check_lock(out_dir)
     earlier = [name for name in RUN_FILES if (out_dir / name).exists()]
     ckpt_path = out_dir / "ckpt.pt"
     require(not args.resume or ckpt_path.exists(), f"{ckpt_path}: --resume given but there is no checkpoint")
@@ -389,7 +385,7 @@ def check_run_folder(args, cfg, record):
     # the model and the data plan stay; a flag that would change them is refused
     saved = {**ckpt.get("train_config", {}), **ckpt["model_config"], "data": ckpt["data"]}
     for name, value in {**record["train_config"], **asdict(cfg), "data": record["data"]}.items():
-        flag = f"--{name.replace('_', '-')}"
+        flag = moa.flag(name)
         require(
             name in MAY_CHANGE or saved.get(name, value) == value,
             f"{ckpt_path}: trained with {flag} {moa.typed(saved.get(name))}; --resume keeps the model and "
@@ -455,39 +451,36 @@ def open_run_folder(args):
         raise clip_vit.UserError(f"{out_dir}: cannot write there ({e.strerror or e})") from None
 
 
-def lock_holder(out_dir):
-    """The PID (as text) of a live train.py that holds out_dir, or None. Creates nothing."""
-    try:
-        with open(out_dir / LOCK_NAME) as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when f closes
-            except BlockingIOError:
-                return f.read().strip() or "unknown"
-    # no lock file (or no folder): nobody holds it
-    except OSError:
-        return None
-    # a lock file whose run has ended, even by a kill: the kernel dropped its lock
-    return None
-
-
 def take_lock(out_dir):
     """Hold out_dir for this process: an exclusive flock on out_dir/train.lock, which then holds our PID.
     The kernel drops a flock when its process ends, however it ends, so a killed run never blocks the
     next one. The file stays open (and locked) until the process ends."""
     lock_file = open(out_dir / LOCK_NAME, "a+")
+    # a run started at the same moment may have got there first
+    flock(lock_file, out_dir)
+    lock_file.truncate(0)
+    lock_file.write(f"{os.getpid()}\n")
+    lock_file.flush()
+    return lock_file
+
+
+def check_lock(out_dir):
+    """Stop if a live train.py holds out_dir. Creates nothing: no lock file (or no folder), nobody holds it;
+    a lock file whose run has ended, even by a kill, is free (the kernel dropped its lock)."""
+    with contextlib.suppress(OSError), open(out_dir / LOCK_NAME) as f:
+        flock(f, out_dir)
+
+
+def flock(lock_file, out_dir):
+    """An exclusive flock on lock_file (released when it closes); held by a live run: UserError with its PID."""
     try:
         fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    # a run started at the same moment got there first
     except BlockingIOError:
         lock_file.seek(0)
         raise clip_vit.UserError(
             f"{out_dir}: in use by a running train.py (PID {lock_file.read().strip() or 'unknown'}); wait for it "
             "to end, or pick another --out"
         ) from None
-    lock_file.truncate(0)
-    lock_file.write(f"{os.getpid()}\n")
-    lock_file.flush()
-    return lock_file
 
 
 def restore(ckpt, model, optimizer, scheduler, scaler, args, tc):
@@ -515,9 +508,7 @@ def restore(ckpt, model, optimizer, scheduler, scaler, args, tc):
             group["lr"] = group_rates(tc)[group["name"]]
         group["weight_decay"] = tc.weight_decay
     progress = Progress(**{f.name: ckpt.get(f.name, f.default) for f in fields(Progress)})
-    news = ", ".join(
-        f"--{k.replace('_', '-')} {moa.typed(a)} -> {moa.typed(b)}" for k, (a, b) in changed.items()
-    )
+    news = ", ".join(f"{moa.flag(k)} {moa.typed(a)} -> {moa.typed(b)}" for k, (a, b) in changed.items())
     print(
         f"resumed from {ckpt_path}: epoch {progress.epoch + 1}, step {progress.step}; changed: {news or 'nothing'}"
     )

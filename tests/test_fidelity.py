@@ -174,11 +174,13 @@ def test_a_second_lock_in_the_same_process_is_refused(tmp_path):
     try:
         with pytest.raises(train.clip_vit.UserError, match=f"PID {train.os.getpid()}"):
             train.take_lock(tmp_path).close()
-        assert train.lock_holder(tmp_path) == str(train.os.getpid())
+        with pytest.raises(train.clip_vit.UserError, match=f"PID {train.os.getpid()}"):
+            train.check_lock(tmp_path)
     finally:
         first.close()
     train.take_lock(tmp_path).close()
-    assert train.lock_holder(tmp_path) is None
+    train.check_lock(tmp_path)  # free again: no error
+    train.check_lock(tmp_path / "nowhere")  # no folder: nobody holds it
 
 
 def test_paper_recipe_defaults_are_the_papers():
