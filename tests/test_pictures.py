@@ -175,7 +175,7 @@ def test_frame_without_valid_ground_truth_says_so(tmp_path):
 
 def photo_picture(rgb, depth):
     """The picture write_photo_outputs writes, without its other files."""
-    return pictures.depth_picture("photo.jpg", rgb, [("prediction", depth, depth.min(), depth.max())], cols=2)
+    return pictures.depth_picture("photo.jpg", rgb, [("prediction", depth, depth.min(), depth.max())])
 
 
 def check_reads_whole(picture):
