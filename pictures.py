@@ -41,7 +41,7 @@ EXPERT_COLOURS = np.array(
 # NYU Depth V2's Kinect colour camera at 640x480: fx, fy, cx, cy in pixels
 NYU_CAMERA = (518.8579, 519.4696, 325.5824, 253.7362)
 # what a folder of photos is expanded into, and the endings of the pictures written for a photo
-PHOTO_TYPES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
+PHOTO_TYPES = tuple(".jpg .jpeg .png .webp .tif .tiff .bmp .gif".split())
 OUTPUTS = ("_depth", "_depth_mm", "_depth_gates")
 # warn when more than this share of a photo's pixels sits at the depth cap
 CAP_SHARE = 0.3
@@ -89,11 +89,12 @@ def draw_picture(header, rgb, cells, cols):
     size = max(MIN_FONT, round(TEXT * rows * h))
     font = ImageFont.load_default(size)  # Pillow >= 10.1: scalable, no font file needed
     line = round(1.4 * size)
-    cell_w = w
-    for title, _, _, labels in cells:
-        # the bar's labels side by side, a font size apart
-        need = sum(font.getlength(label) + size for label in labels)
-        cell_w = max(cell_w, math.ceil(font.getlength(title)), math.ceil(need))
+    # each cell as wide as its map, its title and its bar's labels side by side, a font size apart
+    texts = [
+        max(font.getlength(title), sum(font.getlength(s) + size for s in labels))
+        for title, _, _, labels in cells
+    ]
+    cell_w = max(w, math.ceil(max(texts)))
     cell_h = 2 * line + h + size // 2
     width = max(cols * (cell_w + size) + size, math.ceil(font.getlength(header)) + 2 * size)
     canvas = Image.new("RGB", (width, line + rows * cell_h), "white")
@@ -139,9 +140,13 @@ def save_frame_picture(path, rgb, pred, gt, *, title="", scene=None, crop="eigen
     lo, hi = both.min(), both.max()
     error = (np.abs(pred - gt) * valid).astype(np.float32)  # 0 at GT holes
     m = metrics or data_nyu.depth_metrics(pred, gt, crop)  # as the standard protocol does
-    d1, rmse = float(m["d1"]), float(m["rmse"])  # NaN: not one valid pixel
     within = "" if crop == "none" else f" ({crop} crop)"
-    score = "no valid ground truth" if math.isnan(d1) else f"d1 {d1:.3f}, RMSE {rmse:.3f} m{within}"
+    # d1 NaN: not one valid pixel
+    score = (
+        "no valid ground truth"
+        if math.isnan(m["d1"])
+        else f"d1 {m['d1']:.3f}, RMSE {m['rmse']:.3f} m{within}"
+    )
     names = ", ".join(filter(None, (title, scene)))
     panels = [("prediction", pred, lo, hi), ("ground truth", gt, lo, hi), ("|error|", error, 0, error.max())]
     picture = depth_picture(f"{names}: {score}" if names else score, rgb, panels)
@@ -154,7 +159,8 @@ def save_frame_picture(path, rgb, pred, gt, *, title="", scene=None, crop="eigen
 
 def gate_tokens(gates):
     """Gates per MoA layer, (gh*gw, E) or (gh, gw, E) each -> (layers, tokens, E) float64."""
-    return np.stack([np.asarray(g, dtype=np.float64).reshape(-1, np.shape(g)[-1]) for g in gates])
+    g = np.array(gates, np.float64)
+    return g.reshape(len(g), -1, g.shape[-1])
 
 
 def winning_experts(gates):
@@ -296,12 +302,12 @@ def photo_intrinsics(shape, focal=None, focal35=None):
     return fx * W / 640, fy * H / 480, cx * W / 640, cy * H / 480, "NYU Kinect scaled to the photo"
 
 
-def cap_share(depth, max_depth=data_nyu.MAX_DEPTH):
+def cap_share(depth, max_depth):
     """The share of pixels at the depth cap: within 1 % of max_depth."""
     return float((depth >= 0.99 * max_depth).mean())
 
 
-def cap_warning(depth, max_depth=data_nyu.MAX_DEPTH):
+def cap_warning(depth, max_depth):
     """A one-line warning, to print after the path, if more than CAP_SHARE of the pixels sit at the cap;
     else None."""
     share = cap_share(depth, max_depth)
@@ -315,7 +321,8 @@ def write_ply(f, rgb, depth, intrinsics):
     """A point cloud, one vertex per pixel, row by row, binary little-endian: float x, y, z and
     uchar red, green, blue."""
     fx, fy, cx, cy, source = intrinsics
-    header = f"""ply
+    f.write(
+        f"""ply
 format binary_little_endian 1.0
 comment camera frame, metres: x right, y down, z forward = the depth at pixel column u, row v
 comment x = (u - cx) * z / fx, y = (v - cy) * z / fy
@@ -328,20 +335,18 @@ property uchar red
 property uchar green
 property uchar blue
 end_header
-"""
-    vertices = np.empty(depth.shape, [(name, "<f4" if name in "xyz" else "u1") for name in "xyzrgb"])
-    vertices["x"] = (np.arange(depth.shape[1]) - cx) / fx * depth
-    vertices["y"] = (np.arange(depth.shape[0])[:, None] - cy) / fy * depth
-    vertices["z"] = depth
-    for i, name in enumerate("rgb"):
-        vertices[name] = rgb[..., i]
-    f.write(header.encode())
+""".encode()
+    )
+    vertices = np.empty(depth.shape, [("xyz", "<f4", 3), ("rgb", "u1", 3)])  # 15 bytes, no padding
+    xyz = vertices["xyz"]
+    xyz[..., 0] = (np.arange(depth.shape[1]) - cx) / fx * depth
+    xyz[..., 1] = (np.arange(depth.shape[0])[:, None] - cy) / fy * depth
+    xyz[..., 2] = depth
+    vertices["rgb"] = rgb
     f.write(vertices.data)  # no copy: 15 bytes a pixel, 360 MB for 24 MP
 
 
-def write_photo_outputs(
-    stem, rgb, depth, intrinsics, sidecar, depth_range=(data_nyu.MIN_DEPTH, data_nyu.MAX_DEPTH)
-):
+def write_photo_outputs(stem, rgb, depth, intrinsics, sidecar, depth_range):
     """A photo's files, each written whole (atomic_write), beside each other: <stem>.npy (float32
     metres at the photo's resolution), .png (the picture, under sidecar's "photo"), _mm.png (uint16
     millimetres, 1 to 65535), .ply (the point cloud) and .json: sidecar (what the caller knows: the
@@ -349,11 +354,10 @@ def write_photo_outputs(
     photo_intrinsics'; depth_range: the model's [min, max] in metres. -> the paths written."""
     depth = depth.astype(np.float32)
     lo, hi = float(depth.min()), float(depth.max())
-    millimetres = np.clip(np.round(depth * 1000), 1, 65535).astype(np.uint16)
     writers = {
         ".npy": lambda f: np.save(f, depth),
         ".png": png(depth_picture(sidecar["photo"], rgb, [("prediction", depth, lo, hi)])),
-        "_mm.png": png(Image.fromarray(millimetres)),
+        "_mm.png": png(Image.fromarray(np.clip(np.round(depth * 1000), 1, 65535).astype(np.uint16))),
         ".ply": lambda f: write_ply(f, rgb, depth, intrinsics),
     }
     about = {
@@ -361,7 +365,7 @@ def write_photo_outputs(
         "units": {".npy": "metres", ".ply": "metres", "_mm.png": "millimetres"},
         "depth": {"min": lo, "max": hi, "model_range": list(depth_range)},
         "share_at_cap": cap_share(depth, depth_range[1]),
-        "intrinsics": dict(zip(("fx", "fy", "cx", "cy", "source"), intrinsics)),
+        "intrinsics": dict(zip("fx fy cx cy source".split(), intrinsics)),
         "files": [f"{Path(stem).name}{suffix}" for suffix in (*writers, ".json")],
     }
     writers[".json"] = lambda f: f.write(json.dumps(about, indent=1).encode())
