@@ -149,8 +149,7 @@ def save_frame_picture(path, rgb, pred, gt, *, title="", scene=None, crop="eigen
     )
     names = ", ".join(filter(None, (title, scene)))
     panels = [("prediction", pred, lo, hi), ("ground truth", gt, lo, hi), ("|error|", error, 0, error.max())]
-    picture = depth_picture(f"{names}: {score}" if names else score, rgb, panels)
-    clip_vit.atomic_write(path, png(picture))
+    clip_vit.atomic_write(path, png(depth_picture(f"{names}: {score}" if names else score, rgb, panels)))
 
 
 # -----------------------------------------------------------------------------
@@ -245,19 +244,14 @@ def photo_paths(args):
     return paths
 
 
-def decoded(path, truncated):
+def decoded(path):
     """path, decoded and upright (EXIF) -> (PIL image, frames in the file, EXIF's 35 mm-equivalent
-    focal length in mm or None). truncated: a cut file decodes, its missing part grey."""
-    before = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = truncated
-    try:
-        with Image.open(path) as im:
-            frames = getattr(im, "n_frames", 1)
-            im.load()
-            # Exif IFD: FocalLengthIn35mmFilm
-            return ImageOps.exif_transpose(im), frames, im.getexif().get_ifd(0x8769).get(0xA405) or None
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = before
+    focal length in mm or None)."""
+    with Image.open(path) as im:
+        frames = getattr(im, "n_frames", 1)
+        im.load()
+        # Exif IFD: FocalLengthIn35mmFilm
+        return ImageOps.exif_transpose(im), frames, im.getexif().get_ifd(0x8769).get(0xA405) or None
 
 
 def read_photo(path):
@@ -266,14 +260,19 @@ def read_photo(path):
     35 mm-equivalent focal length in mm, or None. Greyscale, palette and 16-bit (stretched to 8
     bits) become RGB; transparent pixels lie on white, as a viewer shows them."""
     notes = []
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
     try:
         try:
-            im, frames, focal35 = decoded(path, truncated=False)
-        except OSError:  # a cut file; anything else fails again here
-            im, frames, focal35 = decoded(path, truncated=True)
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+            im, frames, focal35 = decoded(path)
+        except OSError:  # a cut file decodes, its missing part grey; anything else fails again here
+            ImageFile.LOAD_TRUNCATED_IMAGES = True
+            im, frames, focal35 = decoded(path)
             notes.append("truncated or corrupt data: the lower part may be grey/smeared")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise clip_vit.UserError(f"{path}: not a readable image ({e.__class__.__name__})") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
     if frames > 1:
         notes.append(f"{frames} frames; the first is used")
     if im.mode.startswith(("I", "F")):  # 16-bit, 32-bit: stretched to 8 bits
@@ -338,9 +337,11 @@ end_header
 """.encode()
     )
     vertices = np.empty(depth.shape, [("xyz", "<f4", 3), ("rgb", "u1", 3)])  # 15 bytes, no padding
+    H, W = depth.shape
+    v, u = np.ogrid[:H, :W]  # (H, 1) rows, (1, W) columns
     xyz = vertices["xyz"]
-    xyz[..., 0] = (np.arange(depth.shape[1]) - cx) / fx * depth
-    xyz[..., 1] = (np.arange(depth.shape[0])[:, None] - cy) / fy * depth
+    xyz[..., 0] = (u - cx) / fx * depth
+    xyz[..., 1] = (v - cy) / fy * depth
     xyz[..., 2] = depth
     vertices["rgb"] = rgb
     f.write(vertices.data)  # no copy: 15 bytes a pixel, 360 MB for 24 MP
