@@ -70,11 +70,9 @@ def map_size(shape, side=MAP_SIDE):
 
 def resized(a, h, w):
     """A map (nearest pixel: depths stay depths, holes stay holes) or an RGB photo (box filter when
-    smaller, nearest when larger: a 1x1 photo shows as one block) at h x w."""
+    smaller, nearest when larger: a 1x1 photo shows as one block) at h x w. A float32 map: PIL's mode F."""
     shrink = a.ndim == 3 and h * w < a.shape[0] * a.shape[1]
-    return np.asarray(
-        Image.fromarray(a).resize((w, h), Image.BOX if shrink else Image.NEAREST)
-    )  # float32: mode F
+    return np.asarray(Image.fromarray(a).resize((w, h), Image.BOX if shrink else Image.NEAREST))
 
 
 def draw_picture(header, rgb, cells, cols):
@@ -320,8 +318,7 @@ def write_ply(f, rgb, depth, intrinsics):
     """A point cloud, one vertex per pixel, row by row, binary little-endian: float x, y, z and
     uchar red, green, blue."""
     fx, fy, cx, cy, source = intrinsics
-    f.write(
-        f"""ply
+    header = f"""ply
 format binary_little_endian 1.0
 comment camera frame, metres: x right, y down, z forward = the depth at pixel column u, row v
 comment x = (u - cx) * z / fx, y = (v - cy) * z / fy
@@ -334,8 +331,7 @@ property uchar red
 property uchar green
 property uchar blue
 end_header
-""".encode()
-    )
+"""
     vertices = np.empty(depth.shape, [("xyz", "<f4", 3), ("rgb", "u1", 3)])  # 15 bytes, no padding
     H, W = depth.shape
     v, u = np.ogrid[:H, :W]  # (H, 1) rows, (1, W) columns
@@ -344,6 +340,7 @@ end_header
     xyz[..., 1] = (v - cy) / fy * depth
     xyz[..., 2] = depth
     vertices["rgb"] = rgb
+    f.write(header.encode())
     f.write(vertices.data)  # no copy: 15 bytes a pixel, 360 MB for 24 MP
 
 
@@ -364,7 +361,7 @@ def write_photo_outputs(stem, rgb, depth, intrinsics, sidecar, depth_range):
     about = {
         **sidecar,
         "units": {".npy": "metres", ".ply": "metres", "_mm.png": "millimetres"},
-        "depth": {"min": lo, "max": hi, "model_range": list(depth_range)},
+        "depth": {"min": lo, "max": hi, "model_range": depth_range},
         "share_at_cap": cap_share(depth, depth_range[1]),
         "intrinsics": dict(zip("fx fy cx cy source".split(), intrinsics)),
         "files": [f"{Path(stem).name}{suffix}" for suffix in (*writers, ".json")],
