@@ -333,8 +333,7 @@ property uchar blue
 end_header
 """
     vertices = np.empty(depth.shape, [("xyz", "<f4", 3), ("rgb", "u1", 3)])  # 15 bytes, no padding
-    H, W = depth.shape
-    v, u = np.ogrid[:H, :W]  # (H, 1) rows, (1, W) columns
+    v, u = np.indices(depth.shape, sparse=True)  # rows (H, 1), columns (1, W)
     xyz = vertices["xyz"]
     xyz[..., 0] = (u - cx) / fx * depth
     xyz[..., 1] = (v - cy) / fy * depth
@@ -357,6 +356,7 @@ def write_photo_outputs(stem, rgb, depth, intrinsics, sidecar, depth_range):
         ".png": png(depth_picture(sidecar["photo"], rgb, [("prediction", depth, lo, hi)])),
         "_mm.png": png(Image.fromarray(np.clip(np.round(depth * 1000), 1, 65535).astype(np.uint16))),
         ".ply": lambda f: write_ply(f, rgb, depth, intrinsics),
+        ".json": lambda f: f.write(json.dumps(about, indent=1).encode()),  # about: below
     }
     about = {
         **sidecar,
@@ -364,9 +364,8 @@ def write_photo_outputs(stem, rgb, depth, intrinsics, sidecar, depth_range):
         "depth": {"min": lo, "max": hi, "model_range": depth_range},
         "share_at_cap": cap_share(depth, depth_range[1]),
         "intrinsics": dict(zip("fx fy cx cy source".split(), intrinsics)),
-        "files": [f"{Path(stem).name}{suffix}" for suffix in (*writers, ".json")],
+        "files": [f"{Path(stem).name}{suffix}" for suffix in writers],
     }
-    writers[".json"] = lambda f: f.write(json.dumps(about, indent=1).encode())
     for suffix, write in writers.items():
         clip_vit.atomic_write(f"{stem}{suffix}", write)
     return [Path(f"{stem}{suffix}") for suffix in writers]
