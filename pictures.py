@@ -41,7 +41,7 @@ EXPERT_COLOURS = np.array(
 # NYU Depth V2's Kinect colour camera at 640x480: fx, fy, cx, cy in pixels
 NYU_CAMERA = (518.8579, 519.4696, 325.5824, 253.7362)
 # what a folder of photos is expanded into, and the endings of the pictures written for a photo
-PHOTO_TYPES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
+PHOTO_TYPES = tuple(".jpg .jpeg .png .webp .tif .tiff .bmp .gif".split())
 OUTPUTS = ("_depth", "_depth_mm", "_depth_gates")
 # warn when more than this share of a photo's pixels sits at the depth cap
 CAP_SHARE = 0.3
@@ -55,8 +55,8 @@ def colorize(x, lo, hi):
     """(H, W) -> (H, W, 3) uint8 in turbo, Google's smoothed rainbow: lo dark blue, hi dark red."""
     # 0 to 1 across the scale
     t = np.clip((x - lo) / max(hi - lo, 1e-9), 0, 1)[..., None]
-    powers = t ** np.arange(6)  # (H, W, 6): 1, t, ..., t^5; TURBO's rows: R, G, B coefficients
-    return (np.clip(powers @ TURBO.T, 0, 1) * 255).astype(np.uint8)
+    # (H, W, 6): 1, t, ..., t^5; TURBO's rows: R, G, B coefficients
+    return (np.clip(t ** np.arange(6) @ TURBO.T, 0, 1) * 255).astype(np.uint8)
 
 
 # (256, 3): the depth maps' colour bar, low to high
@@ -65,80 +65,89 @@ RAMP = colorize(np.linspace(0, 1, 256), 0, 1)
 
 def map_size(shape, side=MAP_SIDE):
     """(h, w) of a map of shape (H, W, ...) in a picture: its long side `side` px, its aspect kept."""
-    H, W = shape[:2]
-    return max(1, round(side * H / max(H, W))), max(1, round(side * W / max(H, W)))
+    return tuple(max(1, round(side * n / max(shape[:2]))) for n in shape[:2])
 
 
 def resized(a, h, w):
     """A map (nearest pixel: depths stay depths, holes stay holes) or an RGB photo (box filter when
-    smaller, nearest when larger: a 1x1 photo shows as one block) at h x w."""
-    smaller = h * w < a.shape[0] * a.shape[1]
-    resample = Image.Resampling.BOX if a.ndim == 3 and smaller else Image.Resampling.NEAREST
-    return np.asarray(Image.fromarray(a).resize((w, h), resample))  # float32 (H, W): mode F
+    smaller, nearest when larger: a 1x1 photo shows as one block) at h x w. A float32 map: PIL's mode F."""
+    shrink = a.ndim == 3 and h * w < a.shape[0] * a.shape[1]
+    return np.asarray(Image.fromarray(a).resize((w, h), Image.BOX if shrink else Image.NEAREST))
 
 
-def draw_picture(header, cells, cols):
-    """A header line, then a grid of cells, each (title, map (h, w, 3) uint8, bar colours (n, 3) or
-    None, labels): a title line, the map and, given a bar, the bar half a font size high over a line
-    with its first label at the left and its last at the right. Cells are a font size apart, each as
-    wide as its texts need, so no two labels touch. The font is TEXT of the maps' height. -> PIL image."""
+def draw_picture(header, rgb, cells, cols):
+    """A header line, then a grid of cells: the RGB at the maps' size, then each cell (title, map
+    (h, w, 3) uint8, bar colours (n, 3), labels): a title line, the map and the bar half a font size
+    high over a line with its first label at the left and its last at the right. Cells are a font
+    size apart, each as wide as its texts need, so no two labels touch. The font is TEXT of the maps'
+    height. -> PIL image."""
     h, w = cells[0][1].shape[:2]
+    cells = [("RGB", resized(rgb, h, w), None, ()), *cells]
     rows = math.ceil(len(cells) / cols)
     size = max(MIN_FONT, round(TEXT * rows * h))
-    font = ImageFont.load_default(size=size)  # Pillow >= 10.1: scalable, no font file needed
+    font = ImageFont.load_default(size)  # Pillow >= 10.1: scalable, no font file needed
     line = round(1.4 * size)
-    cell_w = w
-    for title, _, _, labels in cells:
-        # the bar's labels side by side, a font size apart
-        need = sum(font.getlength(label) + size for label in labels)
-        cell_w = max(cell_w, math.ceil(font.getlength(title)), math.ceil(need))
+    # each cell as wide as its map, its title and its bar's labels side by side, a font size apart
+    texts = [
+        max(font.getlength(title), sum(font.getlength(s) + size for s in labels))
+        for title, _, _, labels in cells
+    ]
+    cell_w = max(w, math.ceil(max(texts)))
     cell_h = 2 * line + h + size // 2
     width = max(cols * (cell_w + size) + size, math.ceil(font.getlength(header)) + 2 * size)
     canvas = Image.new("RGB", (width, line + rows * cell_h), "white")
     draw = ImageDraw.Draw(canvas)
-    draw.text((size, 0), header, fill="black", font=font)
+    draw.font = font
+    draw.text((size, 0), header, "black")
     for i, (title, image, bar, labels) in enumerate(cells):
         x = size + i % cols * (cell_w + size)  # the cell's top left corner
         y = line + i // cols * cell_h
-        draw.text((x, y), title, fill="black", font=font)
+        draw.text((x, y), title, "black")
         canvas.paste(Image.fromarray(image), (x + (cell_w - w) // 2, y + line))
         if bar is not None:
-            strip = Image.fromarray(bar[None]).resize((cell_w, size // 2), Image.Resampling.NEAREST)
-            canvas.paste(strip, (x, y + line + h))
+            canvas.paste(
+                Image.fromarray(bar[None]).resize((cell_w, size // 2), Image.NEAREST), (x, y + line + h)
+            )
             for label, left in zip(labels, (x, x + cell_w - font.getlength(labels[-1]))):
-                draw.text((left, y + line + h + size // 2), label, fill="black", font=font)
+                draw.text((left, y + line + h + size // 2), label, "black")
     return canvas
 
 
-def depth_picture(header, rgb, panels, cols):
-    """RGB, then each panel (title, map in metres, lo, hi) in turbo over a colour bar from lo to hi.
-    Maps are resized to MAP_SIDE before colouring: a 6000x4000 photo costs little memory."""
+def depth_picture(header, rgb, panels):
+    """RGB, then each panel (title, map in metres, lo, hi) in turbo over a colour bar from lo to hi,
+    two a row. Maps are resized to MAP_SIDE before colouring: a 6000x4000 photo costs little memory."""
     h, w = map_size(rgb.shape)
-    cells = [("RGB", resized(rgb, h, w), None, ())]
-    for title, depth, lo, hi in panels:
-        cells.append((title, colorize(resized(depth, h, w), lo, hi), RAMP, (f"{lo:.2f} m", f"{hi:.2f} m")))
-    return draw_picture(header, cells, cols)
+    cells = [
+        (title, colorize(resized(depth, h, w), lo, hi), RAMP, (f"{lo:.2f} m", f"{hi:.2f} m"))
+        for title, depth, lo, hi in panels
+    ]
+    return draw_picture(header, rgb, cells, 2)
 
 
-def save_png(path, picture):
-    clip_vit.atomic_write(path, lambda f: picture.save(f, format="PNG"))  # an old one stays whole
+def png(picture):
+    """A PIL image -> a writer for clip_vit.atomic_write, which keeps an old file whole."""
+    return lambda f: picture.save(f, format="PNG")
 
 
 def save_frame_picture(path, rgb, pred, gt, *, title="", scene=None, crop="eigen", metrics=None):
     """RGB | prediction over ground truth | |error|, a header with title, scene and the frame's d1
     and RMSE within `crop` (metrics: this frame's, if already scored; else scored here). Prediction
     and ground truth share one scale fitted to both: a 3.5-6.4 m room uses every colour."""
-    valid = (gt > data_nyu.MIN_DEPTH) & (gt < data_nyu.MAX_DEPTH)  # no holes
+    valid = data_nyu.valid_depth(gt)  # no holes
     both = np.r_[pred.ravel(), gt[valid]]
+    lo, hi = both.min(), both.max()
     error = (np.abs(pred - gt) * valid).astype(np.float32)  # 0 at GT holes
-    m = metrics or data_nyu.depth_metrics(pred, gt, crop=crop)  # as the standard protocol does
-    d1, rmse = float(m["d1"]), float(m["rmse"])  # NaN: not one valid pixel
+    m = metrics or data_nyu.depth_metrics(pred, gt, crop)  # as the standard protocol does
     within = "" if crop == "none" else f" ({crop} crop)"
-    score = "no valid ground truth" if math.isnan(d1) else f"d1 {d1:.3f}, RMSE {rmse:.3f} m{within}"
-    names = ", ".join(t for t in (title, scene) if t)
-    panels = [("prediction", pred), ("ground truth", gt)]
-    panels = [(name, a, both.min(), both.max()) for name, a in panels] + [("|error|", error, 0, error.max())]
-    save_png(path, depth_picture(f"{names}: {score}" if names else score, rgb, panels, cols=2))
+    # d1 NaN: not one valid pixel
+    score = (
+        "no valid ground truth"
+        if math.isnan(m["d1"])
+        else f"d1 {m['d1']:.3f}, RMSE {m['rmse']:.3f} m{within}"
+    )
+    names = ", ".join(filter(None, (title, scene)))
+    panels = [("prediction", pred, lo, hi), ("ground truth", gt, lo, hi), ("|error|", error, 0, error.max())]
+    clip_vit.atomic_write(path, png(depth_picture(f"{names}: {score}" if names else score, rgb, panels)))
 
 
 # -----------------------------------------------------------------------------
@@ -147,7 +156,8 @@ def save_frame_picture(path, rgb, pred, gt, *, title="", scene=None, crop="eigen
 
 def gate_tokens(gates):
     """Gates per MoA layer, (gh*gw, E) or (gh, gw, E) each -> (layers, tokens, E) float64."""
-    return np.stack([np.asarray(g, dtype=np.float64).reshape(-1, np.shape(g)[-1]) for g in gates])
+    g = np.array(gates, np.float64)
+    return g.reshape(len(g), -1, g.shape[-1])
 
 
 def winning_experts(gates):
@@ -176,12 +186,13 @@ def save_gate_panel(path, rgb, gates, layer_names):
     mean gate entropy in its title."""
     experts = np.shape(gates[0])[-1]
     h, w = map_size(rgb.shape, MAP_SIDE // 2)
-    cells = [("RGB", resized(rgb, h, w), None, ())]
     legend = EXPERT_COLOURS[:experts], ("expert 0", f"expert {experts - 1}")
-    for name, winners, entropy in zip(layer_names, winning_experts(gates), gate_entropy(gates)):
-        cells.append((f"{name}: H {entropy:.2f} nats", resized(EXPERT_COLOURS[winners], h, w), *legend))
+    cells = [
+        (f"{name}: H {entropy:.2f} nats", resized(EXPERT_COLOURS[winners], h, w), *legend)
+        for name, winners, entropy in zip(layer_names, winning_experts(gates), gate_entropy(gates))
+    ]
     header = f"the expert that wins each patch (bars: experts 0 to {experts - 1}, left to right)"
-    save_png(path, draw_picture(header, cells, len(cells)))
+    clip_vit.atomic_write(path, png(draw_picture(header, rgb, cells, len(cells) + 1)))
 
 
 # -----------------------------------------------------------------------------
@@ -216,27 +227,29 @@ def photo_paths(args):
         if not path.exists():
             raise clip_vit.UserError(f"{arg}: no such file")
         # a folder's photos, not the pictures an earlier run wrote beside them
-        photos = [p for p in sorted(path.glob("*")) if p.suffix.lower() in PHOTO_TYPES]
-        found = [p for p in photos if not p.stem.endswith(OUTPUTS)] if path.is_dir() else [path]
+        found = (
+            [
+                p
+                for p in sorted(path.glob("*"))
+                if p.suffix.lower() in PHOTO_TYPES and not p.stem.endswith(OUTPUTS)
+            ]
+            if path.is_dir()
+            else [path]
+        )
         if not found:
             raise clip_vit.UserError(f"{arg}: a folder without photos ({' '.join(PHOTO_TYPES)})")
         paths += found
     return paths
 
 
-def decoded(path, truncated):
+def decoded(path):
     """path, decoded and upright (EXIF) -> (PIL image, frames in the file, EXIF's 35 mm-equivalent
-    focal length in mm or None). truncated: a cut file decodes, its missing part grey."""
-    before = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = truncated
-    try:
-        with Image.open(path) as im:
-            frames = getattr(im, "n_frames", 1)
-            im.load()
-            focal35 = im.getexif().get_ifd(0x8769).get(0xA405)  # Exif IFD: FocalLengthIn35mmFilm
-            return ImageOps.exif_transpose(im), frames, focal35 or None
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = before
+    focal length in mm or None)."""
+    with Image.open(path) as im:
+        frames = getattr(im, "n_frames", 1)
+        im.load()
+        # Exif IFD: FocalLengthIn35mmFilm
+        return ImageOps.exif_transpose(im), frames, im.getexif().get_ifd(0x8769).get(0xA405) or None
 
 
 def read_photo(path):
@@ -245,19 +258,25 @@ def read_photo(path):
     35 mm-equivalent focal length in mm, or None. Greyscale, palette and 16-bit (stretched to 8
     bits) become RGB; transparent pixels lie on white, as a viewer shows them."""
     notes = []
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
     try:
         try:
-            im, frames, focal35 = decoded(path, truncated=False)
-        except OSError:  # a cut file; anything else fails again here
-            im, frames, focal35 = decoded(path, truncated=True)
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+            im, frames, focal35 = decoded(path)
+        except OSError:  # a cut file decodes, its missing part grey; anything else fails again here
+            ImageFile.LOAD_TRUNCATED_IMAGES = True
+            im, frames, focal35 = decoded(path)
             notes.append("truncated or corrupt data: the lower part may be grey/smeared")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise clip_vit.UserError(f"{path}: not a readable image ({e.__class__.__name__})") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
     if frames > 1:
         notes.append(f"{frames} frames; the first is used")
     if im.mode.startswith(("I", "F")):  # 16-bit, 32-bit: stretched to 8 bits
-        a = np.asarray(im, dtype=np.float64)
-        im = Image.fromarray((255 * (a - a.min()) / max(a.max() - a.min(), 1)).astype(np.uint8))
+        a = np.asarray(im, np.float64)
+        a -= a.min()
+        im = Image.fromarray((255 * a / max(a.max(), 1)).astype(np.uint8))
     if im.has_transparency_data:
         notes.append("an alpha channel: transparent pixels composited on white")
         im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
@@ -280,12 +299,12 @@ def photo_intrinsics(shape, focal=None, focal35=None):
     return fx * W / 640, fy * H / 480, cx * W / 640, cy * H / 480, "NYU Kinect scaled to the photo"
 
 
-def cap_share(depth, max_depth=data_nyu.MAX_DEPTH):
+def cap_share(depth, max_depth):
     """The share of pixels at the depth cap: within 1 % of max_depth."""
     return float((depth >= 0.99 * max_depth).mean())
 
 
-def cap_warning(depth, max_depth=data_nyu.MAX_DEPTH):
+def cap_warning(depth, max_depth):
     """A one-line warning, to print after the path, if more than CAP_SHARE of the pixels sit at the cap;
     else None."""
     share = cap_share(depth, max_depth)
@@ -293,7 +312,6 @@ def cap_warning(depth, max_depth=data_nyu.MAX_DEPTH):
         return (
             f"{100 * share:.0f} % of pixels at the {max_depth:g} m cap: likely not an indoor NYU-like scene"
         )
-    return None
 
 
 def write_ply(f, rgb, depth, intrinsics):
@@ -314,21 +332,18 @@ property uchar green
 property uchar blue
 end_header
 """
-    vertices = np.empty(
-        depth.shape, dtype=[(name, "<f4") for name in "xyz"] + [(name, "u1") for name in "rgb"]
-    )
-    vertices["x"] = (np.arange(depth.shape[1]) - cx) / fx * depth
-    vertices["y"] = (np.arange(depth.shape[0])[:, None] - cy) / fy * depth
-    vertices["z"] = depth
-    for i, name in enumerate("rgb"):
-        vertices[name] = rgb[..., i]
+    vertices = np.empty(depth.shape, [("xyz", "<f4", 3), ("rgb", "u1", 3)])  # 15 bytes, no padding
+    v, u = np.indices(depth.shape, sparse=True)  # rows (H, 1), columns (1, W)
+    xyz = vertices["xyz"]
+    xyz[..., 0] = (u - cx) / fx * depth
+    xyz[..., 1] = (v - cy) / fy * depth
+    xyz[..., 2] = depth
+    vertices["rgb"] = rgb
     f.write(header.encode())
     f.write(vertices.data)  # no copy: 15 bytes a pixel, 360 MB for 24 MP
 
 
-def write_photo_outputs(
-    stem, rgb, depth, intrinsics, sidecar, depth_range=(data_nyu.MIN_DEPTH, data_nyu.MAX_DEPTH)
-):
+def write_photo_outputs(stem, rgb, depth, intrinsics, sidecar, depth_range):
     """A photo's files, each written whole (atomic_write), beside each other: <stem>.npy (float32
     metres at the photo's resolution), .png (the picture, under sidecar's "photo"), _mm.png (uint16
     millimetres, 1 to 65535), .ply (the point cloud) and .json: sidecar (what the caller knows: the
@@ -336,23 +351,21 @@ def write_photo_outputs(
     photo_intrinsics'; depth_range: the model's [min, max] in metres. -> the paths written."""
     depth = depth.astype(np.float32)
     lo, hi = float(depth.min()), float(depth.max())
-    picture = depth_picture(sidecar.get("photo", ""), rgb, [("prediction", depth, lo, hi)], cols=2)
-    millimetres = np.clip(np.round(depth * 1000), 1, 65535).astype(np.uint16)
     writers = {
         ".npy": lambda f: np.save(f, depth),
-        ".png": lambda f: picture.save(f, format="PNG"),
-        "_mm.png": lambda f: Image.fromarray(millimetres).save(f, format="PNG"),
+        ".png": png(depth_picture(sidecar["photo"], rgb, [("prediction", depth, lo, hi)])),
+        "_mm.png": png(Image.fromarray(np.clip(np.round(depth * 1000), 1, 65535).astype(np.uint16))),
         ".ply": lambda f: write_ply(f, rgb, depth, intrinsics),
+        ".json": lambda f: f.write(json.dumps(about, indent=1).encode()),  # about: below
     }
     about = {
         **sidecar,
         "units": {".npy": "metres", ".ply": "metres", "_mm.png": "millimetres"},
-        "depth": {"min": lo, "max": hi, "model_range": list(depth_range)},
+        "depth": {"min": lo, "max": hi, "model_range": depth_range},
         "share_at_cap": cap_share(depth, depth_range[1]),
-        "intrinsics": dict(zip(("fx", "fy", "cx", "cy", "source"), intrinsics)),
-        "files": [f"{Path(stem).name}{suffix}" for suffix in (*writers, ".json")],
+        "intrinsics": dict(zip("fx fy cx cy source".split(), intrinsics)),
+        "files": [f"{Path(stem).name}{suffix}" for suffix in writers],
     }
-    writers[".json"] = lambda f: f.write(json.dumps(about, indent=1).encode())
     for suffix, write in writers.items():
         clip_vit.atomic_write(f"{stem}{suffix}", write)
     return [Path(f"{stem}{suffix}") for suffix in writers]

@@ -21,6 +21,7 @@ import data_nyu
 import pictures
 from pictures import colorize
 
+RANGE = (data_nyu.MIN_DEPTH, data_nyu.MAX_DEPTH)  # the model's depth range, metres
 LUT = colorize(np.linspace(0, 1, 256)[None, :], 0, 1)[0].astype(int)  # (256, 3): level -> colour
 
 
@@ -175,7 +176,7 @@ def test_frame_without_valid_ground_truth_says_so(tmp_path):
 
 def photo_picture(rgb, depth):
     """The picture write_photo_outputs writes, without its other files."""
-    return pictures.depth_picture("photo.jpg", rgb, [("prediction", depth, depth.min(), depth.max())], cols=2)
+    return pictures.depth_picture("photo.jpg", rgb, [("prediction", depth, depth.min(), depth.max())])
 
 
 def check_reads_whole(picture):
@@ -212,7 +213,7 @@ def test_a_1x1_photo_is_enlarged(tmp_path):
     rgb = np.array([[[200, 30, 30]]], np.uint8)
     depth = np.full((1, 1), 2.5, np.float32)
     paths = pictures.write_photo_outputs(
-        tmp_path / "dot", rgb, depth, pictures.photo_intrinsics((1, 1)), {"photo": "dot.png"}
+        tmp_path / "dot", rgb, depth, pictures.photo_intrinsics((1, 1)), {"photo": "dot.png"}, RANGE
     )
     picture = read_rgb(paths[1])
     assert shows_header(picture, "dot.png", round(0.04 * 640))
@@ -262,7 +263,7 @@ def test_photo_outputs_read_back(tmp_path):
     depth[0, 0], depth[0, 1] = 1e-3, 10.0  # the model's extremes
     intrinsics = (50.0, 60.0, 3.5, 2.5, "--focal")
     about = {"photo": "room.jpg", "checkpoint": {"file": "model.pt"}, "output_grid": "7x7"}
-    paths = pictures.write_photo_outputs(tmp_path / "room_depth", rgb, depth, intrinsics, about)
+    paths = pictures.write_photo_outputs(tmp_path / "room_depth", rgb, depth, intrinsics, about, RANGE)
     names = ["room_depth.npy", "room_depth.png", "room_depth_mm.png", "room_depth.ply", "room_depth.json"]
     assert [p.name for p in paths] == names and sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
 
@@ -296,15 +297,15 @@ def test_photo_outputs_read_back(tmp_path):
 def test_cap_warning():
     depth = np.full((10, 10), 3.0, np.float32)
     depth[:4] = 10.0  # 40 % at the cap
-    assert pictures.cap_warning(depth) == (
+    assert pictures.cap_warning(depth, 10.0) == (
         "40 % of pixels at the 10 m cap: likely not an indoor NYU-like scene"
     )
     depth[:4] = 9.95  # within 1 % of it: still the cap
-    assert pictures.cap_share(depth) == 0.4
+    assert pictures.cap_share(depth, 10.0) == 0.4
     depth[:4] = 9.8
-    assert pictures.cap_share(depth) == 0 and pictures.cap_warning(depth) is None
+    assert pictures.cap_share(depth, 10.0) == 0 and pictures.cap_warning(depth, 10.0) is None
     depth[:2] = 10.0  # 20 %: no warning
-    assert pictures.cap_share(depth) == 0.2 and pictures.cap_warning(depth) is None
+    assert pictures.cap_share(depth, 10.0) == 0.2 and pictures.cap_warning(depth, 10.0) is None
 
 
 def test_intrinsics_nyu_focal_and_exif(tmp_path):
