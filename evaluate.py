@@ -53,8 +53,6 @@ FRAME = (480, 640)
 FULL_FRAME = (0, 480, 0, 640)  # rows, cols: the whole frame
 # rows, cols of the RGB crop DepthCLIP's model sees
 DEPTHCLIP_INPUT = (56, 472, 60, 604)
-# the authors' script scales and pools per batch of 8
-AUTHORS_BATCH = 8
 # ViT-B/32: one output cell per 32x32 input pixels
 PATCH = 32
 
@@ -77,13 +75,13 @@ class Protocol:
 
 PROTOCOLS = {
     # BTS, AdaBins
-    "standard": Protocol(FULL_FRAME, crop="eigen"),
+    "standard": Protocol(FULL_FRAME, "eigen"),
     # the authors' first (compiled) metric function: DepthCLIP's, on the whole frame
-    "standard-depthclip-crop": Protocol(FULL_FRAME, crop="depthclip"),
+    "standard-depthclip-crop": Protocol(FULL_FRAME, "depthclip"),
     # DepthCLIP's NYU script
-    "depthclip": Protocol(DEPTHCLIP_INPUT, crop="depthclip", flip=True),
-    # the authors' second, readable script
-    "authors": Protocol(FULL_FRAME, crop="garg", resize="pil-bicubic", group=AUTHORS_BATCH),
+    "depthclip": Protocol(DEPTHCLIP_INPUT, "depthclip", flip=True),
+    # the authors' second, readable script: it scales and pools per batch of 8
+    "authors": Protocol(FULL_FRAME, "garg", resize="pil-bicubic", group=8),
 }
 
 
@@ -100,7 +98,7 @@ def score(maps, gt, protocol):
             key: data_nyu.depth_metrics(
                 pred,
                 torch.where(pred > data_nyu.MIN_DEPTH, gt, 0.0) if protocol.crop == "depthclip" else gt,
-                crop=protocol.crop,
+                protocol.crop,
             )
             for key, pred in maps.items()
         }
@@ -162,8 +160,7 @@ def protocol_maps(rgb, gt, protocol, model=None, dtype=None, ceiling_input=None)
     else:
         maps = predict_maps(model, rgb[..., r0:r1, c0:c1], dtype, size, protocol.flip, protocol.resize)
     # as DepthCLIP pastes it: zeros around the box (left, right, top, bottom)
-    around = (c0, FRAME[1] - c1, r0, FRAME[0] - r1)
-    return {key: F.pad(depth, around) for key, depth in maps.items()}
+    return {key: F.pad(depth, (c0, FRAME[1] - c1, r0, FRAME[0] - r1)) for key, depth in maps.items()}
 
 
 # --ceiling's least squares: its pull towards the cell means, against ~6,000 pixels' weight per cell
@@ -181,7 +178,7 @@ def ceiling_maps(gt, input_size, out_size):
     valid pixel depends on (they keep their cell mean). No grid's map has a lower RMSE before the
     clamp, and the clamp only moves a pixel towards its valid ground truth. The maps are R^T g C, the
     separable form of the model's two bilinear resizes (equal to them to float64 rounding)."""
-    grid = (input_size[0] // PATCH, input_size[1] // PATCH)
+    grid = [size // PATCH for size in input_size]
     valid = data_nyu.valid_depth(gt).double()  # (B, H, W)
     depth = gt.double() * valid
     # each cell's sum / its pixels (holes as 0), and its valid share
@@ -214,18 +211,16 @@ def ceiling_maps(gt, input_size, out_size):
 def evaluate_frames(ds, order, protocols, maps_of, device, args, model=None, made=None):
     """The frames at positions `order` under every protocol, read once per pass of --batch-size frames,
     rounded up to whole groups (the authors' batches of 8 stay whole); maps_of(rgb, gt, protocol): the
-    maps it scores. -> ({protocol: {output key: [{metric: scores of a pass}]}}, {scene: (layers, E) summed
-    expert shares} of the model's gates)."""
-    rows = {name: defaultdict(list) for name in protocols}
+    maps it scores. -> ({protocol: [{output key: {metric: scores}} of each pass]}, {scene: (layers, E)
+    summed expert shares} of the model's gates)."""
+    rows = defaultdict(list)
     shares = defaultdict(int)
     group = max(protocol.group for protocol in protocols.values())
     step = group * math.ceil(args.batch_size / group)
     for s in range(0, len(order), step):
         positions = order[s : s + step]
-        # uint8 (B, 3, 480, 640) and float32 (B, 480, 640) on device
-        rgb, gt = zip(*(ds[i] for i in positions))
-        rgb = torch.from_numpy(np.stack(rgb)).to(device).permute(0, 3, 1, 2)
-        gt = torch.from_numpy(np.stack(gt)).to(device)
+        # uint8 (B, 480, 640, 3) and float32 (B, 480, 640) on device
+        rgb, gt = (torch.from_numpy(np.stack(x)).to(device) for x in zip(*(ds[i] for i in positions)))
         # protocols that feed the model alike share its maps: standard, standard-depthclip-crop (not the
         # ceiling's, fitted to the pixels each crop scores)
         maps_by_input = {}
@@ -233,11 +228,10 @@ def evaluate_frames(ds, order, protocols, maps_of, device, args, model=None, mad
         for name, protocol in protocols.items():
             fed = (protocol.input_box, protocol.flip, protocol.resize, args.ceiling and protocol.crop)
             if fed not in maps_by_input:
-                maps_by_input[fed] = maps_of(rgb, gt, protocol)
+                maps_by_input[fed] = maps_of(rgb.permute(0, 3, 1, 2), gt, protocol)
                 # the MoA gates of the first protocol's input
                 gates = gates or gates_of(model)
-            for key, metrics in score(maps_by_input[fed], gt, protocol).items():
-                rows[name][key].append(metrics)
+            rows[name].append(score(maps_by_input[fed], gt, protocol))
         if gates:
             for j, i in enumerate(positions):
                 shares[ds.scene(i)] += pictures.expert_shares([g[j] for g in gates.values()])
@@ -260,19 +254,21 @@ def report(rows, scenes, about):
     """A table per protocol on stdout: each output over all frames, then the first output per
     scene (not for the authors', whose rows are groups). -> {protocol: {output: means}}"""
     results = {}
-    for name, outputs in rows.items():
+    for name, passes in rows.items():
         head = f"{name + ' protocol':<34}{'n':>5}" + "".join(f"{k:>10}" for k in data_nyu.KEYS)
         print(head + "\n" + "-" * len(head))
         # {output: {metric: one score per frame or group}}
         scores = {
-            moa.OUTPUTS.get(key, key): {m: torch.cat([r[m] for r in rs]).cpu() for m in data_nyu.KEYS}
-            for key, rs in outputs.items()
+            moa.OUTPUTS.get(key, key): {
+                m: torch.cat([p[key][m] for p in passes]).cpu() for m in data_nyu.KEYS
+            }
+            for key in passes[0]
         }
         # (its text, the output it is in the JSON or None, the scores)
         lines = [(f"all ({label})", label, s) for label, s in scores.items()]
         # frames behind each score: 1 per image, or the size of each group (the last one may be short)
         group = PROTOCOLS[name].group
-        frames = torch.tensor([min(group, len(scenes) - start) for start in range(0, len(scenes), group)])
+        frames = torch.tensor([len(c) for c in torch.arange(len(scenes)).split(group)])
         if group == 1:
             first = next(iter(scores.values()))
             for scene in sorted(set(scenes)):
@@ -337,9 +333,7 @@ def spread(runs):
     protocol, of each run's first output. -> {protocol: {metric: [mean, sd]}}"""
     table = {}
     for name in runs[0][1]:
-        values = np.array(
-            [[headline(result[name])[k] for k in data_nyu.KEYS] for _, result in runs], dtype=float
-        )
+        values = np.array([list(headline(result[name]).values()) for _, result in runs], dtype=float)
         print(f"{name} protocol over {len(runs)} runs (first output)")
         for (path, _), row in zip(runs, values):
             print(f"{str(path):<34}" + "".join(f"{v:>10.4f}" for v in row))
@@ -363,19 +357,26 @@ def evaluate(args, ckpt_path, rt, made):
     ceiling_input = args.ceiling and tuple(
         ckpt.get("model_config", {}).get("input_size", moa.DepthConfig().input_size)
     )
-    ds, data = open_data(args, ckpt)
+    # --data, else the data the run trained on
+    data = args.data or ckpt.get("data") or data_nyu.FILE_NAME
+    if data == "synthetic":
+        ds = data_nyu.SyntheticDepth(n=SYNTHETIC_TEST, seed=SYNTHETIC_SEED + (ckpt.get("seed") or 0))
+    else:
+        ds = data_nyu.NYUDepthV2(
+            data, "test", splits_path=args.splits, raw_depth=args.gt == "raw", download=args.download
+        )
     n = min(len(ds), args.limit or len(ds))
     # one order for all: per-image scores do not depend on it
     order = authors_order(ds, n)
     scenes = [ds.scene(i) for i in order]
-    protocols = {name: p for name, p in PROTOCOLS.items() if args.protocol in (name, "all")}
     # --crop and --flip set the standard protocol's
-    if "standard" in protocols:
-        protocols["standard"] = replace(protocols["standard"], crop=args.crop, flip=args.flip)
-    about = {name: describe(p, args, n, data, ceiling_input) for name, p in protocols.items()}
+    protocols = {
+        name: replace(p, crop=args.crop, flip=args.flip) if name == "standard" else p
+        for name, p in PROTOCOLS.items()
+        if args.protocol in (name, "all")
+    }
     # how the numbers are made, before any number appears
-    for name, lines in about.items():
-        print(f"protocol {name}: " + ", ".join(f"{k}={v}" for k, v in lines.items()), file=sys.stderr)
+    about = {name: describe(name, p, args, n, data, ceiling_input) for name, p in protocols.items()}
     maps_of = partial(protocol_maps, model=model, dtype=rt.dtype, ceiling_input=ceiling_input)
     rows, shares = evaluate_frames(ds, order, protocols, maps_of, rt.device, args, model, made)
     results = report(rows, scenes, about)
@@ -418,24 +419,14 @@ SYNTHETIC_TEST = 654  # NYU's test size
 SYNTHETIC_SEED = 10_000
 
 
-def open_data(args, ckpt):
-    """-> (the test frames, the name of their data): --data, else the data the run trained on."""
-    data = args.data or ckpt.get("data") or data_nyu.FILE_NAME
-    if data == "synthetic":
-        return data_nyu.SyntheticDepth(n=SYNTHETIC_TEST, seed=SYNTHETIC_SEED + (ckpt.get("seed") or 0)), data
-    return data_nyu.NYUDepthV2(
-        data, "test", splits_path=args.splits, raw_depth=args.gt == "raw", download=args.download
-    ), data
-
-
 def authors_order(ds, n):
     """Positions 0..n-1 as the authors' test list orders its frames: by scene type, then frame
     number (DepthCLIP's nyudepthv2_test_files_with_gt_dense.txt; docs/paper-notes.md §7)."""
     return sorted(range(n), key=lambda i: (ds.scene(i), i))
 
 
-def describe(protocol, args, n, data, ceiling_input):
-    """How a protocol made its numbers: printed first, and kept with them in the JSON line."""
+def describe(name, protocol, args, n, data, ceiling_input):
+    """How a protocol made its numbers: printed (to stderr) first, and kept with them in the JSON line."""
     synthetic = data == "synthetic"
     about = {
         "split": f"{'synthetic' if synthetic else 'official test'} ({n} frames)",
@@ -456,24 +447,25 @@ def describe(protocol, args, n, data, ceiling_input):
         "median-scaled, pixels pooled, then the mean over groups",
     }
     if ceiling_input:
-        grid = f"{ceiling_input[0] // PATCH}x{ceiling_input[1] // PATCH}"
         about["model"] = (
-            f"ceiling: the least-squares {grid} output grid (input {ceiling_input[0]}x{ceiling_input[1]}), "
+            f"ceiling: the least-squares {ceiling_input[0] // PATCH}x{ceiling_input[1] // PATCH} output grid (input {ceiling_input[0]}x{ceiling_input[1]}), "
             "upsampled as the model's output is, over the scored pixels; cell_mean: the ground truth averaged on each cell"
         )
+    print(f"protocol {name}: " + ", ".join(f"{k}={v}" for k, v in about.items()), file=sys.stderr)
     return about
 
 
 def save_pictures(ds, positions, rgb, gt, maps, gates, args, made):
-    """--save-vis: per frame <frame number>.png (RGB, the first output, ground truth, |error|) and, for a
-    MoA model, <frame number>_gates.png (the expert that wins each patch, per layer)."""
+    """--save-vis, rgb uint8 (B, 480, 640, 3): per frame <frame number>.png (RGB, the first output,
+    ground truth, |error|) and, for a MoA model, <frame number>_gates.png (the expert that wins each
+    patch, per layer)."""
     made += pictures.make_folder(args.save_vis)
     depth = next(iter(maps.values()))
     for j, i in enumerate(positions):
         # the frame's index in NYU's labeled file (0-based), or its position in other data
         frame = int(ds.indices[i]) if hasattr(ds, "indices") else i
         path = Path(args.save_vis) / f"{frame:04d}"
-        image = rgb[j].permute(1, 2, 0).cpu().numpy()
+        image = rgb[j].cpu().numpy()
         pictures.save_frame_picture(
             f"{path}.png",
             image,
@@ -483,7 +475,7 @@ def save_pictures(ds, positions, rgb, gt, maps, gates, args, made):
             scene=ds.scene(i),
             crop=args.crop,
         )
-        if gates is not None:
+        if gates:
             pictures.save_gate_panel(f"{path}_gates.png", image, [g[j] for g in gates.values()], list(gates))
 
 
@@ -628,9 +620,10 @@ def parse_args(argv=None):
         p.error("give either a checkpoint (several: their spread) or --zero-shot (or --ceiling)")
     if len(args.ckpt) > 1 and (args.image or args.ceiling):
         p.error("--image and --ceiling take one checkpoint")
-    for flag, count in (("--batch-size", args.batch_size), ("--limit", args.limit), ("--focal", args.focal)):
+    for name in ("batch_size", "limit", "focal"):
+        count = getattr(args, name)
         if count is not None and not count > 0:
-            p.error(f"argument {flag}: {count} is not > 0")
+            p.error(f"argument --{name.replace('_', '-')}: {count} is not > 0")
     # flags that mean nothing with --image, and flags that mean something only with it
     not_for_photos = ("ceiling", "protocol", "data", "splits", "gt", "crop", "flip", "limit", "save_vis")
     for name in not_for_photos if args.image else ("out_dir", "focal"):

@@ -348,7 +348,7 @@ def test_protocols_fed_alike_share_one_prediction():
     gt = torch.from_numpy(np.stack([ds[i][1] for i in range(8)]))
     for name in ("standard", "standard-depthclip-crop"):
         expected = data_nyu.depth_metrics(torch.full(gt.shape, 2.0), gt, crop=evaluate.PROTOCOLS[name].crop)
-        torch.testing.assert_close(rows[name]["depth"][0]["rmse"], expected["rmse"], rtol=1e-12, atol=0)
+        torch.testing.assert_close(rows[name][0]["depth"]["rmse"], expected["rmse"], rtol=1e-12, atol=0)
 
 
 class FakeModel(torch.nn.Module):
@@ -677,7 +677,7 @@ def test_every_output_is_scored_from_its_own_map_in_the_authors_list_order(tmp_p
             expected_maps[..., r0:r1, c0:c1] = preds[..., r0:r1, c0:c1]
         expected = oracle_scores(name, expected_maps, gts, order)
         for key, want in zip(moa.OUTPUTS, expected):
-            got = {m: torch.cat([r[m] for r in rows[name][key]]) for m in data_nyu.KEYS}
+            got = {m: torch.cat([r[key][m] for r in rows[name]]) for m in data_nyu.KEYS}
             assert_scores(got, want, tol=1e-5)  # float32 resizes; silog of a constant ratio: ~1e-6
     by_frame = oracle_scores("authors", preds, gts)  # frame order: other groups, other numbers
     by_list = oracle_scores("authors", preds, gts, order)
