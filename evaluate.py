@@ -53,8 +53,6 @@ FRAME = (480, 640)
 FULL_FRAME = (0, 480, 0, 640)  # rows, cols: the whole frame
 # rows, cols of the RGB crop DepthCLIP's model sees
 DEPTHCLIP_INPUT = (56, 472, 60, 604)
-# the authors' script scales and pools per batch of 8
-AUTHORS_BATCH = 8
 # ViT-B/32: one output cell per 32x32 input pixels
 PATCH = 32
 
@@ -65,70 +63,60 @@ PATCH = 32
 class Protocol:
     # rows, cols of the 480x640 frame the model sees, pasted back there
     input_box: tuple
-    # the mean with the mirrored-back prediction of the mirrored input
-    flip: bool
-    # "training": as the model was trained; "pil-bicubic": the authors' script
-    resize: str
     # the pixels scored: a data_nyu.CROPS box (and 1e-3 < gt < 10); "depthclip": also where the map > 1e-3
     crop: str
+    # the mean with the mirrored-back prediction of the mirrored input
+    flip: bool = False
+    # "training": as the model was trained; "pil-bicubic": the authors' script
+    resize: str = "training"
     # frames scored together, consecutive in the order given: 1 = each alone; more: the authors' groups
-    group: int
+    group: int = 1
 
 
 PROTOCOLS = {
     # BTS, AdaBins
-    "standard": Protocol(FULL_FRAME, flip=False, resize="training", crop="eigen", group=1),
+    "standard": Protocol(FULL_FRAME, "eigen"),
     # the authors' first (compiled) metric function: DepthCLIP's, on the whole frame
-    "standard-depthclip-crop": Protocol(FULL_FRAME, flip=False, resize="training", crop="depthclip", group=1),
+    "standard-depthclip-crop": Protocol(FULL_FRAME, "depthclip"),
     # DepthCLIP's NYU script
-    "depthclip": Protocol(DEPTHCLIP_INPUT, flip=True, resize="training", crop="depthclip", group=1),
-    # the authors' second, readable script
-    "authors": Protocol(FULL_FRAME, flip=False, resize="pil-bicubic", crop="garg", group=AUTHORS_BATCH),
+    "depthclip": Protocol(DEPTHCLIP_INPUT, "depthclip", flip=True),
+    # the authors' second, readable script: it scales and pools per batch of 8
+    "authors": Protocol(FULL_FRAME, "garg", resize="pil-bicubic", group=8),
 }
-PER_IMAGE = "per image, then the mean over images"
-PER_GROUP = (
-    f"per group of {AUTHORS_BATCH} frames in the authors' list order (scene type, then frame): "
-    "median-scaled, pixels pooled, then the mean over groups"
-)
 
 
 def score(maps, gt, protocol):
-    """{output key: (B, 480, 640) map} -> {output key: {metric: scores}}: one per frame, or per group."""
-    return score_authors(maps, gt, protocol) if protocol.group > 1 else score_per_image(maps, gt, protocol)
-
-
-def score_per_image(maps, gt, protocol):
-    """Each frame on its own within the protocol's crop (BTS, AdaBins, DepthCLIP); under DepthCLIP's
-    crop a pixel counts only where the map is > 1e-3, as DepthCLIP's metric function (and the
-    authors' first, a copy) masks it."""
-    scores = {}
-    for key, pred in maps.items():
-        frame_gt = torch.where(pred > data_nyu.MIN_DEPTH, gt, 0.0) if protocol.crop == "depthclip" else gt
-        scores[key] = data_nyu.depth_metrics(pred, frame_gt, crop=protocol.crop)
-    return scores
-
-
-def score_authors(maps, gt, protocol):
-    """The authors' script, per group of 8 frames as their list orders them: the Garg crop, one
-    scale median(gt) / median(pred) over the group's valid pixels (torch.median: the lower middle
-    value), the metrics over those pixels pooled, with no clamp after the scaling."""
+    """{output key: (B, 480, 640) map} -> {output key: {metric: scores}}: one per frame, or per group.
+    Per image (BTS, AdaBins, DepthCLIP): each frame on its own within the protocol's crop; under
+    DepthCLIP's crop a pixel counts only where the map is > 1e-3, as DepthCLIP's metric function (and
+    the authors' first, a copy) masks it. The authors' script: per group of 8 frames as their list
+    orders them, the Garg crop, one scale median(gt) / median(pred) over the group's valid pixels
+    (torch.median: the lower middle value), the metrics over those pixels pooled, with no clamp after
+    the scaling."""
+    if protocol.group == 1:
+        return {
+            key: data_nyu.depth_metrics(
+                pred,
+                torch.where(pred > data_nyu.MIN_DEPTH, gt, 0.0) if protocol.crop == "depthclip" else gt,
+                protocol.crop,
+            )
+            for key, pred in maps.items()
+        }
     r0, r1, c0, c1 = data_nyu.CROPS[protocol.crop]
-    gt = gt[:, r0:r1, c0:c1]
-    valid = data_nyu.valid_depth(gt)
-    rows = defaultdict(list)
-    for s in range(0, len(gt), protocol.group):
-        # the group as one tall image
-        group_gt = gt[s : s + protocol.group].reshape(1, -1, c1 - c0)
-        group_valid = valid[s : s + protocol.group].reshape(1, -1, c1 - c0)
-        # NaN for a group without a valid pixel
-        gt_median = group_gt[group_valid].median().double()
-        for key, depth in maps.items():
-            pred = depth[s : s + protocol.group, r0:r1, c0:c1].reshape(1, -1, c1 - c0)
-            scaled = pred.double() * (gt_median / pred[group_valid].median().double())
-            rows[key].append(data_nyu.depth_metrics(scaled, group_gt, crop="none", clamp=False))
-    return {
-        key: {m: torch.cat([r[m] for r in groups]) for m in data_nyu.KEYS} for key, groups in rows.items()
-    }
+
+    def groups(x):  # each group as one tall image
+        return [g.reshape(1, -1, c1 - c0) for g in x[:, r0:r1, c0:c1].split(protocol.group)]
+
+    scores = {}
+    for key, depth in maps.items():
+        rows = []
+        for group_gt, pred in zip(groups(gt), groups(depth)):
+            valid = data_nyu.valid_depth(group_gt)
+            # NaN for a group without a valid pixel
+            scale = group_gt[valid].median().double() / pred[valid].median().double()
+            rows.append(data_nyu.depth_metrics(pred.double() * scale, group_gt, crop="none", clamp=False))
+        scores[key] = {m: torch.cat([r[m] for r in rows]) for m in data_nyu.KEYS}
+    return scores
 
 
 # -----------------------------------------------------------------------------
@@ -154,8 +142,7 @@ def predict_maps(model, img, dtype, out_size, flip=False, resize="training"):
         depth = out[key].float()  # (B, 1, h, w)
         if flip:
             depth = 0.5 * (depth + mirrored[key].float().flip(-1))
-        depth = F.interpolate(depth, size=out_size, mode="bilinear", align_corners=False)
-        maps[key] = depth[:, 0].clamp(cfg.min_depth, cfg.max_depth)
+        maps[key] = F.interpolate(depth, out_size, mode="bilinear")[:, 0].clamp(cfg.min_depth, cfg.max_depth)
     return maps
 
 
@@ -173,8 +160,7 @@ def protocol_maps(rgb, gt, protocol, model=None, dtype=None, ceiling_input=None)
     else:
         maps = predict_maps(model, rgb[..., r0:r1, c0:c1], dtype, size, protocol.flip, protocol.resize)
     # as DepthCLIP pastes it: zeros around the box (left, right, top, bottom)
-    around = (c0, FRAME[1] - c1, r0, FRAME[0] - r1)
-    return {key: F.pad(depth, around) for key, depth in maps.items()}
+    return {key: F.pad(depth, (c0, FRAME[1] - c1, r0, FRAME[0] - r1)) for key, depth in maps.items()}
 
 
 # --ceiling's least squares: its pull towards the cell means, against ~6,000 pixels' weight per cell
@@ -192,13 +178,11 @@ def ceiling_maps(gt, input_size, out_size):
     valid pixel depends on (they keep their cell mean). No grid's map has a lower RMSE before the
     clamp, and the clamp only moves a pixel towards its valid ground truth. The maps are R^T g C, the
     separable form of the model's two bilinear resizes (equal to them to float64 rounding)."""
-    grid = (input_size[0] // PATCH, input_size[1] // PATCH)
+    grid = [size // PATCH for size in input_size]
     valid = data_nyu.valid_depth(gt).double()  # (B, H, W)
     depth = gt.double() * valid
-    # each cell's sum / its pixels, holes as 0
-    depth_mean = F.adaptive_avg_pool2d(depth, grid)
-    # each cell's valid share: same cells
-    valid_mean = F.adaptive_avg_pool2d(valid, grid)
+    # each cell's sum / its pixels (holes as 0), and its valid share
+    depth_mean, valid_mean = F.adaptive_avg_pool2d(torch.stack([depth, valid]), grid)
     frame_mean = depth.sum((1, 2), keepdim=True) / valid.sum((1, 2), keepdim=True).clamp_min(1)
     means = torch.where(valid_mean > 0, depth_mean / valid_mean.clamp_min(1e-12), frame_mean)  # (B, gh, gw)
 
@@ -207,7 +191,7 @@ def ceiling_maps(gt, input_size, out_size):
     def weights(axis):  # (cells along the axis, out_size[axis])
         x = torch.eye(grid[axis], dtype=torch.float64, device=gt.device)[:, None]
         for size in (input_size[axis], out_size[axis]):
-            x = F.interpolate(x, size=size, mode="linear", align_corners=False)
+            x = F.interpolate(x, size, mode="linear")
         return x[:, 0]
 
     R, C = weights(0), weights(1)
@@ -227,15 +211,16 @@ def ceiling_maps(gt, input_size, out_size):
 def evaluate_frames(ds, order, protocols, maps_of, device, args, model=None, made=None):
     """The frames at positions `order` under every protocol, read once per pass of --batch-size frames,
     rounded up to whole groups (the authors' batches of 8 stay whole); maps_of(rgb, gt, protocol): the
-    maps it scores. -> ({protocol: {output key: [{metric: scores of a pass}]}}, {scene: (layers, E) summed
-    expert shares} of the model's gates)."""
-    rows = {name: defaultdict(list) for name in protocols}
-    shares = {}
+    maps it scores. -> ({protocol: [{output key: {metric: scores}} of each pass]}, {scene: (layers, E)
+    summed expert shares} of the model's gates)."""
+    rows = defaultdict(list)
+    shares = defaultdict(int)
     group = max(protocol.group for protocol in protocols.values())
     step = group * math.ceil(args.batch_size / group)
     for s in range(0, len(order), step):
         positions = order[s : s + step]
-        rgb, gt = read_frames(ds, positions, device)
+        # uint8 (B, 480, 640, 3) and float32 (B, 480, 640) on device
+        rgb, gt = (torch.from_numpy(np.stack(x)).to(device) for x in zip(*(ds[i] for i in positions)))
         # protocols that feed the model alike share its maps: standard, standard-depthclip-crop (not the
         # ceiling's, fitted to the pixels each crop scores)
         maps_by_input = {}
@@ -243,15 +228,13 @@ def evaluate_frames(ds, order, protocols, maps_of, device, args, model=None, mad
         for name, protocol in protocols.items():
             fed = (protocol.input_box, protocol.flip, protocol.resize, args.ceiling and protocol.crop)
             if fed not in maps_by_input:
-                maps_by_input[fed] = maps_of(rgb, gt, protocol)
+                maps_by_input[fed] = maps_of(rgb.permute(0, 3, 1, 2), gt, protocol)
                 # the MoA gates of the first protocol's input
                 gates = gates or gates_of(model)
-            for key, metrics in score(maps_by_input[fed], gt, protocol).items():
-                rows[name][key].append(metrics)
-        for j, i in enumerate(positions):
-            if gates is not None:
-                frame_gates = [g[j] for g in gates.values()]
-                shares[ds.scene(i)] = shares.get(ds.scene(i), 0) + pictures.expert_shares(frame_gates)
+            rows[name].append(score(maps_by_input[fed], gt, protocol))
+        if gates:
+            for j, i in enumerate(positions):
+                shares[ds.scene(i)] += pictures.expert_shares([g[j] for g in gates.values()])
         if args.save_vis:
             save_pictures(ds, positions, rgb, gt, next(iter(maps_by_input.values())), gates, args, made)
         print(f"evaluated {s + len(positions)}/{len(order)}", file=sys.stderr)
@@ -263,53 +246,53 @@ def gates_of(model):
     """{"block i": the patch tokens' gates of the model's last forward, (B, gh*gw, E)} per MoA layer, or
     None (no MoA: the ceiling, zero-shot models, plain adapters)."""
     layers = getattr(model, "moa", [])
-    if not layers or not layers[0].gated:
-        return None
-    return {f"block {i}": m.last_gates[:, 1:].cpu().numpy() for i, m in zip(model.cfg.moa_layers, layers)}
+    if layers and layers[0].gated:
+        return {f"block {i}": m.last_gates[:, 1:].cpu().numpy() for i, m in zip(model.cfg.moa_layers, layers)}
 
 
 def report(rows, scenes, about):
     """A table per protocol on stdout: each output over all frames, then the first output per
     scene (not for the authors', whose rows are groups). -> {protocol: {output: means}}"""
     results = {}
-    for name, outputs in rows.items():
+    for name, passes in rows.items():
         head = f"{name + ' protocol':<34}{'n':>5}" + "".join(f"{k:>10}" for k in data_nyu.KEYS)
         print(head + "\n" + "-" * len(head))
         # {output: {metric: one score per frame or group}}
         scores = {
-            key: {m: torch.cat([r[m] for r in rs]).cpu() for m in data_nyu.KEYS}
-            for key, rs in outputs.items()
+            moa.OUTPUTS.get(key, key): {
+                m: torch.cat([p[key][m] for p in passes]).cpu() for m in data_nyu.KEYS
+            }
+            for key in passes[0]
         }
-        labels = {key: moa.OUTPUTS.get(key, key) for key in scores}
-        lines = [(f"all ({labels[key]})", s) for key, s in scores.items()]
+        # (its text, the output it is in the JSON or None, the scores)
+        lines = [(f"all ({label})", label, s) for label, s in scores.items()]
         # frames behind each score: 1 per image, or the size of each group (the last one may be short)
         group = PROTOCOLS[name].group
-        frames = torch.tensor([min(group, len(scenes) - start) for start in range(0, len(scenes), group)])
+        frames = torch.tensor([len(c) for c in torch.arange(len(scenes)).split(group)])
         if group == 1:
             first = next(iter(scores.values()))
             for scene in sorted(set(scenes)):
                 at = torch.tensor([where == scene for where in scenes])
-                lines.append((scene, {m: v[at] for m, v in first.items()}))
-        for label, s in lines:
+                lines.append((scene, None, {m: v[at] for m, v in first.items()}))
+        results[name] = {"protocol": about[name]}
+        for text, label, s in lines:
             means = data_nyu.mean_metrics([s])
             # n counts frames, also where a score is a group's; NaN: no valid pixel in the frame (or group)
             scored = int(frames[: len(s["d1"])][~s["d1"].isnan()].sum())
-            print(f"{label:<34}{scored:>5}" + "".join(f"{v:>10.4f}" for v in means.values()))
-        results[name] = {"protocol": about[name]}
-        # JSON has no NaN: null where nothing could be scored
-        for key, s in scores.items():
-            means = data_nyu.mean_metrics([s]).items()
-            results[name][labels[key]] = {k: None if math.isnan(v) else v for k, v in means}
+            print(f"{text:<34}{scored:>5}" + "".join(f"{v:>10.4f}" for v in means.values()))
+            if label:
+                # JSON has no NaN: null where nothing could be scored
+                results[name][label] = {k: None if math.isnan(v) else v for k, v in means.items()}
     return results
 
 
-def report_experts(shares, counts, layers):
+def report_experts(shares, scenes, layers):
     """Each expert's share of the gate weight, per scene type and MoA layer: do the experts specialise?
     -> {layer: {scene: [share per expert]}}"""
     print("expert shares (mean gate per expert over a scene's patches)")
     table = {}
     for scene in sorted(shares):
-        mean = shares[scene] / counts[scene]  # (layers, E)
+        mean = shares[scene] / scenes.count(scene)  # (layers, E)
         print(
             f"{scene:<24}"
             + "  ".join(f"L{layer} " + " ".join(f"{v:.2f}" for v in row) for layer, row in zip(layers, mean))
@@ -337,10 +320,11 @@ def verdict(metrics, n):
             f"{k} +-{t}" for k, t in TOLERANCE.items()
         )
     diffs = ", ".join(f"{k} {metrics[k]:.3f} ({v:+.3f} from {DEPTHCLIP_ROW[k]})" for k, v in off.items())
-    if metrics["rmse"] > 100 * DEPTHCLIP_ROW["rmse"] or metrics["d1"] < 0.01:
-        cause = "depths in other units (millimetres?)"
-    else:
-        cause = "ground truth in-painted instead of raw (--gt raw), another crop, or another split"
+    cause = (
+        "depths in other units (millimetres?)"
+        if metrics["rmse"] > 100 * DEPTHCLIP_ROW["rmse"] or metrics["d1"] < 0.01
+        else "ground truth in-painted instead of raw (--gt raw), another crop, or another split"
+    )
     return f"setup check: off DepthCLIP's published row: {diffs}; usually {cause}"
 
 
@@ -349,15 +333,14 @@ def spread(runs):
     protocol, of each run's first output. -> {protocol: {metric: [mean, sd]}}"""
     table = {}
     for name in runs[0][1]:
-        values = np.array(
-            [[headline(result[name])[k] for k in data_nyu.KEYS] for _, result in runs], dtype=float
-        )
+        values = np.array([list(headline(result[name]).values()) for _, result in runs], dtype=float)
         print(f"{name} protocol over {len(runs)} runs (first output)")
-        for path, row in zip([p for p, _ in runs], values):
+        for (path, _), row in zip(runs, values):
             print(f"{str(path):<34}" + "".join(f"{v:>10.4f}" for v in row))
-        mean, sd = values.mean(0), values.std(0, ddof=1)
-        print(f"{'mean +- sd':<34}" + "".join(f"{m:>7.4f}+-{s:.4f}" for m, s in zip(mean, sd)))
-        table[name] = {k: [m, s] for k, m, s in zip(data_nyu.KEYS, mean.tolist(), sd.tolist())}
+        # (metric, [mean, sd])
+        pairs = np.stack([values.mean(0), values.std(0, ddof=1)], 1)
+        print(f"{'mean +- sd':<34}" + "".join(f"{m:>7.4f}+-{s:.4f}" for m, s in pairs))
+        table[name] = dict(zip(data_nyu.KEYS, pairs.tolist()))
     return table
 
 
@@ -368,37 +351,47 @@ def headline(result):
 
 def evaluate(args, ckpt_path, rt, made):
     """One model (a checkpoint, zero-shot DepthCLIP or the ceiling) on the test frames under each chosen
-    protocol: the tables, then -> {protocol: {"protocol": how, output: mean metrics}}, plus n and extras."""
+    protocol: the tables, then -> the JSON line: its first protocol's metrics, n_images, every protocol's
+    {"protocol": how, output: mean metrics}, and the expert shares and setup check where there are."""
     ckpt, model = load_model(args, ckpt_path, rt)
-    ceiling_input = None
-    if args.ceiling:
-        ceiling_input = tuple(ckpt.get("model_config", {}).get("input_size", moa.DepthConfig().input_size))
-    ds, data = open_data(args, ckpt)
+    ceiling_input = args.ceiling and tuple(
+        ckpt.get("model_config", {}).get("input_size", moa.DepthConfig().input_size)
+    )
+    # --data, else the data the run trained on
+    data = args.data or ckpt.get("data") or data_nyu.FILE_NAME
+    if data == "synthetic":
+        ds = data_nyu.SyntheticDepth(n=SYNTHETIC_TEST, seed=SYNTHETIC_SEED + (ckpt.get("seed") or 0))
+    else:
+        ds = data_nyu.NYUDepthV2(
+            data, "test", splits_path=args.splits, raw_depth=args.gt == "raw", download=args.download
+        )
     n = min(len(ds), args.limit or len(ds))
     # one order for all: per-image scores do not depend on it
     order = authors_order(ds, n)
-    protocols = chosen_protocols(args)
-    about = {name: describe(p, args, n, data, ceiling_input) for name, p in protocols.items()}
+    scenes = [ds.scene(i) for i in order]
+    # --crop and --flip set the standard protocol's
+    protocols = {
+        name: replace(p, crop=args.crop, flip=args.flip) if name == "standard" else p
+        for name, p in PROTOCOLS.items()
+        if args.protocol in (name, "all")
+    }
     # how the numbers are made, before any number appears
-    for name, lines in about.items():
-        print(f"protocol {name}: " + ", ".join(f"{k}={v}" for k, v in lines.items()), file=sys.stderr)
+    about = {name: describe(name, p, args, n, data, ceiling_input) for name, p in protocols.items()}
     maps_of = partial(protocol_maps, model=model, dtype=rt.dtype, ceiling_input=ceiling_input)
     rows, shares = evaluate_frames(ds, order, protocols, maps_of, rt.device, args, model, made)
-    results = report(rows, [ds.scene(i) for i in order], about)
-    if headline(results[next(iter(protocols))])["d1"] is None:
+    results = report(rows, scenes, about)
+    first = results[next(iter(protocols))]
+    if headline(first)["d1"] is None:
         raise clip_vit.UserError(
             f"{data}: no test frame has a valid ground-truth pixel ({data_nyu.VALID}): depths in millimetres?"
         )
-    extras = {}
+    line = {"metrics": headline(first), "n_images": n, "protocol": first["protocol"], "protocols": results}
     if shares:
-        counts = defaultdict(int)
-        for i in order:
-            counts[ds.scene(i)] += 1
-        extras["expert_shares"] = report_experts(shares, counts, model.cfg.moa_layers)
+        line["expert_shares"] = report_experts(shares, scenes, model.cfg.moa_layers)
     if isinstance(model, moa.DepthCLIPZeroShot) and "depthclip" in results:
-        extras["setup_check"] = verdict(headline(results["depthclip"]), n)
-        print(extras["setup_check"])
-    return results, n, extras
+        line["setup_check"] = verdict(headline(results["depthclip"]), n)
+        print(line["setup_check"])
+    return line
 
 
 def main(args, made):
@@ -408,20 +401,12 @@ def main(args, made):
         return predict_photos(args, rt, made)
     runs = []
     for ckpt_path in args.ckpt or [None]:
-        results, n, extras = evaluate(args, ckpt_path, rt, made)
-        runs.append((ckpt_path, results))
-    first = results[next(iter(results))]
-    line = {
-        "metrics": headline(first),
-        "n_images": n,
-        "protocol": first["protocol"],
-        "protocols": results,
-        **extras,
-    }
+        line = evaluate(args, ckpt_path, rt, made)
+        runs.append((ckpt_path, line["protocols"]))
     if len(runs) > 1:
         line = {
             "spread": spread(runs),
-            "n_images": n,
+            "n_images": line["n_images"],
             "runs": [{"checkpoint": str(p), "protocols": r} for p, r in runs],
         }
     print(json.dumps(line, allow_nan=False))
@@ -434,78 +419,53 @@ SYNTHETIC_TEST = 654  # NYU's test size
 SYNTHETIC_SEED = 10_000
 
 
-def open_data(args, ckpt):
-    """-> (the test frames, the name of their data): --data, else the data the run trained on."""
-    data = args.data or ckpt.get("data") or data_nyu.FILE_NAME
-    if data == "synthetic":
-        return data_nyu.SyntheticDepth(n=SYNTHETIC_TEST, seed=SYNTHETIC_SEED + (ckpt.get("seed") or 0)), data
-    raw = args.gt == "raw"
-    return data_nyu.NYUDepthV2(
-        data, "test", splits_path=args.splits, raw_depth=raw, download=args.download
-    ), data
-
-
 def authors_order(ds, n):
     """Positions 0..n-1 as the authors' test list orders its frames: by scene type, then frame
     number (DepthCLIP's nyudepthv2_test_files_with_gt_dense.txt; docs/paper-notes.md §7)."""
     return sorted(range(n), key=lambda i: (ds.scene(i), i))
 
 
-def read_frames(ds, positions, device):
-    """-> uint8 (B, 3, 480, 640) and float32 (B, 480, 640) tensors on device."""
-    rgb, gt = zip(*(ds[i] for i in positions))
-    rgb = torch.from_numpy(np.stack(rgb)).to(device).permute(0, 3, 1, 2)
-    return rgb, torch.from_numpy(np.stack(gt)).to(device)
-
-
-def chosen_protocols(args):
-    """{name: Protocol} that --protocol names; --crop and --flip set the standard protocol's."""
-    names = PROTOCOLS if args.protocol == "all" else [args.protocol]
-    chosen = {name: PROTOCOLS[name] for name in names}
-    if "standard" in chosen:
-        chosen["standard"] = replace(chosen["standard"], crop=args.crop, flip=args.flip)
-    return chosen
-
-
-def describe(protocol, args, n, data, ceiling_input=None):
-    """How a protocol made its numbers: printed first, and kept with them in the JSON line."""
+def describe(name, protocol, args, n, data, ceiling_input):
+    """How a protocol made its numbers: printed (to stderr) first, and kept with them in the JSON line."""
     synthetic = data == "synthetic"
     about = {
         "split": f"{'synthetic' if synthetic else 'official test'} ({n} frames)",
         "gt": "exact (synthetic)"
         if synthetic
-        else {"raw": "rawDepths", "dense": "depths (in-painted)"}[args.gt],
+        else "rawDepths"
+        if args.gt == "raw"
+        else "depths (in-painted)",
         "valid": data_nyu.VALID,
         "input_box": protocol.input_box,
         "resize": protocol.resize,
         "crop": protocol.crop,
         "crop_box": data_nyu.CROPS[protocol.crop],
         "flip_tta": protocol.flip,
-        "average": PER_IMAGE if protocol.group == 1 else PER_GROUP,
+        "average": "per image, then the mean over images"
+        if protocol.group == 1
+        else f"per group of {protocol.group} frames in the authors' list order (scene type, then frame): "
+        "median-scaled, pixels pooled, then the mean over groups",
     }
     if ceiling_input:
-        grid = f"{ceiling_input[0] // PATCH}x{ceiling_input[1] // PATCH}"
         about["model"] = (
-            f"ceiling: the least-squares {grid} output grid (input {ceiling_input[0]}x{ceiling_input[1]}), "
+            f"ceiling: the least-squares {ceiling_input[0] // PATCH}x{ceiling_input[1] // PATCH} output grid (input {ceiling_input[0]}x{ceiling_input[1]}), "
             "upsampled as the model's output is, over the scored pixels; cell_mean: the ground truth averaged on each cell"
         )
+    print(f"protocol {name}: " + ", ".join(f"{k}={v}" for k, v in about.items()), file=sys.stderr)
     return about
 
 
-def frame_number(ds, i):
-    """The frame's index in NYU's labeled file (0-based), or its position in other data."""
-    return int(ds.indices[i]) if hasattr(ds, "indices") else i
-
-
 def save_pictures(ds, positions, rgb, gt, maps, gates, args, made):
-    """--save-vis: per frame <frame number>.png (RGB, the first output, ground truth, |error|) and, for a
-    MoA model, <frame number>_gates.png (the expert that wins each patch, per layer)."""
+    """--save-vis, rgb uint8 (B, 480, 640, 3): per frame <frame number>.png (RGB, the first output,
+    ground truth, |error|) and, for a MoA model, <frame number>_gates.png (the expert that wins each
+    patch, per layer)."""
     made += pictures.make_folder(args.save_vis)
     depth = next(iter(maps.values()))
     for j, i in enumerate(positions):
-        frame = frame_number(ds, i)
+        # the frame's index in NYU's labeled file (0-based), or its position in other data
+        frame = int(ds.indices[i]) if hasattr(ds, "indices") else i
         path = Path(args.save_vis) / f"{frame:04d}"
-        image = rgb[j].permute(1, 2, 0).cpu().numpy()
+        image = rgb[j].cpu().numpy()
         pictures.save_frame_picture(
             f"{path}.png",
             image,
@@ -515,7 +475,7 @@ def save_pictures(ds, positions, rgb, gt, maps, gates, args, made):
             scene=ds.scene(i),
             crop=args.crop,
         )
-        if gates is not None:
+        if gates:
             pictures.save_gate_panel(f"{path}_gates.png", image, [g[j] for g in gates.values()], list(gates))
 
 
@@ -548,7 +508,6 @@ def predict_photos(args, rt, made):
         check_folder("--out-dir" if args.out_dir else "the photo's folder", stem.parent)
     ckpt, model = load_model(args, args.ckpt[0] if args.ckpt else None, rt)
     cfg = model.cfg
-    grid = f"{cfg.input_size[0] // PATCH}x{cfg.input_size[1] // PATCH} cells for a {cfg.input_size[0]}x{cfg.input_size[1]} input"
     for path, stem in zip(paths, stems):
         rgb, notes, focal35 = pictures.read_photo(path)
         img = torch.from_numpy(rgb).to(rt.device).permute(2, 0, 1)[None]
@@ -558,7 +517,7 @@ def predict_photos(args, rt, made):
             "photo": path.name,
             "checkpoint": str(args.ckpt[0]) if args.ckpt else "zero-shot DepthCLIP",
             "clip": ckpt.get("clip", {"name": args.clip or "ViT-B/32"}),
-            "output_grid": f"{grid}, bilinearly upsampled to the photo: an indoor model, {cfg.min_depth:g}-{cfg.max_depth:g} m",
+            "output_grid": f"{cfg.input_size[0] // PATCH}x{cfg.input_size[1] // PATCH} cells for a {cfg.input_size[0]}x{cfg.input_size[1]} input, bilinearly upsampled to the photo: an indoor model, {cfg.min_depth:g}-{cfg.max_depth:g} m",
         }
         intrinsics = pictures.photo_intrinsics(rgb.shape, args.focal, focal35)
         pictures.write_photo_outputs(stem, rgb, depth, intrinsics, sidecar, (cfg.min_depth, cfg.max_depth))
@@ -580,11 +539,6 @@ def check_folder(flag, folder):
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not os.access(existing, os.W_OK):
         raise clip_vit.UserError(f"{flag} {folder}: cannot write there ({existing} is read-only)")
-
-
-# flags that mean nothing with --image, and flags that mean something only with it
-NOT_FOR_PHOTOS = ("ceiling", "protocol", "data", "splits", "gt", "crop", "flip", "limit", "save_vis")
-ONLY_FOR_PHOTOS = ("out_dir", "focal")
 
 
 def parse_args(argv=None):
@@ -666,12 +620,15 @@ def parse_args(argv=None):
         p.error("give either a checkpoint (several: their spread) or --zero-shot (or --ceiling)")
     if len(args.ckpt) > 1 and (args.image or args.ceiling):
         p.error("--image and --ceiling take one checkpoint")
-    for flag, count in (("--batch-size", args.batch_size), ("--limit", args.limit), ("--focal", args.focal)):
+    for name in ("batch_size", "limit", "focal"):
+        count = getattr(args, name)
         if count is not None and not count > 0:
-            p.error(f"argument {flag}: {count} is not > 0")
-    unused = NOT_FOR_PHOTOS if args.image else ONLY_FOR_PHOTOS
-    for name in [n for n in unused if getattr(args, n) != p.get_default(n)]:
-        p.error(f"--{name.replace('_', '-')}: does nothing {'with' if args.image else 'without'} --image")
+            p.error(f"argument --{name.replace('_', '-')}: {count} is not > 0")
+    # flags that mean nothing with --image, and flags that mean something only with it
+    not_for_photos = ("ceiling", "protocol", "data", "splits", "gt", "crop", "flip", "limit", "save_vis")
+    for name in not_for_photos if args.image else ("out_dir", "focal"):
+        if getattr(args, name) != p.get_default(name):
+            p.error(f"--{name.replace('_', '-')}: does nothing {'with' if args.image else 'without'} --image")
     for flag, folder in (("--save-vis", args.save_vis), ("--out-dir", args.out_dir)):
         if folder:
             try:

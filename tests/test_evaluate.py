@@ -256,9 +256,9 @@ def test_bad_mat_files_and_split(trained, small_clip, tmp_path, run_script, fail
 
 
 def authors_group(preds, gts):
-    """evaluate.score_authors on one group of frames, (480, 640) arrays -> {metric: float}."""
+    """evaluate.score on one group of frames, (480, 640) arrays -> {metric: float}."""
     maps = {"depth": torch.as_tensor(np.stack(preds))}
-    scores = evaluate.score_authors(maps, torch.as_tensor(np.stack(gts)), evaluate.PROTOCOLS["authors"])
+    scores = evaluate.score(maps, torch.as_tensor(np.stack(gts)), evaluate.PROTOCOLS["authors"])
     return {m: float(v[0]) for m, v in scores["depth"].items()}
 
 
@@ -348,7 +348,7 @@ def test_protocols_fed_alike_share_one_prediction():
     gt = torch.from_numpy(np.stack([ds[i][1] for i in range(8)]))
     for name in ("standard", "standard-depthclip-crop"):
         expected = data_nyu.depth_metrics(torch.full(gt.shape, 2.0), gt, crop=evaluate.PROTOCOLS[name].crop)
-        torch.testing.assert_close(rows[name]["depth"][0]["rmse"], expected["rmse"], rtol=1e-12, atol=0)
+        torch.testing.assert_close(rows[name][0]["depth"]["rmse"], expected["rmse"], rtol=1e-12, atol=0)
 
 
 class FakeModel(torch.nn.Module):
@@ -395,7 +395,7 @@ def test_depthclip_protocol_feeds_the_model_its_crop_and_pastes_it_back():
     assert (depth[:56] == 0).all() and (depth[472:] == 0).all() and (depth[:, 604:] == 0).all()
     inner = np.abs(depth - gt[0])[70:460, 80:590]
     assert inner.mean() < 0.03, inner.mean()  # right where it was fed; blurred at the box's edges
-    m = evaluate.score_per_image(maps, torch.from_numpy(gt), protocol)["depth"]
+    m = evaluate.score(maps, torch.from_numpy(gt), protocol)["depth"]
     assert float(m["abs_rel"][0]) < 0.01 and float(m["d1"][0]) == 1
 
 
@@ -407,13 +407,13 @@ def test_depthclip_protocol_scores_only_where_the_pasted_map_lands():
     gt = torch.full((1, 480, 640), 7.0)  # wrong everywhere ...
     gt[:, 56:471, 60:601] = 2.0  # ... but where DepthCLIP's script looks
     protocol = evaluate.PROTOCOLS["depthclip"]
-    m = evaluate.score_per_image(maps, gt, protocol)["depth"]
+    m = evaluate.score(maps, gt, protocol)["depth"]
     assert float(m["abs_rel"][0]) == 0 and float(m["d1"][0]) == 1
     gt[:, 55, 100] = 2.0  # just outside: still not counted, so the score stays perfect
     gt[:, 300, 601] = 2.0
-    assert float(evaluate.score_per_image(maps, gt, protocol)["depth"]["d1"][0]) == 1
+    assert float(evaluate.score(maps, gt, protocol)["depth"]["d1"][0]) == 1
     gt[:, 56, 60] = 7.0  # the first pixel inside counts
-    assert float(evaluate.score_per_image(maps, gt, protocol)["depth"]["d1"][0]) < 1
+    assert float(evaluate.score(maps, gt, protocol)["depth"]["d1"][0]) < 1
 
 
 def test_depthclip_metric_function_drops_predictions_at_or_below_1e_3():
@@ -433,12 +433,10 @@ def test_depthclip_metric_function_drops_predictions_at_or_below_1e_3():
         got = evaluate.score(maps, torch.from_numpy(gt), protocol)["depth"]
         expected = [bts_metrics(pred[b], holed[b], data_nyu.CROPS[protocol.crop]) for b in range(2)]
         assert_scores(got, expected)
-    dropped = evaluate.score_per_image(
-        maps, torch.from_numpy(gt), evaluate.PROTOCOLS["standard-depthclip-crop"]
-    )
+    dropped = evaluate.score(maps, torch.from_numpy(gt), evaluate.PROTOCOLS["standard-depthclip-crop"])
     assert (
         dropped["depth"]["d1"]
-        > evaluate.score_per_image(maps, torch.from_numpy(gt), evaluate.PROTOCOLS["standard"])["depth"]["d1"]
+        > evaluate.score(maps, torch.from_numpy(gt), evaluate.PROTOCOLS["standard"])["depth"]["d1"]
     ).all()
 
 
@@ -679,7 +677,7 @@ def test_every_output_is_scored_from_its_own_map_in_the_authors_list_order(tmp_p
             expected_maps[..., r0:r1, c0:c1] = preds[..., r0:r1, c0:c1]
         expected = oracle_scores(name, expected_maps, gts, order)
         for key, want in zip(moa.OUTPUTS, expected):
-            got = {m: torch.cat([r[m] for r in rows[name][key]]) for m in data_nyu.KEYS}
+            got = {m: torch.cat([r[key][m] for r in rows[name]]) for m in data_nyu.KEYS}
             assert_scores(got, want, tol=1e-5)  # float32 resizes; silog of a constant ratio: ~1e-6
     by_frame = oracle_scores("authors", preds, gts)  # frame order: other groups, other numbers
     by_list = oracle_scores("authors", preds, gts, order)
