@@ -219,14 +219,7 @@ def test_each_parameter_group_trains_at_its_own_rate(small_clip):
             "--clip",
             str(small_clip),
             *SMALL,
-            "--lr",
-            "1e-5",
-            "--adapter-lr",
-            "2e-4",
-            "--head-lr",
-            "3e-4",
-            "--weight-decay",
-            "0.02",
+            *"--lr 1e-5 --adapter-lr 2e-4 --head-lr 3e-4 --weight-decay 0.02".split(),
         ]
     )
     model = moa.MoADepthCLIP(clip, cli.config_of(moa.DepthConfig, args))
@@ -296,20 +289,7 @@ def test_adadepthclip_recipe_sets_what_it_names_and_given_flags_win(small_clip):
     assert (scheduler.patience, scheduler.factor, scheduler.mode) == (5, 0.5, "min")
     # a flag given on the command line wins, also one that equals the paper's own default
     given = train.parse_args(
-        [
-            "--recipe",
-            "adadepthclip",
-            "--clip",
-            "random",
-            "--epochs",
-            "7",
-            "--temperature",
-            "2",
-            "--composite",
-            "ours",
-            "--val-frac",
-            "0.1",
-        ]
+        "--recipe adadepthclip --clip random --epochs 7 --temperature 2 --composite ours --val-frac 0.1".split()
     )
     assert (given.epochs, given.temperature, given.composite, given.val_frac) == (7, 2.0, "ours", 0.1)
     assert given.adapter_lr == 1e-4 and given.lr_schedule == "plateau"  # the rest of the preset stays
@@ -402,20 +382,9 @@ def test_plateau_schedule_and_early_stop_and_their_resume(tmp_path, train_small)
     """--recipe adadepthclip at a rate too small to move any fp32 weight: the validation loss never falls, so
     ReduceLROnPlateau halves every rate after the 6th epoch without a lower loss (patience 5), and
     --early-stop 8 ends the run after epoch 8 of 12. A run stopped after 5 epochs and resumed ends the same."""
-    flags = [
-        "--recipe",
-        "adadepthclip",
-        "--lr",
-        "1e-30",
-        "--adapter-lr",
-        "0",
-        "--early-stop",
-        "8",
-        "--val-frac",
-        "0.2",
-        "--device",
-        "cpu",
-    ]
+    flags = (
+        "--recipe adadepthclip --lr 1e-30 --adapter-lr 0 --early-stop 8 --val-frac 0.2 --device cpu".split()
+    )
     r = train_small(tmp_path / "a", *flags, "--epochs", "12")
     assert "early stop after epoch 8: 8 epochs without a lower validation loss" in r.stdout
     rows = logs(tmp_path / "a")
@@ -533,10 +502,7 @@ def test_kill_and_resume_is_bit_identical(small_clip, tmp_path, train_small):
         "--out",
         tmp_path / "b",
         *SMALL,
-        "--epochs",
-        "4",
-        "--device",
-        "cpu",
+        *"--epochs 4 --device cpu".split(),
     ]
     proc = start(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "b" / "ckpt.pt"
