@@ -232,7 +232,7 @@ PLATEAU_FACTOR = 0.5
 def make_scheduler(optimizer, tc):
     if tc.lr_schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", patience=PLATEAU_PATIENCE, factor=PLATEAU_FACTOR
+            optimizer, patience=PLATEAU_PATIENCE, factor=PLATEAU_FACTOR
         )
     return None
 
@@ -251,8 +251,9 @@ def validate(model, batches, autocast):
         losses.append(moa.depth_loss(out, b["depth"], b["mask"], model.cfg)[0].item())
         # each output; resized frames: no crop; a frame without a valid pixel scores NaN, left out
         for key in [k for k in moa.OUTPUTS if k in out]:
-            metrics = data_nyu.depth_metrics(out[key][:, 0].float(), b["depth"][:, 0], crop="none")
-            rows.setdefault(key, []).append(metrics)
+            rows.setdefault(key, []).append(
+                data_nyu.depth_metrics(out[key][:, 0].float(), b["depth"][:, 0], crop="none")
+            )
     model.train()
     return {key: data_nyu.mean_metrics(r) for key, r in rows.items()}, sum(losses) / len(losses)
 
@@ -496,7 +497,7 @@ def restore(ckpt, model, optimizer, scheduler, scaler, args, tc):
         raise clip_vit.UserError(
             f"{ckpt_path}: its optimizer state does not fit ({e}); start afresh with --overwrite"
         ) from None
-    if scheduler is not None and ckpt.get("scheduler"):
+    if scheduler and ckpt.get("scheduler"):
         scheduler.load_state_dict(ckpt["scheduler"])
     if scaler.is_enabled() and ckpt.get("grad_scaler"):
         scaler.load_state_dict(ckpt["grad_scaler"])
