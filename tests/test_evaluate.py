@@ -472,8 +472,9 @@ def interrupt(args, after):
 
 
 def test_ctrl_c_ends_in_one_line_and_leaves_nothing_half_done(trained, tmp_path):
-    """Ctrl-C before the first picture: exit 130, one line, no folder made; after two: the
-    pictures written are whole PNGs, and nothing else is there (no temporary, no half file)."""
+    """Ctrl-C before the first picture: exit 130, one line, no empty folder left behind (on a busy machine
+    the signal may land after the first picture: then the folder holds it); after two: the pictures
+    written are whole PNGs, and nothing else is there (no temporary, no half file)."""
     vis = tmp_path / "new" / "vis"
     args = [trained, "--data", "synthetic", "--batch-size", "1", "--save-vis", vis, "--device", "cpu"]
     for after in ("protocol standard", "evaluated 2/"):
@@ -482,7 +483,7 @@ def test_ctrl_c_ends_in_one_line_and_leaves_nothing_half_done(trained, tmp_path)
         lines = [line for line in err if not line.startswith("evaluated ")]  # a frame may finish
         assert len(lines) == 1 and lines[0].startswith("interrupted: "), err
         if after == "protocol standard":
-            assert not (tmp_path / "new").exists()
+            assert not (tmp_path / "new").exists() or any(vis.iterdir())
     pictures = sorted(vis.iterdir())
     assert len(pictures) >= 2 and all(p.suffix == ".png" for p in pictures)
     for p in pictures:
