@@ -145,11 +145,10 @@ class VisionTransformer(nn.Module):
     def embed(self, x):
         """Pixels (B, 3, H, W) -> token sequence (B, 1 + H/p * W/p, width) entering block 0."""
         x = self.conv1(x.type(self.conv1.weight.dtype))  # (B, width, gh, gw)
-        gh, gw = x.shape[-2:]
+        pe = self.pos_embed(*x.shape[-2:]).to(x.dtype)  # (1+gh*gw, width)
         x = x.flatten(2).transpose(1, 2)  # (B, gh*gw, width)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed(gh, gw).to(x.dtype)  # (B, 1+gh*gw, width)
-        return self.ln_pre(x)
+        return self.ln_pre(torch.cat([cls, x], dim=1) + pe)  # (B, 1+gh*gw, width)
 
     # moa.py calls embed and each block itself, to read the tokens in between
     def forward(self, x):
@@ -224,26 +223,25 @@ class ModifiedResNet(nn.Module):
         self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
         self.bn3 = nn.BatchNorm2d(width)
         self.avgpool = nn.AvgPool2d(2)
-        self.layer1 = self.make_layer(width, width, layers[0])
-        self.layer2 = self.make_layer(width * 4, width * 2, layers[1], stride=2)
-        self.layer3 = self.make_layer(width * 8, width * 4, layers[2], stride=2)
-        self.layer4 = self.make_layer(width * 16, width * 8, layers[3], stride=2)
+        self.layer1 = self.make_layer(width, layers[0])
+        self.layer2 = self.make_layer(width * 2, layers[1], stride=2)
+        self.layer3 = self.make_layer(width * 4, layers[2], stride=2)
+        self.layer4 = self.make_layer(width * 8, layers[3], stride=2)
         # layer4's output has width * 32 channels: 2048 in RN50
         self.attnpool = AttentionPool2d(input_resolution // 32, width * 32, heads, output_dim)
 
+    # a stage, planes * 4 channels out; in: the stem's width, or the stage before's 4 * planes / 2
     @staticmethod
-    def make_layer(inplanes, planes, blocks, stride=1):
-        return nn.Sequential(
-            Bottleneck(inplanes, planes, stride), *[Bottleneck(planes * 4, planes) for _ in range(1, blocks)]
-        )
+    def make_layer(planes, blocks, stride=1):
+        first = Bottleneck(planes * stride, planes, stride)
+        return nn.Sequential(first, *[Bottleneck(planes * 4, planes) for _ in range(1, blocks)])
 
     def features(self, x):
         """Pixels (B, 3, H, W) -> layer4's feature map (B, 32*width, H/32, W/32), before the pool
         (DepthCLIP reads this map: 2048 x 13 x 17 for its 416x544 input)."""
-        x = x.type(self.conv1.weight.dtype)
-        for conv, bn in [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]:
-            x = F.relu(bn(conv(x)))
-        x = self.avgpool(x)  # (B, width, H/4, W/4)
+        x = F.relu(self.bn1(self.conv1(x.type(self.conv1.weight.dtype))))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = self.avgpool(F.relu(self.bn3(self.conv3(x))))  # (B, width, H/4, W/4)
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def forward(self, x):
@@ -316,20 +314,23 @@ def build_model(state_dict):
     # the int buffers of the JIT file alone dropped
     jit_only = {"input_resolution", "context_length", "vocab_size"}
     sd = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items() if k not in jit_only}
+
+    # the blocks under prefix, e.g. "transformer.resblocks.": the distinct numbers that follow it
+    def blocks(prefix):
+        return len({k[len(prefix) :].split(".")[0] for k in sd if k.startswith(prefix)})
+
     if "visual.proj" in sd:  # a ViT
         vision_width, _, _, patch = sd["visual.conv1.weight"].shape
-        vision_layers = sum(k.startswith("visual.") and k.endswith(".attn.in_proj_weight") for k in sd)
+        vision_layers = blocks("visual.transformer.resblocks.")
         resolution = patch * round(math.sqrt(sd["visual.positional_embedding"].shape[0] - 1))
     # a ResNet: blocks per stage from the keys "visual.layer{1..4}.{block}.", stride 32 in all
     else:
-        vision_layers = tuple(
-            len({k.split(".")[2] for k in sd if k.startswith(f"visual.layer{i}.")}) for i in range(1, 5)
-        )
+        vision_layers = tuple(blocks(f"visual.layer{i}.") for i in range(1, 5))
         vision_width = sd["visual.layer1.0.conv1.weight"].shape[0]
         patch = None  # no patches: a ResNet
         resolution = 32 * round(math.sqrt(sd["visual.attnpool.positional_embedding"].shape[0] - 1))
     width = sd["ln_final.weight"].shape[0]
-    text_layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks")})
+    text_layers = blocks("transformer.resblocks.")
     # sd holds every weight: drawing random ones first would be wasted
     with no_random_init():
         model = CLIP(
@@ -355,8 +356,6 @@ def random_state_dict(
     vision_layers=12,
     vision_width=768,
     patch=32,
-    context_length=77,
-    vocab_size=49408,
     width=512,
     heads=8,
     layers=12,
@@ -373,8 +372,8 @@ def random_state_dict(
             vision_layers,
             vision_width,
             patch,
-            context_length,
-            vocab_size,
+            77,  # context length
+            49408,  # vocabulary size
             width,
             heads,
             layers,
@@ -529,8 +528,7 @@ class _ArchiveUnpickler(pickle.Unpickler):
             raise ValueError(f"storage {key}: {numel} elements in {info.file_size} bytes")
         start = self.member_start(info)
         if info.compress_type != zipfile.ZIP_STORED or start % dtype.itemsize:  # not as torch writes
-            raw = bytearray(self.zf.read(info))
-            return torch.frombuffer(raw, dtype=dtype, count=numel)
+            return torch.frombuffer(bytearray(self.zf.read(info)), dtype=dtype, count=numel)
         # torch stores each storage uncompressed and aligned: the tensor is the mapped bytes
         return torch.frombuffer(self.memory, dtype=dtype, count=numel, offset=start)
 
@@ -642,7 +640,7 @@ def preprocess(image, size=224):
     image = (
         image.resize((w, h), resample=3).crop((left, top, left + size, top + size)).convert("RGB")
     )  # bicubic
-    return normalize(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1))
+    return normalize(torch.from_numpy(np.asarray(image, np.float32) / 255.0).permute(2, 0, 1))
 
 
 def normalize(x):

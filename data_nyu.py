@@ -77,7 +77,7 @@ def hdf5_problem(e):
     text = " ".join(str(e).split())
     truncated = re.search(r"truncated file: eof = (\d+).*stored_eof = (\d+)", text)
     if truncated:
-        have, want = (int(n) for n in truncated.groups())
+        have, want = map(int, truncated.groups())
         return f"truncated: {have:,} of {want:,} bytes (an unfinished download or copy?)"
     if "file signature not found" in text:
         return "not a MATLAB v7.3 MAT-file (HDF5), as NYU's labeled file is"
@@ -139,7 +139,7 @@ class NYUDepthV2:
         # IndexError past the end, as a sequence should
         j = int(self.indices[i])
         try:
-            rgb = self.h5["images"][j].transpose(2, 1, 0)  # (3, W, H) -> (H, W, 3)
+            rgb = self.h5["images"][j].T  # (3, W, H) -> (H, W, 3)
             depth = self.h5[self.key][j].T  # (W, H) -> (H, W)
         except OSError as e:
             raise UserError(f"{self.path}: cannot read frame {j}: {hdf5_problem(e)}") from None
@@ -259,9 +259,10 @@ class PreloadedBatches:
 
     def __iter__(self):
         N = len(self.images)
-        seed = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]  # mixes both
-        # the same order and augments after a resume
-        g = torch.Generator().manual_seed(int(seed))
+        # the same order and augments after a resume; SeedSequence mixes both
+        g = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
+        )
         order = torch.randperm(N, generator=g) if self.shuffle else torch.arange(N)
         for sel in order.to(self.device).split(self.batch_size)[: len(self)]:  # (B,) rows
             img = self.images[sel].float() / 255  # (B, 3, h, w) in [0, 1]
@@ -335,4 +336,4 @@ def mean_metrics(rows):
     scored = {k: torch.cat([torch.as_tensor(r[k]).reshape(-1) for r in rows]).cpu() for k in KEYS}
     # NaN: a frame without a valid pixel, not averaged
     kept = ~scored["d1"].isnan()
-    return {k: float(v[kept].mean()) if kept.any() else float("nan") for k, v in scored.items()}
+    return {k: float(v[kept].mean()) for k, v in scored.items()}  # NaN: the mean of none
