@@ -117,7 +117,7 @@ class Transformer(nn.Module):
 class VisionTransformer(nn.Module):
     def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim):
         super().__init__()
-        self.input_resolution, self.patch_size = input_resolution, patch_size
+        self.patch_size = patch_size
         scale = width**-0.5
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
@@ -153,7 +153,7 @@ class VisionTransformer(nn.Module):
     # moa.py calls embed and each block itself, to read the tokens in between
     def forward(self, x):
         x = self.transformer(self.embed(x))  # (B, 1+gh*gw, width)
-        return self.ln_post(x[:, 0, :]) @ self.proj  # CLS: (B, output_dim)
+        return self.ln_post(x[:, 0]) @ self.proj  # CLS: (B, output_dim)
 
 
 class Bottleneck(nn.Module):
@@ -215,7 +215,6 @@ class ModifiedResNet(nn.Module):
 
     def __init__(self, layers, output_dim, heads, input_resolution, width):
         super().__init__()
-        self.input_resolution = input_resolution
         self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width // 2)
         self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
@@ -507,7 +506,7 @@ class _ArchiveUnpickler(pickle.Unpickler):
 
     def __init__(self, zf, pkl, memory):  # pkl: "<root>/data.pkl"; storages: "<root>/data/<key>"
         super().__init__(zf.open(pkl))
-        self.zf, self.prefix, self.memory = zf, pkl[: -len("data.pkl")], memory
+        self.zf, self.prefix, self.memory = zf, pkl.removesuffix("data.pkl"), memory
 
     def find_class(self, module, name):
         # a module: pickle sets its attributes
@@ -526,19 +525,16 @@ class _ArchiveUnpickler(pickle.Unpickler):
         info = self.zf.getinfo(f"{self.prefix}data/{key}")
         if numel * dtype.itemsize > info.file_size:
             raise ValueError(f"storage {key}: {numel} elements in {info.file_size} bytes")
-        start = self.member_start(info)
-        if info.compress_type != zipfile.ZIP_STORED or start % dtype.itemsize:  # not as torch writes
-            return torch.frombuffer(bytearray(self.zf.read(info)), dtype=dtype, count=numel)
-        # torch stores each storage uncompressed and aligned: the tensor is the mapped bytes
-        return torch.frombuffer(self.memory, dtype=dtype, count=numel, offset=start)
-
-    # the file offset of a member's bytes: after its local header
-    def member_start(self, info):
+        # the file offset of the member's bytes: after its local header
         header = self.memory[info.header_offset : info.header_offset + 30]
         if header[:4] != b"PK\x03\x04":
             raise ValueError(f"{info.filename}: no zip local header at {info.header_offset}")
         name_length, extra_length = struct.unpack("<HH", header[26:30])
-        return info.header_offset + 30 + name_length + extra_length
+        start = info.header_offset + 30 + name_length + extra_length
+        if info.compress_type != zipfile.ZIP_STORED or start % dtype.itemsize:  # not as torch writes
+            return torch.frombuffer(bytearray(self.zf.read(info)), dtype=dtype, count=numel)
+        # torch stores each storage uncompressed and aligned: the tensor is the mapped bytes
+        return torch.frombuffer(self.memory, dtype=dtype, count=numel, offset=start)
 
 
 def read_torchscript_state_dict(path):
@@ -583,7 +579,6 @@ class no_random_init(torch.overrides.TorchFunctionMode):
     buffer, say a mask) comes out right. The meta device would skip the memory as well, but its first
     randn or scalar multiply imports sympy: seconds, more than the initialisation it saves."""
 
-    RANDOM = (torch.randn, torch.rand)
     INITIALISERS = (
         nn.init.uniform_,
         nn.init.normal_,
@@ -595,7 +590,7 @@ class no_random_init(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in self.RANDOM:
+        if func in (torch.randn, torch.rand):
             kwargs.pop("generator", None)
             return torch.empty(*args, **kwargs)
         # in place: the tensor itself, left as it is
@@ -667,7 +662,7 @@ class SimpleTokenizer:
         self.byte_encoder = {b: chr(b) for b in printable}
         others = [b for b in range(256) if b not in printable]
         self.byte_encoder.update({b: chr(256 + i) for i, b in enumerate(others)})
-        merges = gzip.decompress(data).decode("utf-8").split("\n")
+        merges = gzip.decompress(data).decode().split("\n")
         merges = [tuple(m.split()) for m in merges[1 : 49152 - 256 - 2 + 1]]
         # ids: bytes, bytes ending a word, merges
         symbols = list(self.byte_encoder.values())
@@ -714,7 +709,7 @@ class SimpleTokenizer:
         text = " ".join(text.split()).lower()
         ids = []
         for piece in self.pat.findall(text):
-            piece = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
+            piece = "".join(self.byte_encoder[b] for b in piece.encode())
             ids.extend(self.encoder[t] for t in self.bpe(piece).split(" "))
         return ids
 

@@ -48,7 +48,7 @@ def read_splits(path):
     out = {}
     for split, key in (("train", "trainNdxs"), ("test", "testNdxs")):
         idx = np.sort(np.ravel(m.get(key, []))).astype(np.int64)  # stored 1-based, uint16 (795, 1)
-        if idx.size == 0 or idx[0] < 1 or np.any(np.diff(idx) == 0):
+        if idx.size == 0 or idx[0] < 1 or not np.diff(idx).all():
             raise UserError(f"{path}: '{key}' missing, or not distinct 1-based frame numbers")
         out[split] = idx - 1
     if np.intersect1d(out["train"], out["test"]).size:
@@ -194,7 +194,7 @@ class SyntheticDepth:
         # the nearest surface along each ray, and its depth
         surface = z.argmin(0)
         depth = np.clip(z.min(0), 0.5, 9.5).astype(np.float32)
-        checker = (np.floor(2 * dx * depth) + np.floor(2 * dy * depth) + np.floor(2 * depth)) % 2
+        checker = np.floor(2 * np.stack([dx * depth, dy * depth, depth])).sum(0) % 2
         shade = (1 - 0.07 * depth) * (0.8 + 0.2 * checker)  # (H, W) darker and finer farther away
         colour = rng.uniform(0.7, 1.0, (4, 3))[surface]  # (H, W, 3) one tint per plane
         rgb = colour * shade[..., None] + rng.normal(0, 0.02, (H, W, 3))
@@ -271,9 +271,8 @@ class PreloadedBatches:
                 r = torch.rand(3, len(sel), 1, 1, 1, generator=g).to(self.device)  # (3, B, 1, 1, 1)
                 flip = r[0] < 0.5
                 contrast, bright = 0.9 + 0.2 * r[1:]
-                img = torch.where(flip, img.flip(-1), img)
-                depth = torch.where(flip, depth.flip(-1), depth)
-                mean = img.mean(dim=(1, 2, 3), keepdim=True)
+                img, depth = (torch.where(flip, t.flip(-1), t) for t in (img, depth))
+                mean = img.mean((1, 2, 3), keepdim=True)
                 img = (((img - mean) * contrast + mean) * bright).clamp(0, 1)
             yield {"image": normalize(img), "depth": depth, "mask": valid_depth(depth)}
 
