@@ -169,8 +169,9 @@ class Bottleneck(nn.Module):
         self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
-        self.downsample = None
-        # OpenAI's key names: downsample.0, .1 (its average pool, downsample.-1, is self.avgpool)
+        # the shortcut: x itself, or x pooled and projected to planes * 4 channels; OpenAI's key names,
+        # downsample.0 and .1 (its average pool, downsample.-1, is self.avgpool)
+        self.downsample = nn.Identity()
         if stride > 1 or inplanes != planes * 4:
             self.downsample = nn.Sequential(
                 nn.Conv2d(inplanes, planes * 4, 1, bias=False), nn.BatchNorm2d(planes * 4)
@@ -180,8 +181,7 @@ class Bottleneck(nn.Module):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.avgpool(F.relu(self.bn2(self.conv2(out))))
         out = self.bn3(self.conv3(out))
-        identity = x if self.downsample is None else self.downsample(self.avgpool(x))
-        return F.relu(out + identity)
+        return F.relu(out + self.downsample(self.avgpool(x)))
 
 
 class AttentionPool2d(nn.Module):
