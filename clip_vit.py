@@ -659,9 +659,8 @@ class SimpleTokenizer:
         # byte -> printable character, so that BPE never sees whitespace or control codes: bytes
         # "!".."~", "¡".."¬", "®".."ÿ" stand for themselves, the other 68 for U+0100, U+0101, ...
         printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-        self.byte_encoder = {b: chr(b) for b in printable}
         others = [b for b in range(256) if b not in printable]
-        self.byte_encoder.update({b: chr(256 + i) for i, b in enumerate(others)})
+        self.byte_encoder = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
         merges = gzip.decompress(data).decode().split("\n")
         merges = [tuple(m.split()) for m in merges[1 : 49152 - 256 - 2 + 1]]
         # ids: bytes, bytes ending a word, merges
@@ -704,8 +703,8 @@ class SimpleTokenizer:
                 raise UserError(
                     f"{text[:40]!r}: text beyond plain ASCII needs ftfy (pip install ftfy)"
                 ) from None
-        text = html.unescape(html.unescape(text)).strip()
-        # runs of whitespace -> one space
+        text = html.unescape(html.unescape(text))
+        # runs of whitespace -> one space, none at either end
         text = " ".join(text.split()).lower()
         ids = []
         for piece in self.pat.findall(text):
@@ -725,7 +724,7 @@ def tokenize(texts, context_length=77):
     texts = [texts] if isinstance(texts, str) else texts
     out = torch.zeros(len(texts), context_length, dtype=torch.long)
     for i, text in enumerate(texts):
-        ids = [tok.sot] + tok.encode(text) + [tok.eot]
+        ids = [tok.sot, *tok.encode(text), tok.eot]
         if len(ids) > context_length:
             raise UserError(f"{text[:40]!r}: {len(ids)} tokens, more than CLIP's {context_length}")
         out[i, : len(ids)] = torch.tensor(ids)
