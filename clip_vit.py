@@ -15,7 +15,6 @@ import contextlib
 import gzip
 import hashlib
 import html
-import http.client
 import math
 import mmap
 import os
@@ -24,12 +23,13 @@ import struct
 import sys
 import time
 import types
-import urllib.error
-import urllib.request
 import zipfile
 from collections import OrderedDict
 from functools import lru_cache
+from http.client import HTTPException
 from pathlib import Path
+from urllib.error import HTTPError, URLError
+from urllib.request import Request, urlopen
 
 import numpy as np
 import torch
@@ -77,11 +77,12 @@ class Attention(nn.Module):
 
     # causal: token i sees tokens 0..i only (the text tower)
     def forward(self, x, causal=False):
-        B, L, D = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3D): W_q, W_k, W_v rows
-        q, k, v = (t.view(B, L, self.n_head, -1).transpose(1, 2) for t in qkv.split(D, dim=-1))
+        q, k, v = (
+            t.unflatten(-1, (self.n_head, -1)).transpose(1, 2) for t in qkv.chunk(3, dim=-1)
+        )  # (B, heads, L, d)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # softmax(qkᵀ/√d) v
-        return self.out_proj(y.transpose(1, 2).reshape(B, L, D))
+        return self.out_proj(y.transpose(1, 2).flatten(2))  # (B, L, D)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -116,13 +117,14 @@ class Transformer(nn.Module):
 class VisionTransformer(nn.Module):
     def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim):
         super().__init__()
-        self.input_resolution, self.patch_size = input_resolution, patch_size
+        self.patch_size = patch_size
         scale = width**-0.5
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         # the patches and the class token
-        n_tokens = (input_resolution // patch_size) ** 2 + 1
-        self.positional_embedding = nn.Parameter(scale * torch.randn(n_tokens, width))
+        self.positional_embedding = nn.Parameter(
+            scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width)
+        )
         self.ln_pre = LayerNorm(width)
         self.transformer = Transformer(width, layers, heads)
         self.ln_post = LayerNorm(width)
@@ -135,30 +137,28 @@ class VisionTransformer(nn.Module):
         g = round(math.sqrt(pe.shape[0] - 1))
         if (gh, gw) == (g, g):
             return pe
-        grid = pe[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2).float()  # (1, width, g, g)
-        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
-        return torch.cat([pe[:1], grid.permute(0, 2, 3, 1).reshape(gh * gw, -1).to(pe.dtype)])
+        grid = F.interpolate(
+            pe[1:].T.reshape(1, -1, g, g).float(), (gh, gw), mode="bicubic"
+        )  # (1, width, gh, gw)
+        return torch.cat([pe[:1], grid.flatten(2)[0].T.to(pe.dtype)])
 
     def embed(self, x):
         """Pixels (B, 3, H, W) -> token sequence (B, 1 + H/p * W/p, width) entering block 0."""
         x = self.conv1(x.type(self.conv1.weight.dtype))  # (B, width, gh, gw)
-        gh, gw = x.shape[-2:]
+        pe = self.pos_embed(*x.shape[-2:]).to(x.dtype)  # (1+gh*gw, width)
         x = x.flatten(2).transpose(1, 2)  # (B, gh*gw, width)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed(gh, gw).to(x.dtype)  # (B, 1+gh*gw, width)
-        return self.ln_pre(x)
+        return self.ln_pre(torch.cat([cls, x], dim=1) + pe)  # (B, 1+gh*gw, width)
 
     # moa.py calls embed and each block itself, to read the tokens in between
     def forward(self, x):
         x = self.transformer(self.embed(x))  # (B, 1+gh*gw, width)
-        return self.ln_post(x[:, 0, :]) @ self.proj  # CLS: (B, output_dim)
+        return self.ln_post(x[:, 0]) @ self.proj  # CLS: (B, output_dim)
 
 
 class Bottleneck(nn.Module):
     """ResNet's 1x1 -> 3x3 -> 1x1 block, anti-aliased: a stride s is an s x s average pool after the
     3x3 convolution (and before the 1x1 convolution of the shortcut), never a strided convolution."""
-
-    expansion = 4
 
     def __init__(self, inplanes, planes, stride=1):
         super().__init__()
@@ -167,26 +167,21 @@ class Bottleneck(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
-        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
-        self.downsample = None
-        if stride > 1 or inplanes != planes * self.expansion:  # OpenAI's key names: downsample.0, .1
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        # the shortcut: x itself, or x pooled and projected to planes * 4 channels; OpenAI's key names,
+        # downsample.0 and .1 (its average pool, downsample.-1, is self.avgpool)
+        self.downsample = nn.Identity()
+        if stride > 1 or inplanes != planes * 4:
             self.downsample = nn.Sequential(
-                OrderedDict(
-                    [
-                        ("-1", nn.AvgPool2d(stride)),
-                        ("0", nn.Conv2d(inplanes, planes * self.expansion, 1, bias=False)),
-                        ("1", nn.BatchNorm2d(planes * self.expansion)),
-                    ]
-                )
+                nn.Conv2d(inplanes, planes * 4, 1, bias=False), nn.BatchNorm2d(planes * 4)
             )
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.avgpool(F.relu(self.bn2(self.conv2(out))))
         out = self.bn3(self.conv3(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + identity)
+        return F.relu(out + self.downsample(self.avgpool(x)))
 
 
 class AttentionPool2d(nn.Module):
@@ -196,8 +191,7 @@ class AttentionPool2d(nn.Module):
     def __init__(self, grid, embed_dim, num_heads, output_dim):
         super().__init__()
         # the mean and the grid x grid map (7x7 in RN50)
-        n_tokens = grid**2 + 1
-        self.positional_embedding = nn.Parameter(torch.randn(n_tokens, embed_dim) / embed_dim**0.5)
+        self.positional_embedding = nn.Parameter(torch.randn(grid**2 + 1, embed_dim) / embed_dim**0.5)
         self.k_proj = nn.Linear(embed_dim, embed_dim)
         self.q_proj = nn.Linear(embed_dim, embed_dim)
         self.v_proj = nn.Linear(embed_dim, embed_dim)
@@ -209,49 +203,44 @@ class AttentionPool2d(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (B, h*w, C)
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # (B, 1+h*w, C)
         x = x + self.positional_embedding.to(x.dtype)
-        B, L, C = x.shape
-        q = self.q_proj(x[:, :1]).view(B, 1, self.num_heads, -1).transpose(1, 2)  # (B, heads, 1, d)
-        k = self.k_proj(x).view(B, L, self.num_heads, -1).transpose(1, 2)  # (B, heads, L, d)
-        v = self.v_proj(x).view(B, L, self.num_heads, -1).transpose(1, 2)  # (B, heads, L, d)
+        qkv = self.q_proj(x[:, :1]), self.k_proj(x), self.v_proj(x)  # (B, 1, C), (B, L, C), (B, L, C)
+        q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in qkv)  # (B, heads, L, d)
         y = F.scaled_dot_product_attention(q, k, v)  # (B, heads, 1, d)
-        return self.c_proj(y.transpose(1, 2).reshape(B, C))  # (B, output_dim)
+        return self.c_proj(y.flatten(1))  # (B, output_dim)
 
 
 class ModifiedResNet(nn.Module):
     """CLIP's ResNet (RN50 and kin): torchvision's ResNet with a 3-convolution stem and an average
     pool instead of a max pool, anti-aliased Bottlenecks, and attention pooling at the end."""
 
-    def __init__(self, layers, output_dim, heads, input_resolution=224, width=64):
+    def __init__(self, layers, output_dim, heads, input_resolution, width):
         super().__init__()
-        self.input_resolution = input_resolution
-        self.conv1 = nn.Conv2d(3, width // 2, kernel_size=3, stride=2, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width // 2)
-        self.conv2 = nn.Conv2d(width // 2, width // 2, kernel_size=3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(width // 2)
-        self.conv3 = nn.Conv2d(width // 2, width, kernel_size=3, padding=1, bias=False)
+        self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
         self.bn3 = nn.BatchNorm2d(width)
         self.avgpool = nn.AvgPool2d(2)
-        self.layer1 = self.make_layer(width, width, layers[0])
-        self.layer2 = self.make_layer(width * 4, width * 2, layers[1], stride=2)
-        self.layer3 = self.make_layer(width * 8, width * 4, layers[2], stride=2)
-        self.layer4 = self.make_layer(width * 16, width * 8, layers[3], stride=2)
-        # the channels of layer4's output: 2048 in RN50
-        embed_dim = width * 32
-        self.attnpool = AttentionPool2d(input_resolution // 32, embed_dim, heads, output_dim)
+        self.layer1 = self.make_layer(width, layers[0])
+        self.layer2 = self.make_layer(width * 2, layers[1], stride=2)
+        self.layer3 = self.make_layer(width * 4, layers[2], stride=2)
+        self.layer4 = self.make_layer(width * 8, layers[3], stride=2)
+        # layer4's output has width * 32 channels: 2048 in RN50
+        self.attnpool = AttentionPool2d(input_resolution // 32, width * 32, heads, output_dim)
 
+    # a stage, planes * 4 channels out; in: the stem's width, or the stage before's 4 * planes / 2
     @staticmethod
-    def make_layer(inplanes, planes, blocks, stride=1):
-        first = Bottleneck(inplanes, planes, stride)
-        rest = [Bottleneck(planes * Bottleneck.expansion, planes) for _ in range(1, blocks)]
-        return nn.Sequential(first, *rest)
+    def make_layer(planes, blocks, stride=1):
+        first = Bottleneck(planes * stride, planes, stride)
+        return nn.Sequential(first, *[Bottleneck(planes * 4, planes) for _ in range(1, blocks)])
 
     def features(self, x):
         """Pixels (B, 3, H, W) -> layer4's feature map (B, 32*width, H/32, W/32), before the pool
         (DepthCLIP reads this map: 2048 x 13 x 17 for its 416x544 input)."""
-        x = x.type(self.conv1.weight.dtype)
-        for conv, bn in [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]:
-            x = F.relu(bn(conv(x)))
-        x = self.avgpool(x)  # (B, width, H/4, W/4)
+        x = F.relu(self.bn1(self.conv1(x.type(self.conv1.weight.dtype))))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = self.avgpool(F.relu(self.bn3(self.conv3(x))))  # (B, width, H/4, W/4)
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def forward(self, x):
@@ -292,8 +281,9 @@ class CLIP(nn.Module):
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
         self.positional_embedding = nn.Parameter(0.01 * torch.randn(context_length, transformer_width))
         self.ln_final = LayerNorm(transformer_width)
-        scale = transformer_width**-0.5
-        self.text_projection = nn.Parameter(scale * torch.randn(transformer_width, embed_dim))
+        self.text_projection = nn.Parameter(
+            transformer_width**-0.5 * torch.randn(transformer_width, embed_dim)
+        )
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def encode_image(self, image):  # (B, 3, 224, 224) normalised pixels -> (B, embed_dim)
@@ -302,19 +292,14 @@ class CLIP(nn.Module):
     def encode_text(self, text):  # (B, context_length) ids -> (B, embed_dim)
         x = self.token_embedding(text) + self.positional_embedding  # (B, L, width)
         x = self.ln_final(self.transformer(x, causal=True))  # (B, L, width)
-        # the EOT token has the largest id
-        eot = text.argmax(dim=-1)
-        return x[torch.arange(x.shape[0]), eot] @ self.text_projection
+        # the features at the EOT token, which has the largest id
+        return x[torch.arange(x.shape[0]), text.argmax(dim=-1)] @ self.text_projection
 
     def forward(self, image, text):
         image_features = F.normalize(self.encode_image(image), dim=-1)
         text_features = F.normalize(self.encode_text(text), dim=-1)
         logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
         return logits_per_image, logits_per_image.t()
-
-
-# int buffers of the JIT file alone
-JIT_ONLY = ("input_resolution", "context_length", "vocab_size")
 
 
 def build_model(state_dict):
@@ -324,23 +309,27 @@ def build_model(state_dict):
     towers = {"visual.proj", "visual.attnpool.c_proj.weight"}
     if not isinstance(state_dict, dict) or not towers & set(state_dict):
         raise ValueError("not a CLIP state dict (no ViT 'visual.proj', no ResNet 'visual.attnpool')")
-    # the weights in fp32; other ints (BatchNorm's num_batches_tracked) kept: strict loading wants them
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items() if k not in JIT_ONLY}
+    # the weights in fp32; other ints (BatchNorm's num_batches_tracked) kept: strict loading wants them;
+    # the int buffers of the JIT file alone dropped
+    jit_only = {"input_resolution", "context_length", "vocab_size"}
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items() if k not in jit_only}
+
+    # the blocks under prefix, e.g. "transformer.resblocks.": the distinct numbers that follow it
+    def blocks(prefix):
+        return len({k[len(prefix) :].split(".")[0] for k in sd if k.startswith(prefix)})
+
     if "visual.proj" in sd:  # a ViT
         vision_width, _, _, patch = sd["visual.conv1.weight"].shape
-        vision_layers = sum(k.startswith("visual.") and k.endswith(".attn.in_proj_weight") for k in sd)
-        grid = round(math.sqrt(sd["visual.positional_embedding"].shape[0] - 1))
-        resolution = patch * grid
+        vision_layers = blocks("visual.transformer.resblocks.")
+        resolution = patch * round(math.sqrt(sd["visual.positional_embedding"].shape[0] - 1))
     # a ResNet: blocks per stage from the keys "visual.layer{1..4}.{block}.", stride 32 in all
     else:
-        stages = [f"visual.layer{i}." for i in (1, 2, 3, 4)]
-        vision_layers = tuple(len({k.split(".")[2] for k in sd if k.startswith(s)}) for s in stages)
+        vision_layers = tuple(blocks(f"visual.layer{i}.") for i in range(1, 5))
         vision_width = sd["visual.layer1.0.conv1.weight"].shape[0]
         patch = None  # no patches: a ResNet
-        grid = round(math.sqrt(sd["visual.attnpool.positional_embedding"].shape[0] - 1))
-        resolution = 32 * grid
+        resolution = 32 * round(math.sqrt(sd["visual.attnpool.positional_embedding"].shape[0] - 1))
     width = sd["ln_final.weight"].shape[0]
-    text_layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks")})
+    text_layers = blocks("transformer.resblocks.")
     # sd holds every weight: drawing random ones first would be wasted
     with no_random_init():
         model = CLIP(
@@ -356,7 +345,7 @@ def build_model(state_dict):
             text_layers,
         )
     # sd's tensors become the weights, uncopied; an error names each missing, extra or misshapen key
-    model.load_state_dict(sd, strict=True, assign=True)
+    model.load_state_dict(sd, assign=True)
     return model.eval()
 
 
@@ -366,8 +355,6 @@ def random_state_dict(
     vision_layers=12,
     vision_width=768,
     patch=32,
-    context_length=77,
-    vocab_size=49408,
     width=512,
     heads=8,
     layers=12,
@@ -384,8 +371,8 @@ def random_state_dict(
             vision_layers,
             vision_width,
             patch,
-            context_length,
-            vocab_size,
+            77,  # context length
+            49408,  # vocabulary size
             width,
             heads,
             layers,
@@ -449,12 +436,12 @@ def download(url, dest, sha256=None):
     UserError("dest: problem"), which also says where a copy fetched by hand goes. A download
     that fails before its first byte leaves nothing behind: no empty .part, no new empty folder."""
     dest = Path(dest)
+    part = dest.with_name(dest.name + ".part")
     made = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]  # innermost first
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return _download(url, dest, sha256)
+        return _download(url, dest, part, sha256)
     except BaseException:  # a failure, or Ctrl-C
-        part = dest.with_name(dest.name + ".part")
         if part.exists() and part.stat().st_size == 0:
             part.unlink()
         for folder in made:
@@ -463,15 +450,13 @@ def download(url, dest, sha256=None):
         raise
 
 
-def _download(url, dest, sha256):
-    part = dest.with_name(dest.name + ".part")
+def _download(url, dest, part, sha256):
     failed = f"{dest}: download from {url} failed"
     by_hand = f"fetch it by hand from that URL and put it at {dest}"  # the way out, offline
     by_hand += f" (SHA-256 {sha256})" if sha256 else ""
     have = done = part.stat().st_size if part.exists() else 0
-    req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
+        with urlopen(Request(url, headers={"Range": f"bytes={have}-"} if have else {}), timeout=60) as r:
             # a fresh start, or the server ignored Range: start over
             if r.status != 206:
                 have = done = 0
@@ -494,11 +479,11 @@ def _download(url, dest, sha256):
             print(file=sys.stderr)
         if done < total:
             raise ConnectionError(f"connection closed at {done} of {total} bytes")
-    except urllib.error.HTTPError as e:
+    except HTTPError as e:
         # 416 to a resume: the .part already holds the whole file
         if e.code != 416 or not have:
             raise UserError(f"{failed}: HTTP {e.code} {e.reason}; {by_hand}") from None
-    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+    except (URLError, HTTPException, OSError) as e:
         reason = getattr(e, "reason", e)
         raise UserError(f"{failed}: {reason}; run again to resume, or {by_hand}") from None
     got = sha256sum(part) if sha256 else None
@@ -521,7 +506,7 @@ class _ArchiveUnpickler(pickle.Unpickler):
 
     def __init__(self, zf, pkl, memory):  # pkl: "<root>/data.pkl"; storages: "<root>/data/<key>"
         super().__init__(zf.open(pkl))
-        self.zf, self.prefix, self.memory = zf, pkl[: -len("data.pkl")], memory
+        self.zf, self.prefix, self.memory = zf, pkl.removesuffix("data.pkl"), memory
 
     def find_class(self, module, name):
         # a module: pickle sets its attributes
@@ -540,20 +525,16 @@ class _ArchiveUnpickler(pickle.Unpickler):
         info = self.zf.getinfo(f"{self.prefix}data/{key}")
         if numel * dtype.itemsize > info.file_size:
             raise ValueError(f"storage {key}: {numel} elements in {info.file_size} bytes")
-        start = self.member_start(info)
-        if info.compress_type != zipfile.ZIP_STORED or start % dtype.itemsize:  # not as torch writes
-            raw = bytearray(self.zf.read(info))
-            return torch.frombuffer(raw, dtype=dtype, count=numel)
-        # torch stores each storage uncompressed and aligned: the tensor is the mapped bytes
-        return torch.frombuffer(self.memory, dtype=dtype, count=numel, offset=start)
-
-    # the file offset of a member's bytes: after its local header
-    def member_start(self, info):
+        # the file offset of the member's bytes: after its local header
         header = self.memory[info.header_offset : info.header_offset + 30]
         if header[:4] != b"PK\x03\x04":
             raise ValueError(f"{info.filename}: no zip local header at {info.header_offset}")
         name_length, extra_length = struct.unpack("<HH", header[26:30])
-        return info.header_offset + 30 + name_length + extra_length
+        start = info.header_offset + 30 + name_length + extra_length
+        if info.compress_type != zipfile.ZIP_STORED or start % dtype.itemsize:  # not as torch writes
+            return torch.frombuffer(bytearray(self.zf.read(info)), dtype=dtype, count=numel)
+        # torch stores each storage uncompressed and aligned: the tensor is the mapped bytes
+        return torch.frombuffer(self.memory, dtype=dtype, count=numel, offset=start)
 
 
 def read_torchscript_state_dict(path):
@@ -598,7 +579,6 @@ class no_random_init(torch.overrides.TorchFunctionMode):
     buffer, say a mask) comes out right. The meta device would skip the memory as well, but its first
     randn or scalar multiply imports sympy: seconds, more than the initialisation it saves."""
 
-    RANDOM = (torch.randn, torch.rand)
     INITIALISERS = (
         nn.init.uniform_,
         nn.init.normal_,
@@ -610,7 +590,7 @@ class no_random_init(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in self.RANDOM:
+        if func in (torch.randn, torch.rand):
             kwargs.pop("generator", None)
             return torch.empty(*args, **kwargs)
         # in place: the tensor itself, left as it is
@@ -619,11 +599,11 @@ class no_random_init(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def load(name_or_path="ViT-B/32", device="cpu"):
-    """CLIP in eval mode, fp32: a model name (downloaded to the cache), a path to the official
+def load(name_or_path="ViT-B/32"):
+    """CLIP in eval mode, fp32, on the CPU: a model name (downloaded to the cache), a path to the official
     TorchScript archive or to a torch.save'd state dict, or "random" (random weights, offline)."""
     if name_or_path == "random":
-        return build_model(random_state_dict()).to(device)
+        return build_model(random_state_dict())
     path = Path(name_or_path)
     if name_or_path in MODELS:
         path = cache_dir() / MODELS[name_or_path].split("/")[-1]
@@ -634,7 +614,7 @@ def load(name_or_path="ViT-B/32", device="cpu"):
     elif not path.is_file():
         raise UserError(f"{path}: no such file (and not a model name: {', '.join(MODELS)}, random)")
     try:
-        return build_model(load_state_dict(path)).to(device)
+        return build_model(load_state_dict(path))
     # zip, pickle, torch.load and shape errors all become one clear line
     except Exception as e:
         detail = " ".join(f"{type(e).__name__}: {e}".split())[:500]
@@ -652,10 +632,15 @@ def preprocess(image, size=224):
     w, h = image.size
     w, h = (size, int(size * h / w)) if w < h else (int(size * w / h), size)  # long side floored
     top, left = round((h - size) / 2), round((w - size) / 2)
-    image = image.resize((w, h), resample=3).crop((left, top, left + size, top + size))  # bicubic
-    image = image.convert("RGB")
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, s, s)
-    return (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    image = (
+        image.resize((w, h), resample=3).crop((left, top, left + size, top + size)).convert("RGB")
+    )  # bicubic
+    return normalize(torch.from_numpy(np.asarray(image, np.float32) / 255.0).permute(2, 0, 1))
+
+
+def normalize(x):
+    """CLIP's per-channel normalisation of (..., 3, H, W) floats in [0, 1]."""
+    return (x - x.new_tensor(MEAN).view(3, 1, 1)) / x.new_tensor(STD).view(3, 1, 1)
 
 
 # -----------------------------------------------------------------------------
@@ -674,10 +659,9 @@ class SimpleTokenizer:
         # byte -> printable character, so that BPE never sees whitespace or control codes: bytes
         # "!".."~", "¡".."¬", "®".."ÿ" stand for themselves, the other 68 for U+0100, U+0101, ...
         printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-        self.byte_encoder = {b: chr(b) for b in printable}
         others = [b for b in range(256) if b not in printable]
-        self.byte_encoder.update({b: chr(256 + i) for i, b in enumerate(others)})
-        merges = gzip.decompress(data).decode("utf-8").split("\n")
+        self.byte_encoder = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+        merges = gzip.decompress(data).decode().split("\n")
         merges = [tuple(m.split()) for m in merges[1 : 49152 - 256 - 2 + 1]]
         # ids: bytes, bytes ending a word, merges
         symbols = list(self.byte_encoder.values())
@@ -719,17 +703,17 @@ class SimpleTokenizer:
                 raise UserError(
                     f"{text[:40]!r}: text beyond plain ASCII needs ftfy (pip install ftfy)"
                 ) from None
-        text = html.unescape(html.unescape(text)).strip()
-        # runs of whitespace -> one space
+        text = html.unescape(html.unescape(text))
+        # runs of whitespace -> one space, none at either end
         text = " ".join(text.split()).lower()
         ids = []
         for piece in self.pat.findall(text):
-            piece = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
+            piece = "".join(self.byte_encoder[b] for b in piece.encode())
             ids.extend(self.encoder[t] for t in self.bpe(piece).split(" "))
         return ids
 
 
-@lru_cache()
+@lru_cache
 def _tokenizer():
     return SimpleTokenizer()
 
@@ -740,7 +724,7 @@ def tokenize(texts, context_length=77):
     texts = [texts] if isinstance(texts, str) else texts
     out = torch.zeros(len(texts), context_length, dtype=torch.long)
     for i, text in enumerate(texts):
-        ids = [tok.sot] + tok.encode(text) + [tok.eot]
+        ids = [tok.sot, *tok.encode(text), tok.eot]
         if len(ids) > context_length:
             raise UserError(f"{text[:40]!r}: {len(ids)} tokens, more than CLIP's {context_length}")
         out[i, : len(ids)] = torch.tensor(ids)

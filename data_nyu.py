@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# CLIP's pixel normalisation, the cache folder, downloads and the UserError
+# CLIP's pixel normalisation (normalize), the cache folder, downloads and the UserError
 import clip_vit
-from clip_vit import UserError
+from clip_vit import UserError, normalize
 
 FILE_NAME = "nyu_depth_v2_labeled.mat"  # https://cs.nyu.edu/~silberman/datasets/nyu_depth_v2.html
 URL = "http://horatio.cs.nyu.edu/mit/silberman/nyu_depth_v2/" + FILE_NAME
@@ -48,7 +48,7 @@ def read_splits(path):
     out = {}
     for split, key in (("train", "trainNdxs"), ("test", "testNdxs")):
         idx = np.sort(np.ravel(m.get(key, []))).astype(np.int64)  # stored 1-based, uint16 (795, 1)
-        if idx.size == 0 or idx[0] < 1 or np.any(np.diff(idx) == 0):
+        if idx.size == 0 or idx[0] < 1 or not np.diff(idx).all():
             raise UserError(f"{path}: '{key}' missing, or not distinct 1-based frame numbers")
         out[split] = idx - 1
     if np.intersect1d(out["train"], out["test"]).size:
@@ -77,7 +77,7 @@ def hdf5_problem(e):
     text = " ".join(str(e).split())
     truncated = re.search(r"truncated file: eof = (\d+).*stored_eof = (\d+)", text)
     if truncated:
-        have, want = (int(n) for n in truncated.groups())
+        have, want = map(int, truncated.groups())
         return f"truncated: {have:,} of {want:,} bytes (an unfinished download or copy?)"
     if "file signature not found" in text:
         return "not a MATLAB v7.3 MAT-file (HDF5), as NYU's labeled file is"
@@ -102,8 +102,8 @@ class NYUDepthV2:
             self.h5 = h5py.File(self.path, "r", rdcc_nbytes=32 << 20)  # in case chunks span frames
         except OSError as e:
             raise UserError(f"{self.path}: {hdf5_problem(e)}") from None
-        names = ("images", self.key, "sceneTypes")
-        im, dp, sc = [getattr(self.h5.get(k), "shape", None) for k in names]  # None: missing
+        # None: missing
+        im, dp, sc = [getattr(self.h5.get(k), "shape", None) for k in ("images", self.key, "sceneTypes")]
         if im is None or len(im) != 4 or im[1] != 3 or dp != (im[0], *im[2:]) or sc != (1, im[0]):
             raise UserError(
                 f"{self.path}: not NYU's labeled file: images, {self.key}, sceneTypes are "
@@ -139,7 +139,7 @@ class NYUDepthV2:
         # IndexError past the end, as a sequence should
         j = int(self.indices[i])
         try:
-            rgb = self.h5["images"][j].transpose(2, 1, 0)  # (3, W, H) -> (H, W, 3)
+            rgb = self.h5["images"][j].T  # (3, W, H) -> (H, W, 3)
             depth = self.h5[self.key][j].T  # (W, H) -> (H, W)
         except OSError as e:
             raise UserError(f"{self.path}: cannot read frame {j}: {hdf5_problem(e)}") from None
@@ -194,25 +194,18 @@ class SyntheticDepth:
         # the nearest surface along each ray, and its depth
         surface = z.argmin(0)
         depth = np.clip(z.min(0), 0.5, 9.5).astype(np.float32)
-        checker = (np.floor(2 * dx * depth) + np.floor(2 * dy * depth) + np.floor(2 * depth)) % 2
+        checker = np.floor(2 * np.stack([dx * depth, dy * depth, depth])).sum(0) % 2
         shade = (1 - 0.07 * depth) * (0.8 + 0.2 * checker)  # (H, W) darker and finer farther away
-        colour = rng.uniform(0.7, 1.0, size=(4, 3))[surface]  # (H, W, 3) one tint per plane
+        colour = rng.uniform(0.7, 1.0, (4, 3))[surface]  # (H, W, 3) one tint per plane
         rgb = colour * shade[..., None] + rng.normal(0, 0.02, (H, W, 3))
         return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8), depth
 
 
 # -----------------------------------------------------------------------------
 # frames -> tensors -> batches
-def normalize(x):
-    """CLIP's per-channel normalisation of (B, 3, H, W) floats in [0, 1]."""
-    mean = x.new_tensor(clip_vit.MEAN).view(1, 3, 1, 1)
-    std = x.new_tensor(clip_vit.STD).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
 def bicubic(x, size):
     """(B, 3, H, W) floats -> (B, 3, h, w): antialiased bicubic to size, as PIL's BICUBIC resizes."""
-    return F.interpolate(x, size, mode="bicubic", antialias=True, align_corners=False)
+    return F.interpolate(x, size, mode="bicubic", antialias=True)
 
 
 def resize(img, depth, size):
@@ -226,7 +219,7 @@ def resize(img, depth, size):
         # nearest-exact takes the source pixel whose centre is nearest, on the same pixel-centre grid
         # as the image's resize: depth edges land where image edges land, and a hole (0) is never
         # averaged with its neighbours into a false depth, as bilinear or bicubic would do
-        depth = F.interpolate(depth.float(), size=size, mode="nearest-exact")
+        depth = F.interpolate(depth.float(), size, mode="nearest-exact")
     return img.clamp(0, 1), depth
 
 
@@ -266,9 +259,10 @@ class PreloadedBatches:
 
     def __iter__(self):
         N = len(self.images)
-        seed = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]  # mixes both
-        # the same order and augments after a resume
-        g = torch.Generator().manual_seed(int(seed))
+        # the same order and augments after a resume; SeedSequence mixes both
+        g = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
+        )
         order = torch.randperm(N, generator=g) if self.shuffle else torch.arange(N)
         for sel in order.to(self.device).split(self.batch_size)[: len(self)]:  # (B,) rows
             img = self.images[sel].float() / 255  # (B, 3, h, w) in [0, 1]
@@ -276,11 +270,9 @@ class PreloadedBatches:
             if self.augment:
                 r = torch.rand(3, len(sel), 1, 1, 1, generator=g).to(self.device)  # (3, B, 1, 1, 1)
                 flip = r[0] < 0.5
-                contrast = 0.9 + 0.2 * r[1]
-                bright = 0.9 + 0.2 * r[2]
-                img = torch.where(flip, img.flip(-1), img)
-                depth = torch.where(flip, depth.flip(-1), depth)
-                mean = img.mean(dim=(1, 2, 3), keepdim=True)
+                contrast, bright = 0.9 + 0.2 * r[1:]
+                img, depth = (torch.where(flip, t.flip(-1), t) for t in (img, depth))
+                mean = img.mean((1, 2, 3), keepdim=True)
                 img = (((img - mean) * contrast + mean) * bright).clamp(0, 1)
             yield {"image": normalize(img), "depth": depth, "mask": valid_depth(depth)}
 
@@ -305,7 +297,7 @@ def depth_metrics(pred, gt, crop="eigen", clamp=True):
     pred = torch.as_tensor(pred).detach()
     gt = torch.as_tensor(gt).detach().to(pred.device)
     if CROPS[crop] is not None:
-        if tuple(gt.shape[-2:]) != (480, 640):
+        if gt.shape[-2:] != (480, 640):
             raise ValueError(f"the {crop} crop is defined on 480x640 frames, got {tuple(gt.shape)}")
         r0, r1, c0, c1 = CROPS[crop]
         pred = pred[..., r0:r1, c0:c1]
@@ -343,4 +335,4 @@ def mean_metrics(rows):
     scored = {k: torch.cat([torch.as_tensor(r[k]).reshape(-1) for r in rows]).cpu() for k in KEYS}
     # NaN: a frame without a valid pixel, not averaged
     kept = ~scored["d1"].isnan()
-    return {k: float(v[kept].mean()) if kept.any() else float("nan") for k, v in scored.items()}
+    return {k: float(v[kept].mean()) for k, v in scored.items()}  # NaN: the mean of none
