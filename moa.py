@@ -24,8 +24,6 @@ from clip_vit import UserError
 
 # auto: Triton on CUDA where it can run, else PyTorch
 MOA_IMPLS = ("auto", "triton", "torch")
-# keeps the BTS SILog's sqrt differentiable at 0
-EPS = 1e-12
 # the 27 scene types of NYU's official 795-frame train split (GUESS G10: the paper names two)
 SCENES = (
     "bedroom",
@@ -69,11 +67,7 @@ DISTANCES = (
     ("extremely far", 5.00),
     ("far away", 6.00),
 )
-# DepthCLIP's logits: 100 * cosine / 0.1
-CLIP_SCALE = 100.0
-SIM_TEMPERATURE = 0.1
-# the composite loss: its valid ground truth, and SSIM's stabilising constants
-COMPOSITE_MIN_GT = 1e-8
+# SSIM's stabilising constants
 SSIM_C1 = 0.01**2
 SSIM_C2 = 0.03**2
 # the weights of the composite loss's four terms
@@ -132,22 +126,26 @@ class MoA(nn.Module):
         # auto: why the kernel cannot run here, once it has said so
         self.kernel_off = None
         self.notes = [] if notes is None else notes
-        E, R, H, D = num_experts, bottleneck, gate_hidden, dim
         self.top_k = top_k
         self.temperature = temperature
         self.gated = gated
-        # the gate MLP D -> H -> E
+        # the gate MLP dim -> gate_hidden -> num_experts
         if gated:
-            self.gate_w1, self.gate_b1 = linear_init(H, D, fan_in=D), linear_init(H, fan_in=D)
-            self.gate_w2, self.gate_b2 = linear_init(E, H, fan_in=H), linear_init(E, fan_in=H)
-        self.down_w, self.down_b = linear_init(E, R, D, fan_in=D), linear_init(E, R, fan_in=D)
+            self.gate_w1 = linear_init(gate_hidden, dim, fan_in=dim)
+            self.gate_b1 = linear_init(gate_hidden, fan_in=dim)
+            self.gate_w2 = linear_init(num_experts, gate_hidden, fan_in=gate_hidden)
+            self.gate_b2 = linear_init(num_experts, fan_in=gate_hidden)
+        self.down_w = linear_init(num_experts, bottleneck, dim, fan_in=dim)
+        self.down_b = linear_init(num_experts, bottleneck, fan_in=dim)
         # up_w and up_b start at zero, so a fresh MoA is exactly the identity: the pretrained
         # features flow through unchanged at step 0 and the adapters grow from there (Houlsby)
         if zero_init:
-            self.up_w, self.up_b = nn.Parameter(torch.zeros(E, D, R)), nn.Parameter(torch.zeros(E, D))
+            self.up_w = nn.Parameter(torch.zeros(num_experts, dim, bottleneck))
+            self.up_b = nn.Parameter(torch.zeros(num_experts, dim))
         # the authors' adapters: nn.Linear's init, so a fresh adapter already moves the features
         else:
-            self.up_w, self.up_b = linear_init(E, D, R, fan_in=R), linear_init(E, D, fan_in=R)
+            self.up_w = linear_init(num_experts, dim, bottleneck, fan_in=bottleneck)
+            self.up_b = linear_init(num_experts, dim, fan_in=bottleneck)
         # (B, L, E) of the last forward
         self.last_gates = None
 
@@ -156,20 +154,11 @@ class MoA(nn.Module):
         if not self.gated:
             z = F.gelu(F.linear(x, self.down_w[0], self.down_b[0]))  # (B, L, R)
             return x + F.linear(z, self.up_w[0], self.up_b[0])  # (B, L, D)
+        # gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b: made in the order moa_reference takes
+        weights = tuple(self.parameters())
         # 0 = all experts; reference and kernel: a count
         top_k = self.top_k or self.down_w.shape[0]
-        weights = (
-            self.gate_w1,
-            self.gate_b1,
-            self.gate_w2,
-            self.gate_b2,
-            self.down_w,
-            self.down_b,
-            self.up_w,
-            self.up_b,
-        )
-        use_kernel = self.impl == "triton" or (self.impl == "auto" and x.is_cuda and not self.kernel_off)
-        if use_kernel:
+        if self.impl == "triton" or (self.impl == "auto" and x.is_cuda and not self.kernel_off):
             y, gates = self.fused(x, weights, top_k)
         else:
             y, gates = moa_reference(x, *weights, top_k, self.temperature)
@@ -188,8 +177,14 @@ class MoA(nn.Module):
             if self.impl == "auto":
                 fm.check_auto(x)
             return fm.fused_moa(x, *weights, top_k, self.temperature)
-        except fm.CANNOT_RUN as e:
+        except Exception as e:
             reason = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+            # a bad argument or a failure of the kernel itself: the way out
+            if not isinstance(e, fm.CANNOT_RUN):
+                raise UserError(
+                    f"--moa-impl {self.impl}: the Triton MoA kernel failed here ({reason}); "
+                    "rerun with --moa-impl torch"
+                ) from e
             if self.impl == "triton":
                 raise UserError(
                     f"--moa-impl triton: the Triton MoA kernel cannot run here ({reason}); "
@@ -203,13 +198,6 @@ class MoA(nn.Module):
                 )
             self.notes.append(reason)
             return moa_reference(x, *weights, top_k, self.temperature)
-        # a bad argument or a failure of the kernel itself: the way out
-        except Exception as e:
-            msg = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
-            raise UserError(
-                f"--moa-impl {self.impl}: the Triton MoA kernel failed here ({msg}); "
-                "rerun with --moa-impl torch"
-            ) from e
 
 
 # -----------------------------------------------------------------------------
@@ -279,19 +267,23 @@ class DepthConfig:
         if len(self.input_size) == 1:
             self.input_size = tuple(self.input_size) * 2
         check_options(self)
-        positive = (self.temperature, self.min_depth, self.max_depth)
-        require(all(v > 0 for v in positive), "--temperature, --min-depth and --max-depth must be > 0")
+        positive = all(v > 0 for v in (self.temperature, self.min_depth, self.max_depth))
+        require(positive, "--temperature, --min-depth and --max-depth must be > 0")
         require(self.min_depth < self.max_depth, f"--min-depth {self.min_depth}: not below --max-depth")
         require(self.top_k <= self.num_experts, f"--top-k {self.top_k}: more than --num-experts (0 = all)")
         require(self.trainable_blocks <= 12, f"--trainable-blocks {self.trainable_blocks}: ViT-B/32 has 12")
         layers = self.moa_layers
-        in_order = list(layers) == sorted(set(layers)) and all(0 <= i <= 11 for i in layers)
-        require(in_order, f"--moa-layers {typed(layers)}: not increasing block numbers in 0..11")
+        require(
+            list(layers) == sorted(set(layers)) and all(0 <= i <= 11 for i in layers),
+            f"--moa-layers {typed(layers)}: not increasing block numbers in 0..11",
+        )
         tiles = len(self.input_size) == 2 and all(side > 0 and side % 32 == 0 for side in self.input_size)
         require(tiles, f"--input-size {typed(self.input_size)}: not one or two multiples of 32")
         # the similarity head has no input that the context could join
-        no_context = self.head == "dual" or not self.use_context
-        require(no_context, "--head similarity: it has no context input; add --use-context 0")
+        require(
+            self.head == "dual" or not self.use_context,
+            "--head similarity: it has no context input; add --use-context 0",
+        )
 
 
 def check_options(config):
@@ -335,8 +327,11 @@ def scene_context(clip, scenes=SCENES):
     return F.normalize(feats.mean(0), dim=0)
 
 
-# GUESS G3: uniform or log-spaced over [min_depth, max_depth]
+# the bins' depths: the similarity head's DepthCLIP's (metres); else (GUESS G3) uniform or log-spaced over
+# [min_depth, max_depth]
 def bin_centres(cfg):
+    if cfg.head == "similarity":
+        return torch.tensor([depth for _, depth in DISTANCES[: cfg.sim_bins]])
     if cfg.bin_spacing == "log":
         return torch.logspace(math.log10(cfg.min_depth), math.log10(cfg.max_depth), cfg.num_bins)
     return torch.linspace(cfg.min_depth, cfg.max_depth, cfg.num_bins)
@@ -347,8 +342,8 @@ def text_features(clip, cfg):
     {"text": the similarity head's prompt embeddings} or {"context": the scene context, (0,) without
     it}. Checkpoints store it (keyed by the CLIP SHA-256), so loading one runs no text tower."""
     if cfg.head == "similarity":
-        words = [word for word, _ in DISTANCES[: cfg.sim_bins]]
-        return {"text": prompt_embeddings(clip, [f"This object is {w}" for w in words])}  # (n, 512)
+        prompts = [f"This object is {word}" for word, _ in DISTANCES[: cfg.sim_bins]]
+        return {"text": prompt_embeddings(clip, prompts)}  # (n, 512)
     return {"context": scene_context(clip) if cfg.use_context else torch.zeros(0)}  # (512,)
 
 
@@ -361,14 +356,13 @@ class MoADepthCLIP(nn.Module):
         # the text tower: used at most once, below; not kept
         self.visual = clip.visual
         width = self.visual.conv1.out_channels
-        experts = cfg.num_experts if cfg.use_moa else 1
         # why auto runs PyTorch, said once for all the layers
         notes = []
         self.moa = nn.ModuleList(
             [
                 MoA(
                     width,
-                    experts,
+                    cfg.num_experts if cfg.use_moa else 1,
                     cfg.bottleneck,
                     cfg.gate_hidden,
                     cfg.top_k,
@@ -381,23 +375,18 @@ class MoADepthCLIP(nn.Module):
                 for _ in cfg.moa_layers
             ]
         )
-        # the text tower's part, or its copy
-        from_text = stored_text or text_features(clip, cfg)
-        # DepthCLIP's head: fixed prompts and bin depths, no weights
-        if cfg.head == "similarity":
-            depths = [depth for _, depth in DISTANCES[: cfg.sim_bins]]
-            self.register_buffer("text", from_text["text"])  # (n_bins, 512)
-            self.register_buffer("bins", torch.tensor(depths))
-            # the authors' fresh nn.Linear, in no optimizer group: frozen as drawn, saved with the checkpoints
-            if cfg.sim_proj == "random":
-                self.project = nn.Linear(width, self.text.shape[1]).requires_grad_(False)
-        else:
-            context = from_text["context"]
-            self.register_buffer("context", context)  # (512,), or (0,) without
-            # GUESS G1 (the paper gives no sizes): 1x1 convolutions on the fused 768 + 512 channels
-            self.cls_head = nn.Conv2d(width + len(context), cfg.num_bins, kernel_size=1)
-            self.reg_head = nn.Conv2d(width + len(context), 1, kernel_size=1)
-            self.register_buffer("bins", bin_centres(cfg))
+        # the text tower's part, or its copy: "text" (n_bins, 512), or "context" (512,), (0,) without
+        for name, tensor in (stored_text or text_features(clip, cfg)).items():
+            self.register_buffer(name, tensor)
+        # GUESS G1 (the paper gives no sizes): 1x1 convolutions on the fused 768 + 512 channels
+        if cfg.head == "dual":
+            self.cls_head = nn.Conv2d(width + len(self.context), cfg.num_bins, 1)
+            self.reg_head = nn.Conv2d(width + len(self.context), 1, 1)
+        # DepthCLIP's head has fixed prompts and bin depths, no weights; the authors' has a fresh nn.Linear,
+        # in no optimizer group: frozen as drawn, saved with the checkpoints
+        elif cfg.sim_proj == "random":
+            self.project = nn.Linear(width, self.text.shape[1]).requires_grad_(False)
+        self.register_buffer("bins", bin_centres(cfg))
         # freeze CLIP, then unfreeze its last blocks (8-11)
         self.visual.requires_grad_(False)
         blocks = self.visual.transformer.resblocks
@@ -410,11 +399,12 @@ class MoADepthCLIP(nn.Module):
         H, W = image.shape[-2:]  # multiples of 32
         gh, gw = H // v.patch_size, W // v.patch_size
         x = v.embed(image).float()  # (B, 1 + gh*gw, width), fp32 also under autocast (G22)
+        moas = dict(zip(self.cfg.moa_layers, self.moa))  # block number -> its MoA
         levels = []
         for i, block in enumerate(v.transformer.resblocks):
             x = block(x)
-            if i in self.cfg.moa_layers:
-                x = self.moa[self.cfg.moa_layers.index(i)](x)  # every token, CLS included
+            if i in moas:
+                x = moas[i](x)  # every token, CLS included
                 levels.append(x[:, 1:])  # (B, gh*gw, width) patches
         feat = torch.stack(levels).mean(0) if levels else x[:, 1:]  # (B, gh*gw, width)
         return feat.transpose(1, 2).reshape(image.shape[0], -1, gh, gw)
@@ -465,17 +455,10 @@ class MoADepthCLIP(nn.Module):
 # DepthCLIP's depth from unit features emb (..., 512): 100 x their cosine with each prompt's
 # embedding (text, (n, 512)) / 0.1, a softmax over the prompts, the mean of the bins under it
 def expected_depth(emb, text, bins):
-    return (CLIP_SCALE * emb @ text.T / SIM_TEMPERATURE).softmax(-1) @ bins
+    return (100.0 * emb @ text.T / 0.1).softmax(-1) @ bins
 
 
 # zero-shot DepthCLIP on a CLIP ResNet (RN50), as DepthCLIP's own code computes it
-# DepthCLIP normalises its input with these, not CLIP's
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# its input: the RGB crop rows 56:472, cols 60:604, not resized
-DEPTHCLIP_SIZE = (416, 544)
-
-
 class DepthCLIPZeroShot(nn.Module):
     """Zero-shot DepthCLIP on a CLIP ResNet exactly as its code (monoclip.py, clip/model.py, eval.py)
     computes it, which is not what its paper's figure suggests:
@@ -491,9 +474,8 @@ class DepthCLIPZeroShot(nn.Module):
 
     def __init__(self, clip):
         super().__init__()
-        self.cfg = DepthConfig(
-            head="similarity", use_context=False, use_moa=False, input_size=DEPTHCLIP_SIZE
-        )  # what evaluate.predict reads
+        # what evaluate.predict reads; its input: the RGB crop rows 56:472, cols 60:604, not resized
+        self.cfg = DepthConfig(head="similarity", use_context=False, use_moa=False, input_size=(416, 544))
         self.visual = clip.visual.requires_grad_(False)
         channels = self.visual.attnpool.positional_embedding.shape[1]  # layer4's: 2048 in RN50
         if channels != 2 * clip.text_projection.shape[1]:  # RN101, RN50x4, ...: no DepthCLIP
@@ -501,25 +483,26 @@ class DepthCLIPZeroShot(nn.Module):
                 f"--clip: DepthCLIP halves layer4's {channels} channels to meet the "
                 f"{clip.text_projection.shape[1]}-d text features; it needs RN50's 2:1"
             )
-        words, depths = zip(*DISTANCES[:7])
-        # its template 'This {} is {}' with its one object class, 'object'
-        text = prompt_embeddings(clip, [f"This object is {w}" for w in words])  # (7, embed_dim)
-        self.register_buffer("text", text)
-        self.register_buffer("bins", torch.tensor(depths))
+        # its template 'This {} is {}' with its one object class, 'object', and its 7 words and depths
+        self.register_buffer("text", text_features(clip, self.cfg)["text"])  # (7, embed_dim)
+        self.register_buffer("bins", bin_centres(self.cfg))
 
     def forward(self, image):
         # fp32: cosines x 1000 need it
         with torch.autocast(image.device.type, enabled=False):
             image = image.float()
             pixels = image * per_channel(clip_vit.STD, image) + per_channel(clip_vit.MEAN, image)
-            x = (pixels - per_channel(IMAGENET_MEAN, image)) / per_channel(IMAGENET_STD, image)
+            # DepthCLIP normalises its input with ImageNet's mean and std, not CLIP's
+            x = (pixels - per_channel((0.485, 0.456, 0.406), image)) / per_channel(
+                (0.229, 0.224, 0.225), image
+            )
             f = self.visual.features(x)  # (B, 2048, h, w)
-            B, C, h, w = f.shape
-            f = F.normalize(f.flatten(2).transpose(1, 2), dim=-1)  # (B, h*w, 2048)
-            f = f[..., ::2]  # (B, h*w, 1024)
+            B, _, h, w = f.shape
+            f = F.normalize(f.flatten(2).transpose(1, 2), dim=-1)[
+                ..., ::2
+            ]  # (B, h*w, 2048) -> (B, h*w, 1024)
             depth = expected_depth(f, self.text, self.bins).view(B, 1, h, w)  # metres on the grid
-            up = F.interpolate(depth, size=image.shape[-2:], mode="bilinear", align_corners=True)
-        return {"depth": up}  # (B, 1, H, W)
+            return {"depth": F.interpolate(depth, size=image.shape[-2:], mode="bilinear", align_corners=True)}
 
 
 # RGB constants (3,) -> a (1, 3, 1, 1) tensor on like's device
@@ -533,7 +516,9 @@ def silog(pred, gt, form="paper"):
     # over valid pixels, both > 0
     g = torch.log(pred) - torch.log(gt)
     if form == "bts":
-        return 10 * torch.sqrt((g.pow(2).mean() - 0.85 * g.mean().pow(2)).clamp_min(EPS))
+        return 10 * torch.sqrt(
+            (g.pow(2).mean() - 0.85 * g.mean().pow(2)).clamp_min(1e-12)
+        )  # differentiable at 0
     return 10 * (g.var(unbiased=False) + 0.85 * g.mean().pow(2))
 
 
@@ -550,9 +535,9 @@ def ssim_map(x, y, padding="reflect"):
     var_x = local_mean(x**2) - mu_x**2
     var_y = local_mean(y**2) - mu_y**2
     cov = local_mean(x * y) - mu_x * mu_y
-    numerator = (2 * mu_x * mu_y + SSIM_C1) * (2 * cov + SSIM_C2)
-    denominator = (mu_x**2 + mu_y**2 + SSIM_C1) * (var_x + var_y + SSIM_C2)
-    return numerator / denominator
+    return ((2 * mu_x * mu_y + SSIM_C1) * (2 * cov + SSIM_C2)) / (
+        (mu_x**2 + mu_y**2 + SSIM_C1) * (var_x + var_y + SSIM_C2)
+    )
 
 
 def composite_loss(pred, gt, form="ours"):
@@ -562,24 +547,18 @@ def composite_loss(pred, gt, form="ours"):
     form "authors": as their code computes it, SSIM from zero-padded maps, and SSIM and L1 averaged
     over every pixel, holes included (a hole's L1 is then the predicted depth itself). GUESS G25."""
     # depth_loss has made sure that there is such a pixel
-    valid = gt > COMPOSITE_MIN_GT
-    if form == "authors":
-        ssim = ssim_map(pred, gt, padding="constant")
-        averaged = torch.ones_like(valid)  # every pixel
-    else:
-        ssim = ssim_map(pred, gt, padding="reflect")
-        averaged = valid
-    grad_x = pred.diff(dim=-1).abs().mean()
-    grad_y = pred.diff(dim=-2).abs().mean()
+    valid = gt > 1e-8
+    authors = form == "authors"
+    ssim = ssim_map(pred, gt, "constant" if authors else "reflect")
+    averaged = torch.ones_like(valid) if authors else valid  # the authors': every pixel
     terms = {
         "silog": silog(pred[valid], gt[valid], "bts"),
         # the prediction alone: no ground truth, holes included
-        "grad": grad_x + grad_y,
+        "grad": pred.diff(dim=-1).abs().mean() + pred.diff(dim=-2).abs().mean(),
         "ssim": ((1 - ssim) / 2).clamp(0, 1)[averaged].mean(),
         "l1": (pred - gt)[averaged].abs().mean(),
     }
-    loss = sum(W_COMPOSITE[k] * t for k, t in terms.items())
-    return loss, {k: t.item() for k, t in terms.items()}
+    return weighted_sum(terms, W_COMPOSITE)
 
 
 def depth_loss(out, depth, mask, cfg):
@@ -592,24 +571,23 @@ def depth_loss(out, depth, mask, cfg):
     # on the final map, with the authors' own valid mask
     if cfg.loss == "composite":
         return composite_loss(out["depth"], depth, cfg.composite)
-    loss = 0.0
+    gt = depth[valid]
     terms = {}
     if cfg.head == "dual":
         bins = bin_centres(cfg).to(depth.device)
         # edges halfway between centres, geometrically for log bins
-        log = cfg.bin_spacing == "log"
-        edges = (bins[1:] * bins[:-1]).sqrt() if log else (bins[1:] + bins[:-1]) / 2
-        target = torch.bucketize(depth[valid], edges)  # the bin holding the GT
+        edges = (bins[1:] * bins[:-1]).sqrt() if cfg.bin_spacing == "log" else (bins[1:] + bins[:-1]) / 2
         logits = out["logits"].float().permute(0, 2, 3, 1)[valid[:, 0]]  # (n_valid, N)
-        l_cls = F.cross_entropy(logits, target)
-        loss = cfg.w_cls * l_cls
-        terms["cls"] = l_cls.item()
+        terms["cls"] = F.cross_entropy(logits, torch.bucketize(gt, edges))  # target: the bin holding the GT
     pred = out["depth_reg" if cfg.head == "dual" else "depth"][valid]
-    gt = depth[valid]
-    l_l1 = (pred - gt).abs().mean()
-    l_silog = silog(pred, gt, cfg.silog)
-    loss = loss + cfg.w_reg * l_l1 + cfg.w_silog * l_silog
-    return loss, {**terms, "l1": l_l1.item(), "silog": l_silog.item()}
+    terms["l1"] = (pred - gt).abs().mean()
+    terms["silog"] = silog(pred, gt, cfg.silog)
+    return weighted_sum(terms, {"cls": cfg.w_cls, "l1": cfg.w_reg, "silog": cfg.w_silog})
+
+
+# (sum of weights[k] * term, {k: term as a float}) of the loss terms {k: tensor}
+def weighted_sum(terms, weights):
+    return sum(weights[k] * t for k, t in terms.items()), {k: t.item() for k, t in terms.items()}
 
 
 # =============================================================================
@@ -620,9 +598,9 @@ def build_model(clip, cfg=None, moa_impl="auto", stored_text=None):
     """A depth model on the CLIP weights `clip`: MoA-DepthCLIP for the DepthConfig cfg (a ViT only); or,
     with cfg None, zero-shot DepthCLIP: on a ResNet exactly as DepthCLIP's code computes it, on a ViT
     DepthCLIP's prompts and bins on the last block's tokens (G23). moa_impl, stored_text: MoADepthCLIP's."""
-    if cfg is None and isinstance(clip.visual, clip_vit.ModifiedResNet):
-        return DepthCLIPZeroShot(clip)
     if cfg is None:
+        if isinstance(clip.visual, clip_vit.ModifiedResNet):
+            return DepthCLIPZeroShot(clip)
         cfg = DepthConfig(
             head="similarity", use_context=False, use_moa=False, moa_layers=(), trainable_blocks=0
         )
@@ -683,7 +661,7 @@ def parameter_counts(model):
     for name, p in model.named_parameters():
         row = counts.setdefault(name.split(".")[0], [0, 0])
         row[0 if p.requires_grad else 1] += p.numel()
-    counts["total"] = [sum(t for t, _ in counts.values()), sum(f for _, f in counts.values())]
+    counts["total"] = [sum(column) for column in zip(*counts.values())]
     return counts
 
 
@@ -716,8 +694,7 @@ def save_checkpoint(path, model, **extra):
     trainable = {n: p.detach().clone() for n, p in saved_parameters(model).items()}
     ckpt = {"model": trainable, "model_config": asdict(model.cfg), **extra}
     if "clip" in extra:
-        buffers = dict(model.named_buffers())
-        text = {n: buffers[n].detach().clone() for n in ("context", "text") if n in buffers}
+        text = {n: b.detach().clone() for n, b in model.named_buffers() if n in ("context", "text")}
         ckpt["text_features"] = {"clip_sha256": extra["clip"]["sha256"], **text}
     clip_vit.atomic_write(path, lambda f: torch.save(ckpt, f))
 
