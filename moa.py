@@ -70,8 +70,6 @@ DISTANCES = (
 # SSIM's stabilising constants
 SSIM_C1 = 0.01**2
 SSIM_C2 = 0.03**2
-# the weights of the composite loss's four terms
-W_COMPOSITE = {"silog": 1.0, "grad": 0.5, "ssim": 0.2, "l1": 0.1}
 OUTPUTS = {"depth": "depth", "depth_cls": "binned", "depth_reg": "regressed"}  # forward's maps
 
 
@@ -158,7 +156,7 @@ class MoA(nn.Module):
         weights = tuple(self.parameters())
         # 0 = all experts; reference and kernel: a count
         top_k = self.top_k or self.down_w.shape[0]
-        if self.impl == "triton" or (self.impl == "auto" and x.is_cuda and not self.kernel_off):
+        if self.impl == "triton" or self.impl == "auto" and x.is_cuda and not self.kernel_off:
             y, gates = self.fused(x, weights, top_k)
         else:
             y, gates = moa_reference(x, *weights, top_k, self.temperature)
@@ -267,8 +265,10 @@ class DepthConfig:
         if len(self.input_size) == 1:
             self.input_size = tuple(self.input_size) * 2
         check_options(self)
-        positive = all(v > 0 for v in (self.temperature, self.min_depth, self.max_depth))
-        require(positive, "--temperature, --min-depth and --max-depth must be > 0")
+        require(
+            all(v > 0 for v in (self.temperature, self.min_depth, self.max_depth)),
+            "--temperature, --min-depth and --max-depth must be > 0",
+        )
         require(self.min_depth < self.max_depth, f"--min-depth {self.min_depth}: not below --max-depth")
         require(self.top_k <= self.num_experts, f"--top-k {self.top_k}: more than --num-experts (0 = all)")
         require(self.trainable_blocks <= 12, f"--trainable-blocks {self.trainable_blocks}: ViT-B/32 has 12")
@@ -277,8 +277,10 @@ class DepthConfig:
             list(layers) == sorted(set(layers)) and all(0 <= i <= 11 for i in layers),
             f"--moa-layers {typed(layers)}: not increasing block numbers in 0..11",
         )
-        tiles = len(self.input_size) == 2 and all(side > 0 and side % 32 == 0 for side in self.input_size)
-        require(tiles, f"--input-size {typed(self.input_size)}: not one or two multiples of 32")
+        require(
+            len(self.input_size) == 2 and all(side > 0 and side % 32 == 0 for side in self.input_size),
+            f"--input-size {typed(self.input_size)}: not one or two multiples of 32",
+        )
         # the similarity head has no input that the context could join
         require(
             self.head == "dual" or not self.use_context,
@@ -323,8 +325,7 @@ def prompt_embeddings(clip, texts):
 
 def scene_context(clip, scenes=SCENES):
     """Paper §3.2: the mean of the unit "a photo of a {scene}." embeddings, renormalised (G11)."""
-    feats = prompt_embeddings(clip, [f"a photo of a {s}." for s in scenes])  # (n_scenes, embed_dim)
-    return F.normalize(feats.mean(0), dim=0)
+    return F.normalize(prompt_embeddings(clip, [f"a photo of a {s}." for s in scenes]).mean(0), dim=0)
 
 
 # the bins' depths: the similarity head's DepthCLIP's (metres); else (GUESS G3) uniform or log-spaced over
@@ -342,8 +343,9 @@ def text_features(clip, cfg):
     {"text": the similarity head's prompt embeddings} or {"context": the scene context, (0,) without
     it}. Checkpoints store it (keyed by the CLIP SHA-256), so loading one runs no text tower."""
     if cfg.head == "similarity":
-        prompts = [f"This object is {word}" for word, _ in DISTANCES[: cfg.sim_bins]]
-        return {"text": prompt_embeddings(clip, prompts)}  # (n, 512)
+        return {
+            "text": prompt_embeddings(clip, [f"This object is {w}" for w, _ in DISTANCES[: cfg.sim_bins]])
+        }
     return {"context": scene_context(clip) if cfg.use_context else torch.zeros(0)}  # (512,)
 
 
@@ -396,8 +398,7 @@ class MoADepthCLIP(nn.Module):
         """(B, 3, H, W) -> the mean of the MoA outputs' patch tokens (without MoA layers: the last block's),
         a grid (B, width, H/32, W/32)."""
         v = self.visual
-        H, W = image.shape[-2:]  # multiples of 32
-        gh, gw = H // v.patch_size, W // v.patch_size
+        gh, gw = [side // v.patch_size for side in image.shape[-2:]]  # H/32, W/32
         x = v.embed(image).float()  # (B, 1 + gh*gw, width), fp32 also under autocast (G22)
         moas = dict(zip(self.cfg.moa_layers, self.moa))  # block number -> its MoA
         levels = []
@@ -414,8 +415,8 @@ class MoADepthCLIP(nn.Module):
         if self.cfg.head == "similarity":
             return self.similarity(f, image.shape[-2:])
         c = self.context.to(f.dtype)[None, :, None, None].expand(f.shape[0], -1, *f.shape[-2:])
-        f = torch.cat([f, c], dim=1)  # (B, 768 + 512, gh, gw); without the context: f unchanged
-        up = dict(size=image.shape[-2:], mode="bilinear", align_corners=False)
+        f = torch.cat([f, c], 1)  # (B, 768 + 512, gh, gw); without the context: f unchanged
+        up = dict(size=image.shape[-2:], mode="bilinear")
         logits = F.interpolate(self.cls_head(f).float(), **up)  # (B, N, H, W)
         depth_cls = (logits.softmax(1) * self.bins.view(1, -1, 1, 1)).sum(1, keepdim=True)
         reg = torch.sigmoid(self.reg_head(f).float()) * self.cfg.max_depth  # GUESS G4: (0, 10) m
@@ -435,15 +436,14 @@ class MoADepthCLIP(nn.Module):
         tokens = f.flatten(2).transpose(1, 2).float()  # (B, gh*gw, 768)
         # cosines x 1000: too coarse in bf16
         with torch.autocast(f.device.type, enabled=False):
-            if self.cfg.sim_proj == "random":
-                emb = self.project(tokens)
-            else:
-                emb = self.visual.ln_post(tokens) @ self.visual.proj.float()
-            emb = F.normalize(emb, dim=-1)  # (B, gh*gw, 512)
-            # the expected depth in fp32 too: a bf16 matmul here is off by up to 1 cm
-            depth = expected_depth(emb, self.text, self.bins.float()).view(B, 1, gh, gw)  # metres on the grid
-            depth = F.interpolate(depth, size=out_size, mode="bilinear", align_corners=False)
-        return {"depth": depth}
+            emb = (
+                self.project(tokens)
+                if self.cfg.sim_proj == "random"
+                else self.visual.ln_post(tokens) @ self.visual.proj.float()
+            )
+            # unit (B, gh*gw, 512); the expected depth in fp32 too: a bf16 matmul here is off by up to 1 cm
+            depth = expected_depth(F.normalize(emb, dim=-1), self.text, self.bins.float()).view(B, 1, gh, gw)
+            return {"depth": F.interpolate(depth, size=out_size, mode="bilinear")}
 
     # the mean per-token gate entropy -sum g log g of the last forward (0: plain adapters)
     def gate_entropy(self):
@@ -459,6 +459,11 @@ def expected_depth(emb, text, bins):
 
 
 # zero-shot DepthCLIP on a CLIP ResNet (RN50), as DepthCLIP's own code computes it
+# DepthCLIP normalises its input with these, not CLIP's
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 class DepthCLIPZeroShot(nn.Module):
     """Zero-shot DepthCLIP on a CLIP ResNet exactly as its code (monoclip.py, clip/model.py, eval.py)
     computes it, which is not what its paper's figure suggests:
@@ -492,15 +497,11 @@ class DepthCLIPZeroShot(nn.Module):
         with torch.autocast(image.device.type, enabled=False):
             image = image.float()
             pixels = image * per_channel(clip_vit.STD, image) + per_channel(clip_vit.MEAN, image)
-            # DepthCLIP normalises its input with ImageNet's mean and std, not CLIP's
-            x = (pixels - per_channel((0.485, 0.456, 0.406), image)) / per_channel(
-                (0.229, 0.224, 0.225), image
-            )
+            x = (pixels - per_channel(IMAGENET_MEAN, image)) / per_channel(IMAGENET_STD, image)
             f = self.visual.features(x)  # (B, 2048, h, w)
             B, _, h, w = f.shape
-            f = F.normalize(f.flatten(2).transpose(1, 2), dim=-1)[
-                ..., ::2
-            ]  # (B, h*w, 2048) -> (B, h*w, 1024)
+            # each position's unit vector, every other channel: (B, h*w, 2048) -> (B, h*w, 1024)
+            f = F.normalize(f.flatten(2).transpose(1, 2), dim=-1)[..., ::2]
             depth = expected_depth(f, self.text, self.bins).view(B, 1, h, w)  # metres on the grid
             return {"depth": F.interpolate(depth, size=image.shape[-2:], mode="bilinear", align_corners=True)}
 
@@ -522,7 +523,7 @@ def silog(pred, gt, form="paper"):
     return 10 * (g.var(unbiased=False) + 0.85 * g.mean().pow(2))
 
 
-def ssim_map(x, y, padding="reflect"):
+def ssim_map(x, y, padding):
     """Per-pixel SSIM of x and y (B, 1, H, W) from 3x3 local means, variances and covariance. The maps
     are padded by one pixel so that they keep their size: "reflect", or "constant" (zeros, which then
     count in the 3x3 means, as avg_pool2d(padding=1) does in the authors' code)."""
@@ -548,9 +549,8 @@ def composite_loss(pred, gt, form="ours"):
     over every pixel, holes included (a hole's L1 is then the predicted depth itself). GUESS G25."""
     # depth_loss has made sure that there is such a pixel
     valid = gt > 1e-8
-    authors = form == "authors"
-    ssim = ssim_map(pred, gt, "constant" if authors else "reflect")
-    averaged = torch.ones_like(valid) if authors else valid  # the authors': every pixel
+    ssim = ssim_map(pred, gt, "constant" if form == "authors" else "reflect")
+    averaged = torch.ones_like(valid) if form == "authors" else valid  # the authors': every pixel
     terms = {
         "silog": silog(pred[valid], gt[valid], "bts"),
         # the prediction alone: no ground truth, holes included
@@ -558,7 +558,7 @@ def composite_loss(pred, gt, form="ours"):
         "ssim": ((1 - ssim) / 2).clamp(0, 1)[averaged].mean(),
         "l1": (pred - gt)[averaged].abs().mean(),
     }
-    return weighted_sum(terms, W_COMPOSITE)
+    return weighted_sum(terms, {"silog": 1.0, "grad": 0.5, "ssim": 0.2, "l1": 0.1})
 
 
 def depth_loss(out, depth, mask, cfg):
@@ -577,7 +577,7 @@ def depth_loss(out, depth, mask, cfg):
         bins = bin_centres(cfg).to(depth.device)
         # edges halfway between centres, geometrically for log bins
         edges = (bins[1:] * bins[:-1]).sqrt() if cfg.bin_spacing == "log" else (bins[1:] + bins[:-1]) / 2
-        logits = out["logits"].float().permute(0, 2, 3, 1)[valid[:, 0]]  # (n_valid, N)
+        logits = out["logits"].float().movedim(1, -1)[valid[:, 0]]  # channels last: (n_valid, N)
         terms["cls"] = F.cross_entropy(logits, torch.bucketize(gt, edges))  # target: the bin holding the GT
     pred = out["depth_reg" if cfg.head == "dual" else "depth"][valid]
     terms["l1"] = (pred - gt).abs().mean()
@@ -635,21 +635,21 @@ def runtime(device="auto"):
             f"--device {device}: not on this machine (torch {torch.__version__} sees "
             f"{len(gpus)} CUDA GPUs); use one of auto, {', '.join(here)}"
         )
-    if device == "cpu":
-        return Runtime(torch.device("cpu"), None, False, "fp32")
+    device = torch.device(device)
+    if device.type == "cpu":
+        return Runtime(device, None, False, "fp32")
     major, minor = torch.cuda.get_device_capability(device)
-    sm = f"sm_{major}{minor}"
     if major >= 8:
-        return Runtime(torch.device(device), torch.bfloat16, False, f"bf16 autocast ({sm})")
+        return Runtime(device, torch.bfloat16, False, f"bf16 autocast (sm_{major}{minor})")
     # kernels/ decides where --moa-impl auto runs the kernel
     from kernels import fused_moa as fm
 
     moa_impl = "" if 10 * major + minor >= fm.AUTO_MIN_ARCH else "; --moa-impl auto: the MoA in PyTorch"
     return Runtime(
-        torch.device(device),
+        device,
         torch.float16,
         True,
-        f"fp16 autocast with a GradScaler ({sm} has no bf16 tensor cores){moa_impl}",
+        f"fp16 autocast with a GradScaler (sm_{major}{minor} has no bf16 tensor cores){moa_impl}",
     )
 
 
@@ -659,8 +659,7 @@ def parameter_counts(model):
     """{module or "total": [trainable, frozen]}: the parameters of each top-level module."""
     counts = {}
     for name, p in model.named_parameters():
-        row = counts.setdefault(name.split(".")[0], [0, 0])
-        row[0 if p.requires_grad else 1] += p.numel()
+        counts.setdefault(name.split(".")[0], [0, 0])[0 if p.requires_grad else 1] += p.numel()
     counts["total"] = [sum(column) for column in zip(*counts.values())]
     return counts
 
@@ -677,7 +676,7 @@ def saved_parameters(model):
     return {n: p for n, p in model.named_parameters() if p.requires_grad or n.startswith("project.")}
 
 
-def load_trainable_state_dict(model, sd, where="checkpoint"):
+def load_trainable_state_dict(model, sd, where):
     """Load exactly the saved tensors (saved_parameters), the frozen rest comes from CLIP; a misfit:
     UserError."""
     own = {n: p.shape for n, p in saved_parameters(model).items()}
@@ -691,22 +690,15 @@ def load_trainable_state_dict(model, sd, where="checkpoint"):
 def save_checkpoint(path, model, **extra):
     """Atomically write the trainable parameters, the DepthConfig and `extra` (clip id, ...). Given
     the clip id, also what the text tower gave (text_features), keyed by the CLIP weights' SHA-256."""
-    trainable = {n: p.detach().clone() for n, p in saved_parameters(model).items()}
-    ckpt = {"model": trainable, "model_config": asdict(model.cfg), **extra}
+    ckpt = {
+        "model": {n: p.detach().clone() for n, p in saved_parameters(model).items()},
+        "model_config": asdict(model.cfg),
+        **extra,
+    }
     if "clip" in extra:
         text = {n: b.detach().clone() for n, b in model.named_buffers() if n in ("context", "text")}
         ckpt["text_features"] = {"clip_sha256": extra["clip"]["sha256"], **text}
     clip_vit.atomic_write(path, lambda f: torch.save(ckpt, f))
-
-
-def stored_text_features(ckpt, sha, cfg):
-    """The checkpoint's text_features for the CLIP weights `sha` and cfg, or None: the text tower
-    must run (a checkpoint from before they were stored, or one whose entry does not fit)."""
-    stored = ckpt.get("text_features", {})
-    needed = "text" if cfg.head == "similarity" else "context"
-    if stored.get("clip_sha256") != sha or needed not in stored:
-        return None
-    return {needed: stored[needed]}
 
 
 def checkpoint_problem(path, e):
@@ -769,7 +761,11 @@ def from_checkpoint(ckpt, clip_arg=None, device="cpu", where="checkpoint", moa_i
     if unknown:
         raise UserError(f"{where}: model_config fields this version does not know: {unknown}")
     cfg = DepthConfig(**ckpt["model_config"])
-    stored_text = stored_text_features(ckpt, sha, cfg)
+    # what the text tower gave, as stored for these CLIP weights; else (a checkpoint from before it was
+    # stored, or one whose entry does not fit) the text tower runs
+    stored = ckpt.get("text_features", {})
+    needed = "text" if cfg.head == "similarity" else "context"
+    stored_text = {needed: stored[needed]} if stored.get("clip_sha256") == sha and needed in stored else None
     # the checkpoint holds every trainable tensor: none drawn
     with clip_vit.no_random_init():
         model = build_model(clip, cfg, moa_impl, stored_text)
