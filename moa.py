@@ -152,7 +152,7 @@ class MoA(nn.Module):
         if not self.gated:
             z = F.gelu(F.linear(x, self.down_w[0], self.down_b[0]))  # (B, L, R)
             return x + F.linear(z, self.up_w[0], self.up_b[0])  # (B, L, D)
-        # gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b: made in the order moa_reference takes
+        # gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b: moa_reference's order
         weights = tuple(self.parameters())
         # 0 = all experts; reference and kernel: a count
         top_k = self.top_k or self.down_w.shape[0]
@@ -343,9 +343,8 @@ def text_features(clip, cfg):
     {"text": the similarity head's prompt embeddings} or {"context": the scene context, (0,) without
     it}. Checkpoints store it (keyed by the CLIP SHA-256), so loading one runs no text tower."""
     if cfg.head == "similarity":
-        return {
-            "text": prompt_embeddings(clip, [f"This object is {w}" for w, _ in DISTANCES[: cfg.sim_bins]])
-        }
+        prompts = [f"This object is {word}" for word, _ in DISTANCES[: cfg.sim_bins]]
+        return {"text": prompt_embeddings(clip, prompts)}  # (n, 512)
     return {"context": scene_context(clip) if cfg.use_context else torch.zeros(0)}  # (512,)
 
 
@@ -418,7 +417,7 @@ class MoADepthCLIP(nn.Module):
         f = torch.cat([f, c], 1)  # (B, 768 + 512, gh, gw); without the context: f unchanged
         up = dict(size=image.shape[-2:], mode="bilinear")
         logits = F.interpolate(self.cls_head(f).float(), **up)  # (B, N, H, W)
-        depth_cls = (logits.softmax(1) * self.bins.view(1, -1, 1, 1)).sum(1, keepdim=True)
+        depth_cls = (logits.softmax(1) * self.bins[:, None, None]).sum(1, keepdim=True)
         reg = torch.sigmoid(self.reg_head(f).float()) * self.cfg.max_depth  # GUESS G4: (0, 10) m
         depth_reg = F.interpolate(reg, **up).clamp_min(self.cfg.min_depth)  # (B, 1, H, W)
         fused = {"mean": 0.5 * (depth_cls + depth_reg), "cls": depth_cls, "reg": depth_reg}
@@ -506,9 +505,9 @@ class DepthCLIPZeroShot(nn.Module):
             return {"depth": F.interpolate(depth, size=image.shape[-2:], mode="bilinear", align_corners=True)}
 
 
-# RGB constants (3,) -> a (1, 3, 1, 1) tensor on like's device
+# RGB constants (3,) -> a (3, 1, 1) tensor on like's device, for (B, 3, H, W) images
 def per_channel(values, like):
-    return like.new_tensor(values).view(1, 3, 1, 1)
+    return like.new_tensor(values)[:, None, None]
 
 
 # -----------------------------------------------------------------------------
@@ -517,9 +516,8 @@ def silog(pred, gt, form="paper"):
     # over valid pixels, both > 0
     g = torch.log(pred) - torch.log(gt)
     if form == "bts":
-        return 10 * torch.sqrt(
-            (g.pow(2).mean() - 0.85 * g.mean().pow(2)).clamp_min(1e-12)
-        )  # differentiable at 0
+        # clamped: the sqrt stays differentiable at 0
+        return 10 * torch.sqrt((g.pow(2).mean() - 0.85 * g.mean().pow(2)).clamp_min(1e-12))
     return 10 * (g.var(unbiased=False) + 0.85 * g.mean().pow(2))
 
 
@@ -536,9 +534,14 @@ def ssim_map(x, y, padding):
     var_x = local_mean(x**2) - mu_x**2
     var_y = local_mean(y**2) - mu_y**2
     cov = local_mean(x * y) - mu_x * mu_y
-    return ((2 * mu_x * mu_y + SSIM_C1) * (2 * cov + SSIM_C2)) / (
-        (mu_x**2 + mu_y**2 + SSIM_C1) * (var_x + var_y + SSIM_C2)
-    )
+    numerator = (2 * mu_x * mu_y + SSIM_C1) * (2 * cov + SSIM_C2)
+    denominator = (mu_x**2 + mu_y**2 + SSIM_C1) * (var_x + var_y + SSIM_C2)
+    return numerator / denominator
+
+
+# (sum of weights[k] * term, {k: term as a float}) of the loss terms {k: tensor}
+def weighted_sum(terms, weights):
+    return sum(weights[k] * t for k, t in terms.items()), {k: t.item() for k, t in terms.items()}
 
 
 def composite_loss(pred, gt, form="ours"):
@@ -583,11 +586,6 @@ def depth_loss(out, depth, mask, cfg):
     terms["l1"] = (pred - gt).abs().mean()
     terms["silog"] = silog(pred, gt, cfg.silog)
     return weighted_sum(terms, {"cls": cfg.w_cls, "l1": cfg.w_reg, "silog": cfg.w_silog})
-
-
-# (sum of weights[k] * term, {k: term as a float}) of the loss terms {k: tensor}
-def weighted_sum(terms, weights):
-    return sum(weights[k] * t for k, t in terms.items()), {k: t.item() for k, t in terms.items()}
 
 
 # =============================================================================
