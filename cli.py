@@ -23,7 +23,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 # "2,5,8,11" -> (2, 5, 8, 11); a typo reads "invalid int_list value"
 def int_list(text):
-    return tuple(int(x) for x in text.split(","))
+    return tuple(map(int, text.split(",")))
 
 
 # "0" or "1" -> False or True
@@ -33,7 +33,7 @@ def zero_one(text):
     return text == "1"
 
 
-METAVARS = {int: "N", float: "X", bool: "0/1", tuple: "LIST", str: None}
+METAVARS = {int: "N", float: "X", bool: "0/1", tuple: "LIST"}
 
 
 def add_options(parser, config):
@@ -46,7 +46,7 @@ def add_options(parser, config):
             type={bool: zero_one, tuple: int_list}.get(kind, kind),
             default=f.default,
             choices=f.metadata["choices"],
-            metavar=f.metadata["metavar"] or METAVARS[kind],
+            metavar=f.metadata["metavar"] or METAVARS.get(kind),
             help=f"{f.metadata['help']} (default: {moa.typed(f.default)})",
         )
 
@@ -98,7 +98,7 @@ def run(main, interrupted, memory_hint, on_failure=lambda: None):
         sys.exit(f"error: {e}")
     # torch's allocators raise RuntimeErrors (torch.OutOfMemoryError on a GPU) that say "memory"
     except (MemoryError, RuntimeError) as e:
-        if not isinstance(e, MemoryError) and "memory" not in str(e).split("\n")[0]:
+        if isinstance(e, RuntimeError) and "memory" not in str(e).split("\n")[0]:
             raise
         on_failure()
         sys.exit(f"error: out of memory ({' '.join(str(e).split())[:120]}); {memory_hint}")

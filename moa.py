@@ -24,8 +24,6 @@ from clip_vit import UserError
 
 # auto: Triton on CUDA where it can run, else PyTorch
 MOA_IMPLS = ("auto", "triton", "torch")
-# keeps the BTS SILog's sqrt differentiable at 0
-EPS = 1e-12
 # the 27 scene types of NYU's official 795-frame train split (GUESS G10: the paper names two)
 SCENES = (
     "bedroom",
@@ -69,15 +67,9 @@ DISTANCES = (
     ("extremely far", 5.00),
     ("far away", 6.00),
 )
-# DepthCLIP's logits: 100 * cosine / 0.1
-CLIP_SCALE = 100.0
-SIM_TEMPERATURE = 0.1
-# the composite loss: its valid ground truth, and SSIM's stabilising constants
-COMPOSITE_MIN_GT = 1e-8
+# SSIM's stabilising constants
 SSIM_C1 = 0.01**2
 SSIM_C2 = 0.03**2
-# the weights of the composite loss's four terms
-W_COMPOSITE = {"silog": 1.0, "grad": 0.5, "ssim": 0.2, "l1": 0.1}
 OUTPUTS = {"depth": "depth", "depth_cls": "binned", "depth_reg": "regressed"}  # forward's maps
 
 
@@ -132,22 +124,26 @@ class MoA(nn.Module):
         # auto: why the kernel cannot run here, once it has said so
         self.kernel_off = None
         self.notes = [] if notes is None else notes
-        E, R, H, D = num_experts, bottleneck, gate_hidden, dim
         self.top_k = top_k
         self.temperature = temperature
         self.gated = gated
-        # the gate MLP D -> H -> E
+        # the gate MLP dim -> gate_hidden -> num_experts
         if gated:
-            self.gate_w1, self.gate_b1 = linear_init(H, D, fan_in=D), linear_init(H, fan_in=D)
-            self.gate_w2, self.gate_b2 = linear_init(E, H, fan_in=H), linear_init(E, fan_in=H)
-        self.down_w, self.down_b = linear_init(E, R, D, fan_in=D), linear_init(E, R, fan_in=D)
+            self.gate_w1 = linear_init(gate_hidden, dim, fan_in=dim)
+            self.gate_b1 = linear_init(gate_hidden, fan_in=dim)
+            self.gate_w2 = linear_init(num_experts, gate_hidden, fan_in=gate_hidden)
+            self.gate_b2 = linear_init(num_experts, fan_in=gate_hidden)
+        self.down_w = linear_init(num_experts, bottleneck, dim, fan_in=dim)
+        self.down_b = linear_init(num_experts, bottleneck, fan_in=dim)
         # up_w and up_b start at zero, so a fresh MoA is exactly the identity: the pretrained
         # features flow through unchanged at step 0 and the adapters grow from there (Houlsby)
         if zero_init:
-            self.up_w, self.up_b = nn.Parameter(torch.zeros(E, D, R)), nn.Parameter(torch.zeros(E, D))
+            self.up_w = nn.Parameter(torch.zeros(num_experts, dim, bottleneck))
+            self.up_b = nn.Parameter(torch.zeros(num_experts, dim))
         # the authors' adapters: nn.Linear's init, so a fresh adapter already moves the features
         else:
-            self.up_w, self.up_b = linear_init(E, D, R, fan_in=R), linear_init(E, D, fan_in=R)
+            self.up_w = linear_init(num_experts, dim, bottleneck, fan_in=bottleneck)
+            self.up_b = linear_init(num_experts, dim, fan_in=bottleneck)
         # (B, L, E) of the last forward
         self.last_gates = None
 
@@ -156,20 +152,11 @@ class MoA(nn.Module):
         if not self.gated:
             z = F.gelu(F.linear(x, self.down_w[0], self.down_b[0]))  # (B, L, R)
             return x + F.linear(z, self.up_w[0], self.up_b[0])  # (B, L, D)
+        # gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b: moa_reference's order
+        weights = tuple(self.parameters())
         # 0 = all experts; reference and kernel: a count
         top_k = self.top_k or self.down_w.shape[0]
-        weights = (
-            self.gate_w1,
-            self.gate_b1,
-            self.gate_w2,
-            self.gate_b2,
-            self.down_w,
-            self.down_b,
-            self.up_w,
-            self.up_b,
-        )
-        use_kernel = self.impl == "triton" or (self.impl == "auto" and x.is_cuda and not self.kernel_off)
-        if use_kernel:
+        if self.impl == "triton" or (self.impl == "auto" and x.is_cuda and not self.kernel_off):
             y, gates = self.fused(x, weights, top_k)
         else:
             y, gates = moa_reference(x, *weights, top_k, self.temperature)
@@ -188,8 +175,14 @@ class MoA(nn.Module):
             if self.impl == "auto":
                 fm.check_auto(x)
             return fm.fused_moa(x, *weights, top_k, self.temperature)
-        except fm.CANNOT_RUN as e:
+        except Exception as e:
             reason = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+            # a bad argument or a failure of the kernel itself: the way out
+            if not isinstance(e, fm.CANNOT_RUN):
+                raise UserError(
+                    f"--moa-impl {self.impl}: the Triton MoA kernel failed here ({reason}); "
+                    "rerun with --moa-impl torch"
+                ) from e
             if self.impl == "triton":
                 raise UserError(
                     f"--moa-impl triton: the Triton MoA kernel cannot run here ({reason}); "
@@ -203,13 +196,6 @@ class MoA(nn.Module):
                 )
             self.notes.append(reason)
             return moa_reference(x, *weights, top_k, self.temperature)
-        # a bad argument or a failure of the kernel itself: the way out
-        except Exception as e:
-            msg = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
-            raise UserError(
-                f"--moa-impl {self.impl}: the Triton MoA kernel failed here ({msg}); "
-                "rerun with --moa-impl torch"
-            ) from e
 
 
 # -----------------------------------------------------------------------------
@@ -279,19 +265,27 @@ class DepthConfig:
         if len(self.input_size) == 1:
             self.input_size = tuple(self.input_size) * 2
         check_options(self)
-        positive = (self.temperature, self.min_depth, self.max_depth)
-        require(all(v > 0 for v in positive), "--temperature, --min-depth and --max-depth must be > 0")
+        require(
+            all(v > 0 for v in (self.temperature, self.min_depth, self.max_depth)),
+            "--temperature, --min-depth and --max-depth must be > 0",
+        )
         require(self.min_depth < self.max_depth, f"--min-depth {self.min_depth}: not below --max-depth")
         require(self.top_k <= self.num_experts, f"--top-k {self.top_k}: more than --num-experts (0 = all)")
         require(self.trainable_blocks <= 12, f"--trainable-blocks {self.trainable_blocks}: ViT-B/32 has 12")
         layers = self.moa_layers
-        in_order = list(layers) == sorted(set(layers)) and all(0 <= i <= 11 for i in layers)
-        require(in_order, f"--moa-layers {typed(layers)}: not increasing block numbers in 0..11")
-        tiles = len(self.input_size) == 2 and all(side > 0 and side % 32 == 0 for side in self.input_size)
-        require(tiles, f"--input-size {typed(self.input_size)}: not one or two multiples of 32")
+        require(
+            list(layers) == sorted(set(layers)) and all(0 <= i <= 11 for i in layers),
+            f"--moa-layers {typed(layers)}: not increasing block numbers in 0..11",
+        )
+        require(
+            len(self.input_size) == 2 and all(side > 0 and side % 32 == 0 for side in self.input_size),
+            f"--input-size {typed(self.input_size)}: not one or two multiples of 32",
+        )
         # the similarity head has no input that the context could join
-        no_context = self.head == "dual" or not self.use_context
-        require(no_context, "--head similarity: it has no context input; add --use-context 0")
+        require(
+            self.head == "dual" or not self.use_context,
+            "--head similarity: it has no context input; add --use-context 0",
+        )
 
 
 def check_options(config):
@@ -331,12 +325,14 @@ def prompt_embeddings(clip, texts):
 
 def scene_context(clip, scenes=SCENES):
     """Paper §3.2: the mean of the unit "a photo of a {scene}." embeddings, renormalised (G11)."""
-    feats = prompt_embeddings(clip, [f"a photo of a {s}." for s in scenes])  # (n_scenes, embed_dim)
-    return F.normalize(feats.mean(0), dim=0)
+    return F.normalize(prompt_embeddings(clip, [f"a photo of a {s}." for s in scenes]).mean(0), dim=0)
 
 
-# GUESS G3: uniform or log-spaced over [min_depth, max_depth]
+# the bins' depths: the similarity head's DepthCLIP's (metres); else (GUESS G3) uniform or log-spaced over
+# [min_depth, max_depth]
 def bin_centres(cfg):
+    if cfg.head == "similarity":
+        return torch.tensor([depth for _, depth in DISTANCES[: cfg.sim_bins]])
     if cfg.bin_spacing == "log":
         return torch.logspace(math.log10(cfg.min_depth), math.log10(cfg.max_depth), cfg.num_bins)
     return torch.linspace(cfg.min_depth, cfg.max_depth, cfg.num_bins)
@@ -347,8 +343,8 @@ def text_features(clip, cfg):
     {"text": the similarity head's prompt embeddings} or {"context": the scene context, (0,) without
     it}. Checkpoints store it (keyed by the CLIP SHA-256), so loading one runs no text tower."""
     if cfg.head == "similarity":
-        words = [word for word, _ in DISTANCES[: cfg.sim_bins]]
-        return {"text": prompt_embeddings(clip, [f"This object is {w}" for w in words])}  # (n, 512)
+        prompts = [f"This object is {word}" for word, _ in DISTANCES[: cfg.sim_bins]]
+        return {"text": prompt_embeddings(clip, prompts)}  # (n, 512)
     return {"context": scene_context(clip) if cfg.use_context else torch.zeros(0)}  # (512,)
 
 
@@ -361,14 +357,13 @@ class MoADepthCLIP(nn.Module):
         # the text tower: used at most once, below; not kept
         self.visual = clip.visual
         width = self.visual.conv1.out_channels
-        experts = cfg.num_experts if cfg.use_moa else 1
         # why auto runs PyTorch, said once for all the layers
         notes = []
         self.moa = nn.ModuleList(
             [
                 MoA(
                     width,
-                    experts,
+                    cfg.num_experts if cfg.use_moa else 1,
                     cfg.bottleneck,
                     cfg.gate_hidden,
                     cfg.top_k,
@@ -381,23 +376,18 @@ class MoADepthCLIP(nn.Module):
                 for _ in cfg.moa_layers
             ]
         )
-        # the text tower's part, or its copy
-        from_text = stored_text or text_features(clip, cfg)
-        # DepthCLIP's head: fixed prompts and bin depths, no weights
-        if cfg.head == "similarity":
-            depths = [depth for _, depth in DISTANCES[: cfg.sim_bins]]
-            self.register_buffer("text", from_text["text"])  # (n_bins, 512)
-            self.register_buffer("bins", torch.tensor(depths))
-            # the authors' fresh nn.Linear, in no optimizer group: frozen as drawn, saved with the checkpoints
-            if cfg.sim_proj == "random":
-                self.project = nn.Linear(width, self.text.shape[1]).requires_grad_(False)
-        else:
-            context = from_text["context"]
-            self.register_buffer("context", context)  # (512,), or (0,) without
-            # GUESS G1 (the paper gives no sizes): 1x1 convolutions on the fused 768 + 512 channels
-            self.cls_head = nn.Conv2d(width + len(context), cfg.num_bins, kernel_size=1)
-            self.reg_head = nn.Conv2d(width + len(context), 1, kernel_size=1)
-            self.register_buffer("bins", bin_centres(cfg))
+        # the text tower's part, or its copy: "text" (n_bins, 512), or "context" (512,), (0,) without
+        for name, tensor in (stored_text or text_features(clip, cfg)).items():
+            self.register_buffer(name, tensor)
+        # GUESS G1 (the paper gives no sizes): 1x1 convolutions on the fused 768 + 512 channels
+        if cfg.head == "dual":
+            self.cls_head = nn.Conv2d(width + len(self.context), cfg.num_bins, 1)
+            self.reg_head = nn.Conv2d(width + len(self.context), 1, 1)
+        # DepthCLIP's head has fixed prompts and bin depths, no weights; the authors' has a fresh nn.Linear,
+        # in no optimizer group: frozen as drawn, saved with the checkpoints
+        elif cfg.sim_proj == "random":
+            self.project = nn.Linear(width, self.text.shape[1]).requires_grad_(False)
+        self.register_buffer("bins", bin_centres(cfg))
         # freeze CLIP, then unfreeze its last blocks (8-11)
         self.visual.requires_grad_(False)
         blocks = self.visual.transformer.resblocks
@@ -407,14 +397,14 @@ class MoADepthCLIP(nn.Module):
         """(B, 3, H, W) -> the mean of the MoA outputs' patch tokens (without MoA layers: the last block's),
         a grid (B, width, H/32, W/32)."""
         v = self.visual
-        H, W = image.shape[-2:]  # multiples of 32
-        gh, gw = H // v.patch_size, W // v.patch_size
+        gh, gw = [side // v.patch_size for side in image.shape[-2:]]  # H/32, W/32
         x = v.embed(image).float()  # (B, 1 + gh*gw, width), fp32 also under autocast (G22)
+        moas = dict(zip(self.cfg.moa_layers, self.moa))  # block number -> its MoA
         levels = []
         for i, block in enumerate(v.transformer.resblocks):
             x = block(x)
-            if i in self.cfg.moa_layers:
-                x = self.moa[self.cfg.moa_layers.index(i)](x)  # every token, CLS included
+            if i in moas:
+                x = moas[i](x)  # every token, CLS included
                 levels.append(x[:, 1:])  # (B, gh*gw, width) patches
         feat = torch.stack(levels).mean(0) if levels else x[:, 1:]  # (B, gh*gw, width)
         return feat.transpose(1, 2).reshape(image.shape[0], -1, gh, gw)
@@ -424,10 +414,10 @@ class MoADepthCLIP(nn.Module):
         if self.cfg.head == "similarity":
             return self.similarity(f, image.shape[-2:])
         c = self.context.to(f.dtype)[None, :, None, None].expand(f.shape[0], -1, *f.shape[-2:])
-        f = torch.cat([f, c], dim=1)  # (B, 768 + 512, gh, gw); without the context: f unchanged
-        up = dict(size=image.shape[-2:], mode="bilinear", align_corners=False)
+        f = torch.cat([f, c], 1)  # (B, 768 + 512, gh, gw); without the context: f unchanged
+        up = dict(size=image.shape[-2:], mode="bilinear")
         logits = F.interpolate(self.cls_head(f).float(), **up)  # (B, N, H, W)
-        depth_cls = (logits.softmax(1) * self.bins.view(1, -1, 1, 1)).sum(1, keepdim=True)
+        depth_cls = (logits.softmax(1) * self.bins[:, None, None]).sum(1, keepdim=True)
         reg = torch.sigmoid(self.reg_head(f).float()) * self.cfg.max_depth  # GUESS G4: (0, 10) m
         depth_reg = F.interpolate(reg, **up).clamp_min(self.cfg.min_depth)  # (B, 1, H, W)
         fused = {"mean": 0.5 * (depth_cls + depth_reg), "cls": depth_cls, "reg": depth_reg}
@@ -445,15 +435,14 @@ class MoADepthCLIP(nn.Module):
         tokens = f.flatten(2).transpose(1, 2).float()  # (B, gh*gw, 768)
         # cosines x 1000: too coarse in bf16
         with torch.autocast(f.device.type, enabled=False):
-            if self.cfg.sim_proj == "random":
-                emb = self.project(tokens)
-            else:
-                emb = self.visual.ln_post(tokens) @ self.visual.proj.float()
-            emb = F.normalize(emb, dim=-1)  # (B, gh*gw, 512)
-            # the expected depth in fp32 too: a bf16 matmul here is off by up to 1 cm
-            depth = expected_depth(emb, self.text, self.bins.float()).view(B, 1, gh, gw)  # metres on the grid
-            depth = F.interpolate(depth, size=out_size, mode="bilinear", align_corners=False)
-        return {"depth": depth}
+            emb = (
+                self.project(tokens)
+                if self.cfg.sim_proj == "random"
+                else self.visual.ln_post(tokens) @ self.visual.proj.float()
+            )
+            # unit (B, gh*gw, 512); the expected depth in fp32 too: a bf16 matmul here is off by up to 1 cm
+            depth = expected_depth(F.normalize(emb, dim=-1), self.text, self.bins.float()).view(B, 1, gh, gw)
+            return {"depth": F.interpolate(depth, size=out_size, mode="bilinear")}
 
     # the mean per-token gate entropy -sum g log g of the last forward (0: plain adapters)
     def gate_entropy(self):
@@ -465,15 +454,13 @@ class MoADepthCLIP(nn.Module):
 # DepthCLIP's depth from unit features emb (..., 512): 100 x their cosine with each prompt's
 # embedding (text, (n, 512)) / 0.1, a softmax over the prompts, the mean of the bins under it
 def expected_depth(emb, text, bins):
-    return (CLIP_SCALE * emb @ text.T / SIM_TEMPERATURE).softmax(-1) @ bins
+    return (100.0 * emb @ text.T / 0.1).softmax(-1) @ bins
 
 
 # zero-shot DepthCLIP on a CLIP ResNet (RN50), as DepthCLIP's own code computes it
 # DepthCLIP normalises its input with these, not CLIP's
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# its input: the RGB crop rows 56:472, cols 60:604, not resized
-DEPTHCLIP_SIZE = (416, 544)
 
 
 class DepthCLIPZeroShot(nn.Module):
@@ -491,9 +478,8 @@ class DepthCLIPZeroShot(nn.Module):
 
     def __init__(self, clip):
         super().__init__()
-        self.cfg = DepthConfig(
-            head="similarity", use_context=False, use_moa=False, input_size=DEPTHCLIP_SIZE
-        )  # what evaluate.predict reads
+        # what evaluate.predict reads; its input: the RGB crop rows 56:472, cols 60:604, not resized
+        self.cfg = DepthConfig(head="similarity", use_context=False, use_moa=False, input_size=(416, 544))
         self.visual = clip.visual.requires_grad_(False)
         channels = self.visual.attnpool.positional_embedding.shape[1]  # layer4's: 2048 in RN50
         if channels != 2 * clip.text_projection.shape[1]:  # RN101, RN50x4, ...: no DepthCLIP
@@ -501,11 +487,9 @@ class DepthCLIPZeroShot(nn.Module):
                 f"--clip: DepthCLIP halves layer4's {channels} channels to meet the "
                 f"{clip.text_projection.shape[1]}-d text features; it needs RN50's 2:1"
             )
-        words, depths = zip(*DISTANCES[:7])
-        # its template 'This {} is {}' with its one object class, 'object'
-        text = prompt_embeddings(clip, [f"This object is {w}" for w in words])  # (7, embed_dim)
-        self.register_buffer("text", text)
-        self.register_buffer("bins", torch.tensor(depths))
+        # its template 'This {} is {}' with its one object class, 'object', and its 7 words and depths
+        self.register_buffer("text", text_features(clip, self.cfg)["text"])  # (7, embed_dim)
+        self.register_buffer("bins", bin_centres(self.cfg))
 
     def forward(self, image):
         # fp32: cosines x 1000 need it
@@ -514,17 +498,16 @@ class DepthCLIPZeroShot(nn.Module):
             pixels = image * per_channel(clip_vit.STD, image) + per_channel(clip_vit.MEAN, image)
             x = (pixels - per_channel(IMAGENET_MEAN, image)) / per_channel(IMAGENET_STD, image)
             f = self.visual.features(x)  # (B, 2048, h, w)
-            B, C, h, w = f.shape
-            f = F.normalize(f.flatten(2).transpose(1, 2), dim=-1)  # (B, h*w, 2048)
-            f = f[..., ::2]  # (B, h*w, 1024)
+            B, _, h, w = f.shape
+            # each position's unit vector, every other channel: (B, h*w, 2048) -> (B, h*w, 1024)
+            f = F.normalize(f.flatten(2).transpose(1, 2), dim=-1)[..., ::2]
             depth = expected_depth(f, self.text, self.bins).view(B, 1, h, w)  # metres on the grid
-            up = F.interpolate(depth, size=image.shape[-2:], mode="bilinear", align_corners=True)
-        return {"depth": up}  # (B, 1, H, W)
+            return {"depth": F.interpolate(depth, size=image.shape[-2:], mode="bilinear", align_corners=True)}
 
 
-# RGB constants (3,) -> a (1, 3, 1, 1) tensor on like's device
+# RGB constants (3,) -> a (3, 1, 1) tensor on like's device, for (B, 3, H, W) images
 def per_channel(values, like):
-    return like.new_tensor(values).view(1, 3, 1, 1)
+    return like.new_tensor(values)[:, None, None]
 
 
 # -----------------------------------------------------------------------------
@@ -533,11 +516,12 @@ def silog(pred, gt, form="paper"):
     # over valid pixels, both > 0
     g = torch.log(pred) - torch.log(gt)
     if form == "bts":
-        return 10 * torch.sqrt((g.pow(2).mean() - 0.85 * g.mean().pow(2)).clamp_min(EPS))
+        # clamped: the sqrt stays differentiable at 0
+        return 10 * torch.sqrt((g.pow(2).mean() - 0.85 * g.mean().pow(2)).clamp_min(1e-12))
     return 10 * (g.var(unbiased=False) + 0.85 * g.mean().pow(2))
 
 
-def ssim_map(x, y, padding="reflect"):
+def ssim_map(x, y, padding):
     """Per-pixel SSIM of x and y (B, 1, H, W) from 3x3 local means, variances and covariance. The maps
     are padded by one pixel so that they keep their size: "reflect", or "constant" (zeros, which then
     count in the 3x3 means, as avg_pool2d(padding=1) does in the authors' code)."""
@@ -555,6 +539,11 @@ def ssim_map(x, y, padding="reflect"):
     return numerator / denominator
 
 
+# (sum of weights[k] * term, {k: term as a float}) of the loss terms {k: tensor}
+def weighted_sum(terms, weights):
+    return sum(weights[k] * t for k, t in terms.items()), {k: t.item() for k, t in terms.items()}
+
+
 def composite_loss(pred, gt, form="ours"):
     """The authors' earlier loss on the final map pred, gt (B, 1, H, W): SILog (BTS form) over the
     valid pixels (gt > 1e-8), the smoothness of pred, (1 - SSIM) / 2 clamped to [0, 1], and L1.
@@ -562,24 +551,17 @@ def composite_loss(pred, gt, form="ours"):
     form "authors": as their code computes it, SSIM from zero-padded maps, and SSIM and L1 averaged
     over every pixel, holes included (a hole's L1 is then the predicted depth itself). GUESS G25."""
     # depth_loss has made sure that there is such a pixel
-    valid = gt > COMPOSITE_MIN_GT
-    if form == "authors":
-        ssim = ssim_map(pred, gt, padding="constant")
-        averaged = torch.ones_like(valid)  # every pixel
-    else:
-        ssim = ssim_map(pred, gt, padding="reflect")
-        averaged = valid
-    grad_x = pred.diff(dim=-1).abs().mean()
-    grad_y = pred.diff(dim=-2).abs().mean()
+    valid = gt > 1e-8
+    ssim = ssim_map(pred, gt, "constant" if form == "authors" else "reflect")
+    averaged = torch.ones_like(valid) if form == "authors" else valid  # the authors': every pixel
     terms = {
         "silog": silog(pred[valid], gt[valid], "bts"),
         # the prediction alone: no ground truth, holes included
-        "grad": grad_x + grad_y,
+        "grad": pred.diff(dim=-1).abs().mean() + pred.diff(dim=-2).abs().mean(),
         "ssim": ((1 - ssim) / 2).clamp(0, 1)[averaged].mean(),
         "l1": (pred - gt)[averaged].abs().mean(),
     }
-    loss = sum(W_COMPOSITE[k] * t for k, t in terms.items())
-    return loss, {k: t.item() for k, t in terms.items()}
+    return weighted_sum(terms, {"silog": 1.0, "grad": 0.5, "ssim": 0.2, "l1": 0.1})
 
 
 def depth_loss(out, depth, mask, cfg):
@@ -592,24 +574,18 @@ def depth_loss(out, depth, mask, cfg):
     # on the final map, with the authors' own valid mask
     if cfg.loss == "composite":
         return composite_loss(out["depth"], depth, cfg.composite)
-    loss = 0.0
+    gt = depth[valid]
     terms = {}
     if cfg.head == "dual":
         bins = bin_centres(cfg).to(depth.device)
         # edges halfway between centres, geometrically for log bins
-        log = cfg.bin_spacing == "log"
-        edges = (bins[1:] * bins[:-1]).sqrt() if log else (bins[1:] + bins[:-1]) / 2
-        target = torch.bucketize(depth[valid], edges)  # the bin holding the GT
-        logits = out["logits"].float().permute(0, 2, 3, 1)[valid[:, 0]]  # (n_valid, N)
-        l_cls = F.cross_entropy(logits, target)
-        loss = cfg.w_cls * l_cls
-        terms["cls"] = l_cls.item()
+        edges = (bins[1:] * bins[:-1]).sqrt() if cfg.bin_spacing == "log" else (bins[1:] + bins[:-1]) / 2
+        logits = out["logits"].float().movedim(1, -1)[valid[:, 0]]  # channels last: (n_valid, N)
+        terms["cls"] = F.cross_entropy(logits, torch.bucketize(gt, edges))  # target: the bin holding the GT
     pred = out["depth_reg" if cfg.head == "dual" else "depth"][valid]
-    gt = depth[valid]
-    l_l1 = (pred - gt).abs().mean()
-    l_silog = silog(pred, gt, cfg.silog)
-    loss = loss + cfg.w_reg * l_l1 + cfg.w_silog * l_silog
-    return loss, {**terms, "l1": l_l1.item(), "silog": l_silog.item()}
+    terms["l1"] = (pred - gt).abs().mean()
+    terms["silog"] = silog(pred, gt, cfg.silog)
+    return weighted_sum(terms, {"cls": cfg.w_cls, "l1": cfg.w_reg, "silog": cfg.w_silog})
 
 
 # =============================================================================
@@ -620,9 +596,9 @@ def build_model(clip, cfg=None, moa_impl="auto", stored_text=None):
     """A depth model on the CLIP weights `clip`: MoA-DepthCLIP for the DepthConfig cfg (a ViT only); or,
     with cfg None, zero-shot DepthCLIP: on a ResNet exactly as DepthCLIP's code computes it, on a ViT
     DepthCLIP's prompts and bins on the last block's tokens (G23). moa_impl, stored_text: MoADepthCLIP's."""
-    if cfg is None and isinstance(clip.visual, clip_vit.ModifiedResNet):
-        return DepthCLIPZeroShot(clip)
     if cfg is None:
+        if isinstance(clip.visual, clip_vit.ModifiedResNet):
+            return DepthCLIPZeroShot(clip)
         cfg = DepthConfig(
             head="similarity", use_context=False, use_moa=False, moa_layers=(), trainable_blocks=0
         )
@@ -657,21 +633,21 @@ def runtime(device="auto"):
             f"--device {device}: not on this machine (torch {torch.__version__} sees "
             f"{len(gpus)} CUDA GPUs); use one of auto, {', '.join(here)}"
         )
-    if device == "cpu":
-        return Runtime(torch.device("cpu"), None, False, "fp32")
+    device = torch.device(device)
+    if device.type == "cpu":
+        return Runtime(device, None, False, "fp32")
     major, minor = torch.cuda.get_device_capability(device)
-    sm = f"sm_{major}{minor}"
     if major >= 8:
-        return Runtime(torch.device(device), torch.bfloat16, False, f"bf16 autocast ({sm})")
+        return Runtime(device, torch.bfloat16, False, f"bf16 autocast (sm_{major}{minor})")
     # kernels/ decides where --moa-impl auto runs the kernel
     from kernels import fused_moa as fm
 
     moa_impl = "" if 10 * major + minor >= fm.AUTO_MIN_ARCH else "; --moa-impl auto: the MoA in PyTorch"
     return Runtime(
-        torch.device(device),
+        device,
         torch.float16,
         True,
-        f"fp16 autocast with a GradScaler ({sm} has no bf16 tensor cores){moa_impl}",
+        f"fp16 autocast with a GradScaler (sm_{major}{minor} has no bf16 tensor cores){moa_impl}",
     )
 
 
@@ -681,9 +657,8 @@ def parameter_counts(model):
     """{module or "total": [trainable, frozen]}: the parameters of each top-level module."""
     counts = {}
     for name, p in model.named_parameters():
-        row = counts.setdefault(name.split(".")[0], [0, 0])
-        row[0 if p.requires_grad else 1] += p.numel()
-    counts["total"] = [sum(t for t, _ in counts.values()), sum(f for _, f in counts.values())]
+        counts.setdefault(name.split(".")[0], [0, 0])[0 if p.requires_grad else 1] += p.numel()
+    counts["total"] = [sum(column) for column in zip(*counts.values())]
     return counts
 
 
@@ -699,7 +674,7 @@ def saved_parameters(model):
     return {n: p for n, p in model.named_parameters() if p.requires_grad or n.startswith("project.")}
 
 
-def load_trainable_state_dict(model, sd, where="checkpoint"):
+def load_trainable_state_dict(model, sd, where):
     """Load exactly the saved tensors (saved_parameters), the frozen rest comes from CLIP; a misfit:
     UserError."""
     own = {n: p.shape for n, p in saved_parameters(model).items()}
@@ -713,23 +688,15 @@ def load_trainable_state_dict(model, sd, where="checkpoint"):
 def save_checkpoint(path, model, **extra):
     """Atomically write the trainable parameters, the DepthConfig and `extra` (clip id, ...). Given
     the clip id, also what the text tower gave (text_features), keyed by the CLIP weights' SHA-256."""
-    trainable = {n: p.detach().clone() for n, p in saved_parameters(model).items()}
-    ckpt = {"model": trainable, "model_config": asdict(model.cfg), **extra}
+    ckpt = {
+        "model": {n: p.detach().clone() for n, p in saved_parameters(model).items()},
+        "model_config": asdict(model.cfg),
+        **extra,
+    }
     if "clip" in extra:
-        buffers = dict(model.named_buffers())
-        text = {n: buffers[n].detach().clone() for n in ("context", "text") if n in buffers}
+        text = {n: b.detach().clone() for n, b in model.named_buffers() if n in ("context", "text")}
         ckpt["text_features"] = {"clip_sha256": extra["clip"]["sha256"], **text}
     clip_vit.atomic_write(path, lambda f: torch.save(ckpt, f))
-
-
-def stored_text_features(ckpt, sha, cfg):
-    """The checkpoint's text_features for the CLIP weights `sha` and cfg, or None: the text tower
-    must run (a checkpoint from before they were stored, or one whose entry does not fit)."""
-    stored = ckpt.get("text_features", {})
-    needed = "text" if cfg.head == "similarity" else "context"
-    if stored.get("clip_sha256") != sha or needed not in stored:
-        return None
-    return {needed: stored[needed]}
 
 
 def checkpoint_problem(path, e):
@@ -792,7 +759,11 @@ def from_checkpoint(ckpt, clip_arg=None, device="cpu", where="checkpoint", moa_i
     if unknown:
         raise UserError(f"{where}: model_config fields this version does not know: {unknown}")
     cfg = DepthConfig(**ckpt["model_config"])
-    stored_text = stored_text_features(ckpt, sha, cfg)
+    # what the text tower gave, as stored for these CLIP weights; else (a checkpoint from before it was
+    # stored, or one whose entry does not fit) the text tower runs
+    stored = ckpt.get("text_features", {})
+    needed = "text" if cfg.head == "similarity" else "context"
+    stored_text = {needed: stored[needed]} if stored.get("clip_sha256") == sha and needed in stored else None
     # the checkpoint holds every trainable tensor: none drawn
     with clip_vit.no_random_init():
         model = build_model(clip, cfg, moa_impl, stored_text)
