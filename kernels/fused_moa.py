@@ -673,30 +673,26 @@ def _forward_tiles(limit, half, expert_cols):
     """(tiles, warps, stages) of the forward for a shared-memory class; None if none fits. The forward
     holds a (BK, E*R) slice of Wd, then an (E*R, BN) slice of Wu, per pipeline stage (the compile report
     measures what it needs)."""
-    # Turing (FMA matmuls): one stage, the smallest tiles; fp32 at E R = 128: 4 warps
+    # Turing (FMA matmuls): one stage, the smallest tiles, E R <= 256; fp32 at E R = 128: 4 warps
     if limit == SMEM_T4:
-        if expert_cols > 256:
-            return None
-        return dict(BM=16, BK=16, BN=16), 4 if expert_cols == 128 and not half else 8, 1
-    if expert_cols <= 256 and half:
+        if expert_cols <= 256:
+            return dict(BM=16, BK=16, BN=16), 4 if expert_cols == 128 and not half else 8, 1
+    elif expert_cols <= 256 and half:
         return dict(BM=64, BK=64, BN=64 if expert_cols <= 128 else 32), 8, 3 if limit == SMEM_H100 else 2
-    if expert_cols <= 512 and limit >= SMEM_A100:
+    # E R <= 512 on the A100 and H100 classes, fp32 at E R <= 256 on the 99 KB class
+    elif expert_cols <= 256 or expert_cols <= 512 and limit >= SMEM_A100:
         return (
             dict(BM=32, BK=64 if expert_cols <= 256 else 32, BN=32),
             8,
             3 if limit == SMEM_H100 and half else 2,
         )
-    # fp32, E R <= 256, 99 KB class
-    if expert_cols <= 256:
-        return dict(BM=32, BK=64, BN=32), 8, 2
     # E R = 512, 99 KB class: narrower up-projection steps
-    if expert_cols <= 512:
+    elif expert_cols <= 512:
         return dict(BM=32 if half else 16, BK=32, BN=16), 8, 2
-    # E R = 1024: the narrowest tiles (wider ones spill)
-    if half or limit >= SMEM_A100:
+    # E R = 1024: the narrowest tiles (wider ones spill); fp32 on the 99 KB class holds two (16, 1024) fp32
+    # tiles there, more than 99 KB: None
+    elif half or limit >= SMEM_A100:
         return dict(BM=16, BK=16, BN=16), 8, 2
-    # fp32 at E R = 1024 holds two (16, 1024) fp32 tiles: more than 99 KB
-    return None
 
 
 # -----------------------------------------------------------------------------
@@ -784,7 +780,6 @@ class FusedMoA(torch.autograd.Function):
         # [da | du | v | dz] in the matmul dtype
         p1 = _new((N, E * R + 2 * H + 16), x, ctx.dot)
         p2 = _new((N, E * R + 16), x, ctx.dot)  # [g h | g]
-        dgates_in = gates if dgates is None else _aligned(dgates)  # a dummy when unused
         # the 8 fp32 gradients in one buffer, each view starting 16-byte aligned; one copy per token chunk
         padded = [math.ceil(t.numel() / 4) * 4 for t in weights]
         tok_meta, tok_warps, tok_stages = ctx.params["bwd_tokens"]
@@ -800,7 +795,7 @@ class FusedMoA(torch.autograd.Function):
                 x,
                 dy,
                 gates,
-                dgates_in,
+                gates if dgates is None else _aligned(dgates),  # a dummy when unused
                 *weights,
                 dx,
                 p1,
@@ -914,4 +909,4 @@ def fused_moa(x, gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b,
         torch.autograd.grad(FusedMoA.apply(x0, *args)[0].sum(), x0)
         BACKWARD_LOADED.add(key)
     y, gates = FusedMoA.apply(x_in, *args)
-    return y.reshape(x.shape).to(x.dtype), gates.reshape(*x.shape[:-1], E)
+    return y.view_as(x).to(x.dtype), gates.reshape(*x.shape[:-1], E)

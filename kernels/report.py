@@ -66,8 +66,9 @@ def ptxas_v(ptx, cubin, arch):
     if not tool.exists():
         tool = BIN / "ptxas"
     with tempfile.TemporaryDirectory() as tmp:
-        src = pathlib.Path(tmp, "kernel.ptx")
-        binary = pathlib.Path(tmp, "triton.cubin")
+        tmp = pathlib.Path(tmp)
+        src = tmp / "kernel.ptx"
+        binary = tmp / "triton.cubin"
         src.write_text(ptx)
         binary.write_bytes(cubin)
         usage = subprocess.check_output([BIN / "cuobjdump", "-res-usage", binary], text=True)
@@ -99,16 +100,14 @@ def source(fn, consts, dot):
         if name in consts:
             sig[name] = "constexpr"
             constexprs[(i,)] = consts[name]
-        elif name.endswith("_ptr"):  # 16-byte aligned as launched
+        elif name.endswith("_ptr"):
             # P1, P2 in the matmul dtype; x, dy, dx, the weights, the gates and every gradient fp32
             sig[name] = f"*{fm.TL[dot if name.startswith('p') else torch.float32]}"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name == "temperature":
-            sig[name] = "fp32"
-        # D is a multiple of 16; N and the grid sizes are not specialised
         else:
-            sig[name] = "i32"
-            attrs[(i,)] = [["tt.divisibility", 16]] if name == "D" else []
+            sig[name] = "fp32" if name == "temperature" else "i32"
+        # every pointer 16-byte aligned as launched and D a multiple of 16; N and the grid sizes not specialised
+        if name.endswith("_ptr") or name == "D":
+            attrs[(i,)] = [["tt.divisibility", 16]]
     return ASTSource(fn, sig, constexprs, attrs)
 
 
@@ -193,12 +192,10 @@ def print_summary(rows):
     for arch in sorted({r["arch"] for r in rows}):
         mine = [r for r in rows if r["arch"] == arch]
         built = [r for r in mine if "unsupported" not in r]
-        max_spill = max((r["spill_bytes"] for r in built), default=0)
-        max_smem = max((r["smem_bytes"] for r in built), default=0)
-        share = 100 * max_smem / SMEM_LIMIT[arch]
+        max_spill, max_smem = (max((r[k] for r in built), default=0) for k in ("spill_bytes", "smem_bytes"))
         print(
             f"# sm_{arch:<4} {SMEM_LIMIT[arch]:8,} {len(built):5} {len(mine) - len(built):5} {max_spill:6} "
-            f"{max_smem:9,} ({share:.0f} %)"
+            f"{max_smem:9,} ({100 * max_smem / SMEM_LIMIT[arch]:.0f} %)"
         )
     for arch, reason in sorted({(r["arch"], r["unsupported"]) for r in rows if "unsupported" in r}):
         print(f"# unsupported on sm_{arch}: {reason}")
