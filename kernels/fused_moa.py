@@ -24,7 +24,7 @@ import triton.language as tl
 from triton.errors import TritonError
 
 # read once: the kernels are built at import
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # tests set it: new buffers are NaN, so an element a kernel forgets to write shows
 POISON = False
 NAMES = ("x", "gate_w1", "gate_b1", "gate_w2", "gate_b2", "down_w", "down_b", "up_w", "up_b")
@@ -606,8 +606,6 @@ def launch_params(arch, smem, dot, D, H, E, R):
     EX = triton.next_power_of_2(E)
     expert_cols = EX * R
     half = dot != torch.float32
-    # the interpreter: no warps, stages or shared memory; the largest class's tiles
-    limit = SMEM_CLASSES[0]
     precision = "ieee"
     if arch is not None:
         if arch < 75:
@@ -616,37 +614,38 @@ def launch_params(arch, smem, dot, D, H, E, R):
             raise NotSupported(
                 f"sm_{arch} has {smem:,} bytes of shared memory per block; the kernel needs 65,536"
             )
-        limit = next(size for size in SMEM_CLASSES if size <= smem)
         if dot == torch.bfloat16 and arch < 80:
             raise NotSupported(f"sm_{arch} has no bf16 tensor cores (moa.runtime picks fp16 there)")
         if arch >= 80 and not half:
             precision = "tf32"  # TF32 came with sm_80
+    # the interpreter (no warps, stages or shared memory) gets the largest class's tiles
+    limit = next(size for size in SMEM_CLASSES if arch is None or size <= smem)
     forward = _forward_tiles(limit, half, expert_cols)
     if forward is None:
         raise NotSupported(
             f"no forward tiles fit {smem:,} bytes of shared memory at E = {E}, R = {R} "
             f"with {str(dot)[6:]} matmuls"
         )
-    # the weight kernel's tiles: BT 32 for fp32 matmuls and on Turing
-    weight_tiles = dict(BW=64, BD=64, BT=64 if half and limit != SMEM_T4 else 32, CHUNK=4096)
-    # Turing: tl.dot runs on the FMA units there (no mma), narrow steps and 8 warps (4 at E R = 128)
-    if limit == SMEM_T4:
-        # expert splits of 64 columns, or one expert
-        token_tiles = dict(BM=16, BK=32, KC=32, NS=triton.cdiv(expert_cols, max(R, 64)))
+    # the T4 class (Turing): tl.dot runs on the FMA units there (no mma)
+    t4 = limit == SMEM_T4
+    few = half and expert_cols <= 256
+    token_tiles = dict(
+        BM=16,
+        # BK 32 on the T4 class, above E R = 256, and for fp32 matmuls at E R = 128 (BK 64 spills there)
+        BK=32 if t4 or expert_cols > 256 or (not half and expert_cols == 128) else 64,
+        KC=32 if t4 else 64,
+        # expert splits of 64 columns (or one expert) on the T4 class and for 16-bit at E R <= 256, else of 256
+        NS=triton.cdiv(expert_cols, max(R, 64) if t4 or few else 256),
+    )
+    # the weight kernel's tiles: BT 32 for fp32 matmuls and on the T4 class
+    weight_tiles = dict(BW=64, BD=64, BT=64 if half and not t4 else 32, CHUNK=4096)
+    if t4:
+        # narrow steps, one stage, 8 warps (4 at E R = 128)
         tokens = (token_tiles, 4 if expert_cols == 128 else 8, 1)
         weights = (weight_tiles, 8, 2)
     else:
-        # 16-bit, E R <= 256: expert splits of 64 columns (or one expert), 4 warps up to E = 8; else 8 warps,
-        # splits of 256
-        few = half and expert_cols <= 256
-        token_tiles = dict(
-            BM=16,
-            # BK 32 above E R = 256, and for fp32 matmuls at E R = 128 (BK 64 spills there)
-            BK=32 if expert_cols > 256 or (not half and expert_cols == 128) else 64,
-            KC=64,
-            NS=triton.cdiv(expert_cols, max(R, 64) if few else 256),
-        )
-        # .maxnreg 255 where ptxas would otherwise cap a 4-warp backward kernel at 128 or 168 registers and spill
+        # 16-bit, E R <= 256: 4 warps up to E = 8, with .maxnreg 255 where ptxas would otherwise cap a 4-warp
+        # backward kernel at 128 or 168 registers and spill; else 8 warps
         tokens = (dict(token_tiles, maxnreg=255), 4, 2) if few and EX <= 8 else (token_tiles, 8, 2)
         # the weight kernel: 8 warps for fp32 on the A100 and 99 KB classes, else 4 (free on the 99 KB class)
         weights = (
@@ -673,30 +672,26 @@ def _forward_tiles(limit, half, expert_cols):
     """(tiles, warps, stages) of the forward for a shared-memory class; None if none fits. The forward
     holds a (BK, E*R) slice of Wd, then an (E*R, BN) slice of Wu, per pipeline stage (the compile report
     measures what it needs)."""
-    # Turing (FMA matmuls): one stage, the smallest tiles; fp32 at E R = 128: 4 warps
+    # Turing (FMA matmuls): one stage, the smallest tiles, E R <= 256; fp32 at E R = 128: 4 warps
     if limit == SMEM_T4:
-        if expert_cols > 256:
-            return None
-        return dict(BM=16, BK=16, BN=16), 4 if expert_cols == 128 and not half else 8, 1
-    if expert_cols <= 256 and half:
+        if expert_cols <= 256:
+            return dict(BM=16, BK=16, BN=16), 4 if expert_cols == 128 and not half else 8, 1
+    elif expert_cols <= 256 and half:
         return dict(BM=64, BK=64, BN=64 if expert_cols <= 128 else 32), 8, 3 if limit == SMEM_H100 else 2
-    if expert_cols <= 512 and limit >= SMEM_A100:
+    # E R <= 512 on the A100 and H100 classes, fp32 at E R <= 256 on the 99 KB class
+    elif expert_cols <= 256 or expert_cols <= 512 and limit >= SMEM_A100:
         return (
             dict(BM=32, BK=64 if expert_cols <= 256 else 32, BN=32),
             8,
             3 if limit == SMEM_H100 and half else 2,
         )
-    # fp32, E R <= 256, 99 KB class
-    if expert_cols <= 256:
-        return dict(BM=32, BK=64, BN=32), 8, 2
     # E R = 512, 99 KB class: narrower up-projection steps
-    if expert_cols <= 512:
+    elif expert_cols <= 512:
         return dict(BM=32 if half else 16, BK=32, BN=16), 8, 2
-    # E R = 1024: the narrowest tiles (wider ones spill)
-    if half or limit >= SMEM_A100:
+    # E R = 1024: the narrowest tiles (wider ones spill); fp32 on the 99 KB class holds two (16, 1024) fp32
+    # tiles there, more than 99 KB: None
+    elif half or limit >= SMEM_A100:
         return dict(BM=16, BK=16, BN=16), 8, 2
-    # fp32 at E R = 1024 holds two (16, 1024) fp32 tiles: more than 99 KB
-    return None
 
 
 # -----------------------------------------------------------------------------
@@ -704,7 +699,9 @@ def _forward_tiles(limit, half, expert_cols):
 # an output buffer, NaN when the tests set POISON
 def _new(shape, like, dtype=None):
     out = like.new_empty(shape, dtype=dtype)  # like's dtype by default, like's device
-    return out.fill_(float("nan")) if POISON else out
+    if POISON:
+        out.fill_(float("nan"))
+    return out
 
 
 def _aligned(t):
@@ -722,17 +719,20 @@ def device_guard(t):
 def params_for(x, D, H, E, R):
     """(the matmul dtype, launch_params) of a call on x's device, autocast included. On a GPU, NotSupported for a
     shape the compile report does not compile."""
-    if not x.is_cuda:  # the interpreter computes in fp32
-        return torch.float32, launch_params(None, None, torch.float32, D, H, E, R)
-    dot = x.dtype
-    if dot == torch.float32 and torch.is_autocast_enabled("cuda"):
-        dot = torch.get_autocast_dtype("cuda")
-    if E not in GPU_EXPERTS or H != GPU_GATE_HIDDEN:
-        raise NotSupported(
-            f"E = {E}, H = {H}: on a GPU the kernel runs what its compile report checks, "
-            f"E in {GPU_EXPERTS} and H = {GPU_GATE_HIDDEN}"
-        )
-    return dot, launch_params(*device_limits(x.device.index), dot, D, H, E, R)
+    # the interpreter computes in fp32
+    dot = torch.float32
+    limits = None, None
+    if x.is_cuda:
+        dot = x.dtype
+        if dot == torch.float32 and torch.is_autocast_enabled("cuda"):
+            dot = torch.get_autocast_dtype("cuda")
+        if E not in GPU_EXPERTS or H != GPU_GATE_HIDDEN:
+            raise NotSupported(
+                f"E = {E}, H = {H}: on a GPU the kernel runs what its compile report checks, "
+                f"E in {GPU_EXPERTS} and H = {GPU_GATE_HIDDEN}"
+            )
+        limits = device_limits(x.device.index)
+    return dot, launch_params(*limits, dot, D, H, E, R)
 
 
 # the calls, by (device, dtypes, D, H, E, R), whose backward kernels are compiled and loaded
@@ -747,7 +747,7 @@ class FusedMoA(torch.autograd.Function):
     def forward(ctx, x, top_k, temperature, dot, params, *weights):
         N, D = x.shape
         y = _new(x.shape, x)
-        gates = _new((N, len(weights[3])), x, torch.float32)  # b2: E
+        gates = _new((N, len(weights[3])), x)  # b2: E; fp32, as x
         meta, warps, stages = params["fwd"]
         with device_guard(x):
             _moa_fwd_kernel[(math.ceil(N / meta["BM"]),)](  # (a grid of 0 programs launches nothing)
@@ -784,23 +784,23 @@ class FusedMoA(torch.autograd.Function):
         # [da | du | v | dz] in the matmul dtype
         p1 = _new((N, E * R + 2 * H + 16), x, ctx.dot)
         p2 = _new((N, E * R + 16), x, ctx.dot)  # [g h | g]
-        dgates_in = gates if dgates is None else _aligned(dgates)  # a dummy when unused
-        # the 8 fp32 gradients in one buffer, each view starting 16-byte aligned; one copy per token chunk
+        # the 8 gradients (fp32, as x) in one buffer, each view starting 16-byte aligned; one copy per token chunk
         padded = [math.ceil(t.numel() / 4) * 4 for t in weights]
         tok_meta, tok_warps, tok_stages = ctx.params["bwd_tokens"]
         wt_meta, wt_warps, wt_stages = ctx.params["bwd_weights"]
         chunks = max(1, math.ceil(N / wt_meta["CHUNK"]))
-        flat = _new((chunks, sum(padded)), x, torch.float32)
-        # the weight kernel's programs: [dWd; dW1] tiles, [dWu; dbu] tiles, dW2 tiles
-        col_tiles = math.ceil(D / wt_meta["BD"])
-        num_down_tiles = math.ceil((E * R + H) / wt_meta["BW"]) * col_tiles
-        num_up_tiles = math.ceil((E * R + E) / wt_meta["BW"]) * col_tiles
+        flat = _new((chunks, sum(padded)), x)
+        # the weight kernel's programs: [dWd; dW1] tiles (E R + H rows by D), [dWu; dbu] tiles (E R + E rows by
+        # D), dW2 tiles
+        num_down_tiles, num_up_tiles = (
+            math.ceil(rows / wt_meta["BW"]) * math.ceil(D / wt_meta["BD"]) for rows in (E * R + H, E * R + E)
+        )
         with device_guard(x):
             _moa_bwd_tokens[(math.ceil(N / tok_meta["BM"]),)](
                 x,
                 dy,
                 gates,
-                dgates_in,
+                gates if dgates is None else _aligned(dgates),  # a dummy when unused
                 *weights,
                 dx,
                 p1,
@@ -847,20 +847,14 @@ def fused_moa(x, gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b,
     """moa.moa_reference's signature and semantics, differentiable in x and the 8 weights: returns
     (y like x, gates (..., E) fp32). A ValueError names the first bad argument; NotSupported (a ValueError)
     says why the kernel cannot run this call on this device: a shape outside the kernel's range included."""
-    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.dtype not in TL:
+    if not isinstance(x, torch.Tensor) or not x.dim() or x.dtype not in TL:
         raise ValueError(f"x must be a float32/float16/bfloat16 tensor (..., D), got {x!r:.60}")
     D = x.shape[-1]
     H = len(gate_w1)
     E = len(gate_w2)
     R = down_w.shape[1] if down_w.dim() == 3 else 0
     # beyond E R = 1024 the forward's up-projection tile outgrows shared memory
-    if (
-        D == 0
-        or D % 16
-        or not {H, R} <= set(WIDTHS)
-        or not 1 <= E <= 16
-        or triton.next_power_of_2(E) * R > 1024
-    ):
+    if not D or D % 16 or {H, R} - set(WIDTHS) or not 1 <= E <= 16 or triton.next_power_of_2(E) * R > 1024:
         raise NotSupported(
             "need D a multiple of 16, H and R in (16, 32, 64, 128), 1 <= E <= 16, "
             f"E R <= 1024; got D={D}, H={H}, R={R}, E={E}"
@@ -868,7 +862,7 @@ def fused_moa(x, gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b,
     weights = (gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b)
     shapes = ((H, D), (H,), (E, H), (E,), (E, R, D), (E, R), (E, D, R), (E, D))
     for name, t, shape in zip(NAMES[1:], weights, shapes):
-        if tuple(t.shape) != shape:
+        if t.shape != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
         if t.dtype != gate_w1.dtype or t.dtype not in (x.dtype, torch.float32):
             raise ValueError(f"{name}.dtype is {t.dtype}: the weights need one dtype, x's or fp32")
@@ -895,11 +889,11 @@ def fused_moa(x, gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b,
     dot, params = params_for(x, D, H, E, R)
     N = x.numel() // D
     chunk = params["bwd_weights"][0]["CHUNK"]
-    chunks = math.ceil(N / chunk)
-    if chunks > GRID_Y_MAX:
+    # more than GRID_Y_MAX chunks
+    if N > GRID_Y_MAX * chunk:
         raise NotSupported(
-            f"{N:,} tokens in one call: the weight-gradient grid would need {chunks:,} chunks of {chunk}, "
-            f"more than CUDA's {GRID_Y_MAX:,} (at most {GRID_Y_MAX * chunk:,} tokens)"
+            f"{N:,} tokens in one call: the weight-gradient grid would need {math.ceil(N / chunk):,} chunks of "
+            f"{chunk}, more than CUDA's {GRID_Y_MAX:,} (at most {GRID_Y_MAX * chunk:,} tokens)"
         )
     # the kernels read x and the weights in fp32, as moa.MoA passes them (its fp32 stream and master weights):
     # half ones are cast (the matmuls stay in the dot dtype), and autograd casts their gradients back
@@ -914,4 +908,4 @@ def fused_moa(x, gate_w1, gate_b1, gate_w2, gate_b2, down_w, down_b, up_w, up_b,
         torch.autograd.grad(FusedMoA.apply(x0, *args)[0].sum(), x0)
         BACKWARD_LOADED.add(key)
     y, gates = FusedMoA.apply(x_in, *args)
-    return y.reshape(x.shape).to(x.dtype), gates.reshape(*x.shape[:-1], E)
+    return y.view_as(x).to(x.dtype), gates.reshape(*x.shape[:-1], E)

@@ -47,10 +47,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KERNELS = {"fwd": fm._moa_fwd_kernel, "bwd_tokens": fm._moa_bwd_tokens, "bwd_weights": fm._moa_bwd_weights}
 # the launch parameters in the JSON lines
 TILES = ("BM", "BK", "BN", "KC", "NS", "BW", "BD", "BT", "maxnreg")
-# the flags: the values each may take (all of them by default), and its help
+# the flags: the values each may take (all of them by default; a dict's keys), and its help
 CHOICES = {
-    "arch": (tuple(SMEM_LIMIT), "compute capabilities: 75 T4, 80 A100, 86/89 RTX 30/40, 90 H100, 120 RTX 50"),
-    "dtype": (tuple(DTYPES), "matmul dtypes"),
+    "arch": (SMEM_LIMIT, "compute capabilities: 75 T4, 80 A100, 86/89 RTX 30/40, 90 H100, 120 RTX 50"),
+    "dtype": (DTYPES, "matmul dtypes"),
     "experts": (fm.GPU_EXPERTS, "expert counts E"),
     "bottleneck": (fm.WIDTHS, "expert ranks R"),
 }
@@ -62,24 +62,24 @@ def ptxas_v(ptx, cubin, arch):
     and stack frame that cuobjdump reads from triton's own binary (the triton wheel ships both tools). Some
     triton versions add --regAllocOptLevel=2: the log that matches the binary is the one reported."""
     # the wheel's ptxas-blackwell from sm_100 on; older wheels ship one ptxas
-    tool = BIN / ("ptxas-blackwell" if arch >= 100 else "ptxas")
-    if not tool.exists():
+    tool = BIN / "ptxas-blackwell"
+    if arch < 100 or not tool.exists():
         tool = BIN / "ptxas"
     with tempfile.TemporaryDirectory() as tmp:
-        src = pathlib.Path(tmp, "kernel.ptx")
-        binary = pathlib.Path(tmp, "triton.cubin")
+        tmp = pathlib.Path(tmp)
+        src = tmp / "kernel.ptx"
+        binary = tmp / "triton.cubin"
         src.write_text(ptx)
         binary.write_bytes(cubin)
         usage = subprocess.check_output([BIN / "cuobjdump", "-res-usage", binary], text=True)
         # triton compiles for the arch-specific sm_90a, sm_120a
         target = f"--gpu-name=sm_{arch}a" if arch >= 90 else f"--gpu-name=sm_{arch}"
         for extra in ([], ["--regAllocOptLevel=2"]):
-            log = subprocess.run(
+            log = subprocess.check_output(
                 [tool, "-lineinfo", "-v", *extra, target, src, "-o", f"{src}.o"],
-                capture_output=True,
+                stderr=subprocess.STDOUT,
                 text=True,
-                check=True,
-            ).stderr
+            )
             regs, stack, spill = (
                 int(re.search(rf"(\d+) {what}", log).group(1))
                 for what in ("registers", "bytes stack frame", "bytes spill stores")
@@ -99,16 +99,14 @@ def source(fn, consts, dot):
         if name in consts:
             sig[name] = "constexpr"
             constexprs[(i,)] = consts[name]
-        elif name.endswith("_ptr"):  # 16-byte aligned as launched
+        elif name.endswith("_ptr"):
             # P1, P2 in the matmul dtype; x, dy, dx, the weights, the gates and every gradient fp32
             sig[name] = f"*{fm.TL[dot if name.startswith('p') else torch.float32]}"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name == "temperature":
-            sig[name] = "fp32"
-        # D is a multiple of 16; N and the grid sizes are not specialised
         else:
-            sig[name] = "i32"
-            attrs[(i,)] = [["tt.divisibility", 16]] if name == "D" else []
+            sig[name] = "fp32" if name == "temperature" else "i32"
+        # every pointer 16-byte aligned as launched and D a multiple of 16; N and the grid sizes not specialised
+        if name.endswith("_ptr") or name == "D":
+            attrs[(i,)] = [["tt.divisibility", 16]]
     return ASTSource(fn, sig, constexprs, attrs)
 
 
@@ -138,7 +136,7 @@ def compile_one(config):
         stages=stages,
         # mma.sync or wgmma; Turing's tl.dot runs on the FMA units
         tensor_cores="mma" in binary.asm["ptx"],
-        **{k: v for k, v in meta.items() if k in TILES},
+        **{k: meta[k] for k in TILES if k in meta},
     )
 
 
@@ -190,16 +188,15 @@ def print_traffic():
 def print_summary(rows):
     """Per architecture: rows compiled, rows the wrapper refuses, the largest spill and shared memory."""
     print("\n# summary: arch, smem limit, rows compiled, unsupported, max spill bytes, max smem (% of limit)")
-    for arch in sorted({r["arch"] for r in rows}):
+    for arch in SMEM_LIMIT:
         mine = [r for r in rows if r["arch"] == arch]
         built = [r for r in mine if "unsupported" not in r]
-        max_spill = max((r["spill_bytes"] for r in built), default=0)
-        max_smem = max((r["smem_bytes"] for r in built), default=0)
-        share = 100 * max_smem / SMEM_LIMIT[arch]
-        print(
-            f"# sm_{arch:<4} {SMEM_LIMIT[arch]:8,} {len(built):5} {len(mine) - len(built):5} {max_spill:6} "
-            f"{max_smem:9,} ({share:.0f} %)"
-        )
+        max_spill, max_smem = (max((r[k] for r in built), default=0) for k in ("spill_bytes", "smem_bytes"))
+        if mine:
+            print(
+                f"# sm_{arch:<4} {SMEM_LIMIT[arch]:8,} {len(built):5} {len(mine) - len(built):5} {max_spill:6} "
+                f"{max_smem:9,} ({100 * max_smem / SMEM_LIMIT[arch]:.0f} %)"
+            )
     for arch, reason in sorted({(r["arch"], r["unsupported"]) for r in rows if "unsupported" in r}):
         print(f"# unsupported on sm_{arch}: {reason}")
 
