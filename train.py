@@ -116,8 +116,10 @@ def main(args):
     batches = partial(data_nyu.PreloadedBatches, ds, cfg.input_size, tc.batch_size, rt.device)
     train_batches = batches(seed=tc.seed, augment=tc.augment, items=train_items)
     val_batches = batches(shuffle=False, items=val_items) if val_items else None
-    has_depth = data_nyu.valid_depth(train_batches.depths).any()
-    require(has_depth, f"{args.data}: no train frame has a valid depth ({data_nyu.VALID}): in millimetres?")
+    require(
+        data_nyu.valid_depth(train_batches.depths).any(),
+        f"{args.data}: no train frame has a valid depth ({data_nyu.VALID}): in millimetres?",
+    )
     print(moa.parameter_table(model.to(rt.device)))
 
     # optimizer: AdamW in three groups at their own rates; fp16 scales its loss
@@ -203,9 +205,11 @@ def hold_out_scenes(frame_scenes, val_frac, seed):
     scenes = sorted(set(frame_scenes))
     n_val = max(1, round(val_frac * len(scenes))) if val_frac > 0 else 0
     held_out = set(np.random.default_rng(seed).permutation(scenes)[:n_val].tolist())
-    train_items = [i for i, scene in enumerate(frame_scenes) if scene not in held_out]
-    val_items = [i for i, scene in enumerate(frame_scenes) if scene in held_out]
-    return train_items, val_items, held_out
+    return (
+        [i for i, scene in enumerate(frame_scenes) if scene not in held_out],
+        [i for i, scene in enumerate(frame_scenes) if scene in held_out],
+        held_out,
+    )
 
 
 def make_optimizer(model, tc):
@@ -223,17 +227,11 @@ def group_rates(tc):
     return {"backbone": tc.lr, "adapters": tc.adapter_lr or tc.lr, "heads": tc.head_lr or tc.lr}
 
 
-# --lr-schedule plateau: halve every rate after 5 epochs without a lower val loss
-PLATEAU_PATIENCE = 5
-PLATEAU_FACTOR = 0.5
-
-
-# None: the constant rate of the paper
+# --lr-schedule plateau: halve every rate after 5 epochs without a lower val loss; None: the constant
+# rate of the paper
 def make_scheduler(optimizer, tc):
     if tc.lr_schedule == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, patience=PLATEAU_PATIENCE, factor=PLATEAU_FACTOR
-        )
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=5, factor=0.5)
     return None
 
 
@@ -271,7 +269,7 @@ def validate_epoch(model, batches, autocast, cfg, tc, progress, scheduler):
     progress.bad_epochs = 0 if improved["loss"] else progress.bad_epochs + 1
     progress.best_d1 = max(progress.best_d1, val["depth"]["d1"])
     progress.best_val_loss = min(progress.best_val_loss, val_loss)
-    if scheduler is not None:
+    if scheduler:
         scheduler.step(val_loss)
     row = {"val_loss": val_loss, "improved": improved[tc.best_by]}
     # val_d1: the fused output; val_binned_d1: the binned...
@@ -283,15 +281,18 @@ def validate_epoch(model, batches, autocast, cfg, tc, progress, scheduler):
 
 # -----------------------------------------------------------------------------
 # logging and checkpoints
+@dataclass
 class Clock:
     """Images per second since the last log line, and the time left at this process's own pace (a resumed
     run did not take the first steps)."""
 
-    def __init__(self, first_step, total, batch_size):
+    first_step: int
+    total: int
+    batch_size: int
+
+    def __post_init__(self):
         self.t0 = self.last = time.time()
-        self.first_step = self.last_step = first_step
-        self.total = total
-        self.batch_size = batch_size
+        self.last_step = self.first_step
 
     def tick(self, step):
         """-> (images per second since the last tick, minutes left)"""
@@ -308,9 +309,9 @@ class Clock:
 def log_step(progress, epoch, loss, terms, model, optimizer, clock, log_file):
     """One log line on stdout and the same numbers as JSON in log.jsonl, for plots."""
     ips, eta = clock.tick(progress.step)
-    rates = {group["name"]: group["lr"] for group in optimizer.param_groups}
     row = {"step": progress.step, "epoch": epoch, "loss": loss.item(), **terms}
-    row |= {"lr": rates["backbone"], "adapter_lr": rates["adapters"], "head_lr": rates["heads"]}
+    # each group's rate now, in make_optimizer's order: backbone, adapters, heads
+    row |= {key: group["lr"] for key, group in zip(("lr", "adapter_lr", "head_lr"), optimizer.param_groups)}
     row |= {"img_s": ips, "gate_entropy": model.gate_entropy()}
     parts = " ".join(f"{k} {v:.3f}" for k, v in terms.items())
     print(
@@ -321,13 +322,13 @@ def log_step(progress, epoch, loss, terms, model, optimizer, clock, log_file):
 
 
 def describe_rates(optimizer):
-    """'lr 1.0e-05 adapter lr 1.0e-04': the backbone's rate now, then any other group's that differs."""
-    groups = {group["name"]: group for group in optimizer.param_groups}
-    base = groups["backbone"]["lr"]
-    text = f"lr {base:.1e}"
-    for name, label in (("adapters", "adapter"), ("heads", "head")):
-        if groups[name]["params"] and groups[name]["lr"] != base:
-            text += f" {label} lr {groups[name]['lr']:.1e}"
+    """'lr 1.0e-05 adapter lr 1.0e-04': the backbone's rate now, then any other group's that differs (the
+    groups in make_optimizer's order: backbone, adapters, heads)."""
+    backbone, *others = optimizer.param_groups
+    text = f"lr {backbone['lr']:.1e}"
+    for group, label in zip(others, ("adapter", "head")):
+        if group["params"] and group["lr"] != backbone["lr"]:
+            text += f" {label} lr {group['lr']:.1e}"
     return text
 
 
@@ -336,11 +337,13 @@ def save_checkpoint(path, model, record, progress, optimizer=None, scheduler=Non
     optimizer (ckpt.pt): AdamW's moments, the schedule, fp16's loss scale and the random stream, which
     --resume restores."""
     extra = {**record, **asdict(progress)}
-    if optimizer is not None:
-        extra["optimizer"] = optimizer.state_dict()
-        extra["scheduler"] = scheduler.state_dict() if scheduler else None
-        extra["grad_scaler"] = scaler.state_dict()
-        extra["rng"] = torch.get_rng_state()
+    if optimizer:
+        extra |= {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler else None,
+            "grad_scaler": scaler.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
     moa.save_checkpoint(path, model, **extra)
 
 
@@ -407,8 +410,13 @@ MAY_CHANGE = (
     "lr",
     "adapter_lr",
     "head_lr",
+    "weight_decay",
+    "lr_schedule",
+    "early_stop",
+    "best_by",
+    "max_steps",
+    "log_interval",
 )
-MAY_CHANGE += ("weight_decay", "lr_schedule", "early_stop", "best_by", "max_steps", "log_interval")
 
 
 def nothing_left(ckpt, tc):
@@ -429,9 +437,8 @@ def nothing_left(ckpt, tc):
 def open_train_data(args, tc):
     if args.data == "synthetic":
         return data_nyu.SyntheticDepth(n=tc.synthetic_frames, seed=tc.seed)
-    raw = tc.train_gt == "raw"
     return data_nyu.NYUDepthV2(
-        args.data, "train", splits_path=args.splits, raw_depth=raw, download=args.download
+        args.data, "train", splits_path=args.splits, raw_depth=tc.train_gt == "raw", download=args.download
     )
 
 
