@@ -9,6 +9,7 @@ batches preloaded on the device, and the one metrics function (BTS/AdaBins formu
 
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -154,17 +155,16 @@ class NYUDepthV2:
 
 # -----------------------------------------------------------------------------
 # an offline stand-in with exactly known depth
+@dataclass(eq=False)
 class SyntheticDepth:
     """A pinhole view into a box-shaped room, deterministic per (seed, i), depth in [0.5, 9.5] m.
     Its checkerboard gets finer and darker with distance: colour carries depth cues to learn."""
 
+    n: int = 48
+    seed: int = 0
+    height: int = 480
+    width: int = 640
     SCENES = ("bedroom", "kitchen", "living_room", "office", "bathroom")
-
-    def __init__(self, n=48, seed=0, height=480, width=640):
-        self.n = n
-        self.seed = seed
-        self.height = height
-        self.width = width
 
     def __len__(self):
         return self.n
