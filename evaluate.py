@@ -48,9 +48,8 @@ import data_nyu
 import moa
 import pictures
 
-# NYU frames; every crop here is defined on them
-FRAME = (480, 640)
-FULL_FRAME = (0, 480, 0, 640)  # rows, cols: the whole frame
+# rows, cols of the whole 480x640 NYU frame; every crop here is defined on it
+FULL_FRAME = (0, 480, 0, 640)
 # rows, cols of the RGB crop DepthCLIP's model sees
 DEPTHCLIP_INPUT = (56, 472, 60, 604)
 # ViT-B/32: one output cell per 32x32 input pixels
@@ -159,8 +158,8 @@ def protocol_maps(rgb, gt, protocol, model=None, dtype=None, ceiling_input=None)
         maps = ceiling_maps(scored[:, r0:r1, c0:c1], ceiling_input, size)
     else:
         maps = predict_maps(model, rgb[..., r0:r1, c0:c1], dtype, size, protocol.flip, protocol.resize)
-    # as DepthCLIP pastes it: zeros around the box (left, right, top, bottom)
-    return {key: F.pad(depth, (c0, FRAME[1] - c1, r0, FRAME[0] - r1)) for key, depth in maps.items()}
+    # as DepthCLIP pastes it into the 480x640 frame: zeros around the box (left, right, top, bottom)
+    return {key: F.pad(depth, (c0, 640 - c1, r0, 480 - r1)) for key, depth in maps.items()}
 
 
 # --ceiling's least squares: its pull towards the cell means, against ~6,000 pixels' weight per cell
@@ -266,9 +265,7 @@ def report(rows, scenes, about):
         }
         # (its text, the output it is in the JSON or None, the scores)
         lines = [(f"all ({label})", label, s) for label, s in scores.items()]
-        # frames behind each score: 1 per image, or the size of each group (the last one may be short)
         group = PROTOCOLS[name].group
-        frames = torch.tensor([len(c) for c in torch.arange(len(scenes)).split(group)])
         if group == 1:
             first = next(iter(scores.values()))
             for scene in sorted(set(scenes)):
@@ -277,8 +274,9 @@ def report(rows, scenes, about):
         results[name] = {"protocol": about[name]}
         for text, label, s in lines:
             means = data_nyu.mean_metrics([s])
-            # n counts frames, also where a score is a group's; NaN: no valid pixel in the frame (or group)
-            scored = int(frames[: len(s["d1"])][~s["d1"].isnan()].sum())
+            # n counts frames: each score repeated once per frame behind it (its group's; the last group
+            # may be short); NaN: no valid pixel in the frame (or group)
+            scored = int((~s["d1"].repeat_interleave(group)[: len(scenes)].isnan()).sum())
             print(f"{text:<34}{scored:>5}" + "".join(f"{v:>10.4f}" for v in means.values()))
             if label:
                 # JSON has no NaN: null where nothing could be scored
@@ -359,12 +357,13 @@ def evaluate(args, ckpt_path, rt, made):
     )
     # --data, else the data the run trained on
     data = args.data or ckpt.get("data") or data_nyu.FILE_NAME
-    if data == "synthetic":
-        ds = data_nyu.SyntheticDepth(n=SYNTHETIC_TEST, seed=SYNTHETIC_SEED + (ckpt.get("seed") or 0))
-    else:
-        ds = data_nyu.NYUDepthV2(
-            data, "test", splits_path=args.splits, raw_depth=args.gt == "raw", download=args.download
+    ds = (
+        data_nyu.SyntheticDepth(SYNTHETIC_TEST, SYNTHETIC_SEED + (ckpt.get("seed") or 0))
+        if data == "synthetic"
+        else data_nyu.NYUDepthV2(
+            data, "test", args.splits, raw_depth=args.gt == "raw", download=args.download
         )
+    )
     n = min(len(ds), args.limit or len(ds))
     # one order for all: per-image scores do not depend on it
     order = authors_order(ds, n)
@@ -377,8 +376,16 @@ def evaluate(args, ckpt_path, rt, made):
     }
     # how the numbers are made, before any number appears
     about = {name: describe(name, p, args, n, data, ceiling_input) for name, p in protocols.items()}
-    maps_of = partial(protocol_maps, model=model, dtype=rt.dtype, ceiling_input=ceiling_input)
-    rows, shares = evaluate_frames(ds, order, protocols, maps_of, rt.device, args, model, made)
+    rows, shares = evaluate_frames(
+        ds,
+        order,
+        protocols,
+        partial(protocol_maps, model=model, dtype=rt.dtype, ceiling_input=ceiling_input),
+        rt.device,
+        args,
+        model,
+        made,
+    )
     results = report(rows, scenes, about)
     first = results[next(iter(protocols))]
     if headline(first)["d1"] is None:
@@ -489,7 +496,7 @@ def load_model(args, ckpt_path, rt):
         return ckpt, moa.build_model(clip_vit.load(args.clip or "ViT-B/32"), None, args.moa_impl).to(
             rt.device
         ).eval()
-    return ckpt, moa.from_checkpoint(ckpt, args.clip, rt.device, where=ckpt_path, moa_impl=args.moa_impl)
+    return ckpt, moa.from_checkpoint(ckpt, args.clip, rt.device, ckpt_path, args.moa_impl)
 
 
 def predict_photos(args, rt, made):
@@ -506,7 +513,8 @@ def predict_photos(args, rt, made):
     ]
     for stem in stems:
         check_folder("--out-dir" if args.out_dir else "the photo's folder", stem.parent)
-    ckpt, model = load_model(args, args.ckpt[0] if args.ckpt else None, rt)
+    ckpt_path = args.ckpt[0] if args.ckpt else None
+    ckpt, model = load_model(args, ckpt_path, rt)
     cfg = model.cfg
     for path, stem in zip(paths, stems):
         rgb, notes, focal35 = pictures.read_photo(path)
@@ -515,12 +523,18 @@ def predict_photos(args, rt, made):
         made += pictures.make_folder(stem.parent)
         sidecar = {
             "photo": path.name,
-            "checkpoint": str(args.ckpt[0]) if args.ckpt else "zero-shot DepthCLIP",
+            "checkpoint": str(ckpt_path) if ckpt_path else "zero-shot DepthCLIP",
             "clip": ckpt.get("clip", {"name": args.clip or "ViT-B/32"}),
             "output_grid": f"{cfg.input_size[0] // PATCH}x{cfg.input_size[1] // PATCH} cells for a {cfg.input_size[0]}x{cfg.input_size[1]} input, bilinearly upsampled to the photo: an indoor model, {cfg.min_depth:g}-{cfg.max_depth:g} m",
         }
-        intrinsics = pictures.photo_intrinsics(rgb.shape, args.focal, focal35)
-        pictures.write_photo_outputs(stem, rgb, depth, intrinsics, sidecar, (cfg.min_depth, cfg.max_depth))
+        pictures.write_photo_outputs(
+            stem,
+            rgb,
+            depth,
+            pictures.photo_intrinsics(rgb.shape, args.focal, focal35),
+            sidecar,
+            (cfg.min_depth, cfg.max_depth),
+        )
         if gates := gates_of(model):
             pictures.save_gate_panel(f"{stem}_gates.png", rgb, [g[0] for g in gates.values()], list(gates))
         print(
