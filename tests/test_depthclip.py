@@ -261,14 +261,7 @@ def test_evaluate_zero_shot_on_an_rn50_layout_archive_end_to_end(tmp_path):
         "--zero-shot",
         "--clip",
         str(path),
-        "--protocol",
-        "depthclip",
-        "--data",
-        "synthetic",
-        "--limit",
-        "3",
-        "--batch-size",
-        "2",
+        *"--protocol depthclip --data synthetic --limit 3 --batch-size 2".split(),
     ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
@@ -290,10 +283,7 @@ def test_train_refuses_a_resnet_clip_before_writing_anything(tmp_path):
         str(path),
         "--out",
         str(out),
-        "--epochs",
-        "1",
-        "--synthetic-frames",
-        "8",
+        *"--epochs 1 --synthetic-frames 8".split(),
     ]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert r.returncode == 1, r.stderr[-2000:]
