@@ -158,8 +158,9 @@ def protocol_maps(rgb, gt, protocol, model=None, dtype=None, ceiling_input=None)
         maps = ceiling_maps(scored[:, r0:r1, c0:c1], ceiling_input, size)
     else:
         maps = predict_maps(model, rgb[..., r0:r1, c0:c1], dtype, size, protocol.flip, protocol.resize)
-    # as DepthCLIP pastes it into the 480x640 frame: zeros around the box (left, right, top, bottom)
-    return {key: F.pad(depth, (c0, 640 - c1, r0, 480 - r1)) for key, depth in maps.items()}
+    # as DepthCLIP pastes it into the whole frame: zeros around the box (left, right, top, bottom)
+    _, height, _, width = FULL_FRAME
+    return {key: F.pad(depth, (c0, width - c1, r0, height - r1)) for key, depth in maps.items()}
 
 
 # --ceiling's least squares: its pull towards the cell means, against ~6,000 pixels' weight per cell
@@ -376,16 +377,8 @@ def evaluate(args, ckpt_path, rt, made):
     }
     # how the numbers are made, before any number appears
     about = {name: describe(name, p, args, n, data, ceiling_input) for name, p in protocols.items()}
-    rows, shares = evaluate_frames(
-        ds,
-        order,
-        protocols,
-        partial(protocol_maps, model=model, dtype=rt.dtype, ceiling_input=ceiling_input),
-        rt.device,
-        args,
-        model,
-        made,
-    )
+    maps_of = partial(protocol_maps, model=model, dtype=rt.dtype, ceiling_input=ceiling_input)
+    rows, shares = evaluate_frames(ds, order, protocols, maps_of, rt.device, args, model, made)
     results = report(rows, scenes, about)
     first = results[next(iter(protocols))]
     if headline(first)["d1"] is None:
@@ -439,9 +432,7 @@ def describe(name, protocol, args, n, data, ceiling_input):
         "split": f"{'synthetic' if synthetic else 'official test'} ({n} frames)",
         "gt": "exact (synthetic)"
         if synthetic
-        else "rawDepths"
-        if args.gt == "raw"
-        else "depths (in-painted)",
+        else {"raw": "rawDepths", "dense": "depths (in-painted)"}[args.gt],
         "valid": data_nyu.VALID,
         "input_box": protocol.input_box,
         "resize": protocol.resize,
@@ -527,14 +518,8 @@ def predict_photos(args, rt, made):
             "clip": ckpt.get("clip", {"name": args.clip or "ViT-B/32"}),
             "output_grid": f"{cfg.input_size[0] // PATCH}x{cfg.input_size[1] // PATCH} cells for a {cfg.input_size[0]}x{cfg.input_size[1]} input, bilinearly upsampled to the photo: an indoor model, {cfg.min_depth:g}-{cfg.max_depth:g} m",
         }
-        pictures.write_photo_outputs(
-            stem,
-            rgb,
-            depth,
-            pictures.photo_intrinsics(rgb.shape, args.focal, focal35),
-            sidecar,
-            (cfg.min_depth, cfg.max_depth),
-        )
+        intrinsics = pictures.photo_intrinsics(rgb.shape, args.focal, focal35)
+        pictures.write_photo_outputs(stem, rgb, depth, intrinsics, sidecar, (cfg.min_depth, cfg.max_depth))
         if gates := gates_of(model):
             pictures.save_gate_panel(f"{stem}_gates.png", rgb, [g[0] for g in gates.values()], list(gates))
         print(
@@ -637,12 +622,12 @@ def parse_args(argv=None):
     for name in ("batch_size", "limit", "focal"):
         count = getattr(args, name)
         if count is not None and not count > 0:
-            p.error(f"argument --{name.replace('_', '-')}: {count} is not > 0")
+            p.error(f"argument {moa.flag(name)}: {count} is not > 0")
     # flags that mean nothing with --image, and flags that mean something only with it
     not_for_photos = ("ceiling", "protocol", "data", "splits", "gt", "crop", "flip", "limit", "save_vis")
     for name in not_for_photos if args.image else ("out_dir", "focal"):
         if getattr(args, name) != p.get_default(name):
-            p.error(f"--{name.replace('_', '-')}: does nothing {'with' if args.image else 'without'} --image")
+            p.error(f"{moa.flag(name)}: does nothing {'with' if args.image else 'without'} --image")
     for flag, folder in (("--save-vis", args.save_vis), ("--out-dir", args.out_dir)):
         if folder:
             try:

@@ -242,14 +242,19 @@ def photo_paths(args):
     return paths
 
 
-def decoded(path):
+def decoded(path, truncated):
     """path, decoded and upright (EXIF) -> (PIL image, frames in the file, EXIF's 35 mm-equivalent
-    focal length in mm or None)."""
-    with Image.open(path) as im:
-        frames = getattr(im, "n_frames", 1)
-        im.load()
-        # Exif IFD: FocalLengthIn35mmFilm
-        return ImageOps.exif_transpose(im), frames, im.getexif().get_ifd(0x8769).get(0xA405) or None
+    focal length in mm or None). truncated: a cut file decodes, its missing part grey."""
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = truncated
+    try:
+        with Image.open(path) as im:
+            frames = getattr(im, "n_frames", 1)
+            im.load()
+            # Exif IFD: FocalLengthIn35mmFilm
+            return ImageOps.exif_transpose(im), frames, im.getexif().get_ifd(0x8769).get(0xA405) or None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
 
 
 def read_photo(path):
@@ -258,19 +263,14 @@ def read_photo(path):
     35 mm-equivalent focal length in mm, or None. Greyscale, palette and 16-bit (stretched to 8
     bits) become RGB; transparent pixels lie on white, as a viewer shows them."""
     notes = []
-    before = ImageFile.LOAD_TRUNCATED_IMAGES
     try:
         try:
-            ImageFile.LOAD_TRUNCATED_IMAGES = False
-            im, frames, focal35 = decoded(path)
-        except OSError:  # a cut file decodes, its missing part grey; anything else fails again here
-            ImageFile.LOAD_TRUNCATED_IMAGES = True
-            im, frames, focal35 = decoded(path)
+            im, frames, focal35 = decoded(path, truncated=False)
+        except OSError:  # a cut file; anything else fails again here
+            im, frames, focal35 = decoded(path, truncated=True)
             notes.append("truncated or corrupt data: the lower part may be grey/smeared")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise clip_vit.UserError(f"{path}: not a readable image ({e.__class__.__name__})") from None
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = before
     if frames > 1:
         notes.append(f"{frames} frames; the first is used")
     if im.mode.startswith(("I", "F")):  # 16-bit, 32-bit: stretched to 8 bits
